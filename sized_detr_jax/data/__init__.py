@@ -1,0 +1,1 @@
+"""Datasets, augmentation and the static-shape input pipeline."""

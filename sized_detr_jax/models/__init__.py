@@ -1,0 +1,1 @@
+"""Detector models (ResNet backbone, deformable transformer, DINO, Co-DINO)."""
