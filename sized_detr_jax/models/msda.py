@@ -1,0 +1,134 @@
+"""Multi-scale deformable attention (MSDA) sampling core, gather-based, pure JAX.
+
+This is the array function behind Deformable-DETR's `MSDeformAttnFunction` (the CUDA op in
+fundamentalvision/Deformable-DETR `models/ops`, reproduced by `ms_deform_attn_core_pytorch`):
+for every query, head, level and point, bilinearly sample the value map of that level at a
+fractional location and sum the samples weighted by the attention weights.
+
+Sampling follows `torch.nn.functional.grid_sample(align_corners=False, padding_mode="zeros")`:
+a normalised location `(x, y)` in [0, 1] maps to the pixel coordinate `(x * W - 0.5, y * H - 0.5)`
+(pixel centres at integer coordinates), and each of the 4 bilinear corners that falls outside
+the map contributes zero.
+
+The learnable projections (value, offsets, weights, output) live in `MSDeformAttn` in
+`deformable_transformer.py`; this file only holds the sampling kernel so a faster kernel
+(Pallas/Triton) can be registered under `IMPLEMENTATIONS` and chosen by name without touching
+the modules.
+"""
+from typing import Callable, Dict, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+SpatialShapes = Tuple[Tuple[int, int], ...]
+
+
+def check_spatial_shapes(spatial_shapes: Sequence[Sequence[int]], num_tokens: int) -> SpatialShapes:
+  """Returns `spatial_shapes` as a hashable tuple of (H, W) ints; checks it covers `num_tokens`."""
+  shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+  total = sum(h * w for h, w in shapes)
+  if total != num_tokens:
+    raise ValueError(f"msda: spatial_shapes {shapes} cover {total} tokens but value has "
+                     f"{num_tokens}")
+  return shapes
+
+
+def _sample_level(value_l, height, width, loc_l, weight_l):
+  """Bilinear sampling of one level, summed over points.
+
+  Args:
+    value_l: [B, heads, H*W, d] values of this level (row-major flattening).
+    height, width: static ints, the level's map size.
+    loc_l: [B, heads, Q, P, 2] float32 normalised (x, y) sampling locations.
+    weight_l: [B, heads, Q, P] attention weights.
+
+  Returns:
+    [B, heads, Q, d] sum over points of weight * bilinear sample.
+  """
+  b, heads, q, p, _ = loc_l.shape
+  # grid_sample(align_corners=False): pixel centre i sits at normalised (i + 0.5) / size.
+  x = loc_l[..., 0] * width - 0.5
+  y = loc_l[..., 1] * height - 0.5
+  x0 = jnp.floor(x)
+  y0 = jnp.floor(y)
+  fx = x - x0
+  fy = y - y0
+  x0 = x0.astype(jnp.int32)
+  y0 = y0.astype(jnp.int32)
+  corners = []
+  corner_weights = []
+  for dy, wy in ((0, 1.0 - fy), (1, fy)):
+    for dx, wx in ((0, 1.0 - fx), (1, fx)):
+      xi = x0 + dx
+      yi = y0 + dy
+      inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+      # Out-of-map corners read a clipped (valid) address and are zeroed by their weight, which
+      # keeps the gather in bounds and gives them zero gradient (zeros padding).
+      corners.append(jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1))
+      corner_weights.append(jnp.where(inside, wx * wy, 0.0))
+  index = jnp.stack(corners, axis=-1).reshape(b, heads, q * p * 4)  # [B, heads, Q*P*4]
+  bilinear = jnp.stack(corner_weights, axis=-1)  # [B, heads, Q, P, 4]
+  weights = (bilinear * weight_l[..., None].astype(bilinear.dtype)).astype(value_l.dtype)
+  sampled = jnp.take_along_axis(value_l, index[..., None], axis=2)  # [B, heads, Q*P*4, d]
+  sampled = sampled.reshape(b, heads, q, p * 4, -1)
+  return jnp.einsum("bhqkd,bhqk->bhqd", sampled, weights.reshape(b, heads, q, p * 4))
+
+
+def msda_gather(value, spatial_shapes: SpatialShapes, sampling_locations, attention_weights):
+  """Reference gather implementation; see `multi_scale_deformable_attention`."""
+  b, _, heads, d = value.shape
+  q = sampling_locations.shape[1]
+  # Heads first so each (batch, head) gathers from its own [H*W, d] slab.
+  value = jnp.transpose(value, (0, 2, 1, 3))  # [B, heads, S, d]
+  locations = jnp.transpose(sampling_locations, (0, 2, 3, 1, 4, 5))  # [B, heads, L, Q, P, 2]
+  weights = jnp.transpose(attention_weights, (0, 2, 3, 1, 4))  # [B, heads, L, Q, P]
+  out = None
+  start = 0
+  for level, (h, w) in enumerate(spatial_shapes):
+    value_l = value[:, :, start:start + h * w]
+    start += h * w
+    sampled = _sample_level(value_l, h, w, locations[:, :, level], weights[:, :, level])
+    out = sampled if out is None else out + sampled
+  out = jnp.transpose(out, (0, 2, 1, 3))  # [B, Q, heads, d]
+  return out.reshape(b, q, heads * d)
+
+
+IMPLEMENTATIONS: Dict[str, Callable] = {"gather": msda_gather}
+
+
+def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations,
+                                     attention_weights, *, implementation: str = "gather"):
+  """Multi-scale deformable attention sampling (Deformable-DETR semantics).
+
+  Args:
+    value: [B, S, heads, d] values of all levels, each level flattened row-major and the
+      levels concatenated in `spatial_shapes` order (S = sum of H_l * W_l). Any float dtype;
+      the output has this dtype.
+    spatial_shapes: static sequence of per-level (H_l, W_l) ints (a Python tuple, not an array:
+      it fixes the slicing at trace time).
+    sampling_locations: [B, Q, heads, L, P, 2] normalised (x, y) locations in the padded map;
+      [0, 1] spans the map, values outside sample zeros. Kept/cast to float32 (in bfloat16 a
+      location on a 167-pixel-wide map would be off by up to half a pixel).
+    attention_weights: [B, Q, heads, L, P] weights (DINO softmaxes them over L*P).
+    implementation: key of `IMPLEMENTATIONS` ("gather" is the portable reference).
+
+  Returns:
+    [B, Q, heads * d] weighted sums of the bilinear samples.
+
+  Raises:
+    ValueError: on inconsistent shapes or an unknown implementation.
+  """
+  b, s, heads, _ = value.shape
+  shapes = check_spatial_shapes(spatial_shapes, s)
+  expected = (b, sampling_locations.shape[1], heads, len(shapes))
+  if sampling_locations.shape[:4] != expected or sampling_locations.shape[-1] != 2:
+    raise ValueError(f"msda: sampling_locations shape {sampling_locations.shape} does not "
+                     f"match [B, Q, heads, L, P, 2] = {expected} + [P, 2]")
+  if attention_weights.shape != sampling_locations.shape[:-1]:
+    raise ValueError(f"msda: attention_weights shape {attention_weights.shape} != "
+                     f"{sampling_locations.shape[:-1]}")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"msda: unknown implementation {implementation!r}; "
+                     f"known: {sorted(IMPLEMENTATIONS)}")
+  return IMPLEMENTATIONS[implementation](
+      value, shapes, sampling_locations.astype(jnp.float32), attention_weights)
