@@ -1,0 +1,379 @@
+"""DINO's set criterion as pure functions: focal classification, L1 or Sized L1, and GIoU losses
+over the final decoder layer, the auxiliary decoder layers, the encoder proposals (two-stage
+"interm" output) and the denoising groups.
+
+Two entry points:
+  * `set_criterion(outputs, targets, matches, config)`: the losses for given matches.
+  * `dino_criterion(outputs, targets, config, mesh=...)`: matches every Hungarian-matched branch
+    (final + aux + interm stacked, one host call per device shard, see `compute_matches`) and
+    returns `set_criterion`'s result; the trainer calls this inside its jitted step.
+
+Both return one flat dict of scalars:
+  * `loss`: the weighted total (what to differentiate);
+  * `loss_ce`, `loss_bbox`, `loss_giou`: final decoder layer; the same names with suffix
+    `_aux_{i}` for decoder layer i (0 .. L-2), `_interm` for the encoder proposals, `_dn` for the
+    last layer's denoising queries and `_dn_aux_{i}` for layer i's denoising queries. These are
+    unweighted (as DINO's loss dict); `loss_weights` gives each one's weight;
+  * `metric_*`: diagnostics that are not part of `loss`: `metric_num_boxes` and, per COCO size
+    (small / medium / large: area < 32^2, < 96^2, >= 96^2 pixels of the original image), the
+    final layer's mean box loss `metric_loss_bbox_{size}`, mean GIoU loss
+    `metric_loss_giou_{size}` and count `metric_num_boxes_{size}`.
+
+Normalisation follows DINO (models/dino/dino.py SetCriterion.forward): every matched branch
+divides its summed losses by `num_boxes`, the number of valid ground-truth boxes in the global
+batch clamped at >= 1; the denoising losses by the number of positive denoising queries (DINO's
+`num_boxes * dn groups`). Under `jax.jit` the sums are global even when the batch is sharded.
+Inside `jax.shard_map` pass `axis_name` (the mesh axis of the batch): every sum is `psum`-ed, so
+each shard returns the same global values.
+(DINO clamps the per-GPU average count at 1 and lets DDP average the gradients; that equals the
+global sum over the global count, which is what this computes, except for the clamp when a batch
+has fewer boxes than devices.)
+
+Boxes are normalised cxcywh; `targets` follows the shared batch contract (`boxes [B, G, 4]`,
+`labels [B, G]`, `valid [B, G]`, `orig_size [B, 2]` (h, w)).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sized_detr_jax import losses
+from sized_detr_jax import matching
+
+# COCO's area ranges (pycocotools COCOeval Params.areaRng): small < 32^2 <= medium < 96^2 <= large.
+SIZE_THRESHOLDS = (32.0**2, 96.0**2)
+SIZE_NAMES = ("small", "medium", "large")
+
+_BOX_LOSSES = ("l1", "sized_l1")
+
+
+def default_criterion_config():
+  """The criterion's settings with DINO-4scale's values (configs/DINO/DINO_4scale.py).
+
+  Fields:
+    cls_loss_coef, bbox_loss_coef, giou_loss_coef: loss weights (1.0, 5.0, 2.0).
+    set_cost_class, set_cost_bbox, set_cost_giou: matching cost weights (2.0, 5.0, 2.0).
+    focal_alpha, focal_gamma: focal loss and focal matching cost parameters (0.25, 2.0).
+    bbox_loss: "l1" (DINO) or "sized_l1" (the paper), used in every branch.
+    sized_l1_rescale: rescale Sized L1 by the mean target width/height (losses.sized_l1_loss).
+    matcher_box_cost: "l1" (DINO and the paper) or "sized_l1" box term of the matching cost
+      (rescaled like the loss when sized_l1_rescale is set).
+    interm_loss_coef: extra factor on the encoder-proposal losses (1.0).
+    use_dn: add the denoising losses when the outputs carry `dn_outputs`.
+  """
+  return ml_collections.ConfigDict(dataclasses.asdict(CriterionConfig()))
+
+
+@dataclasses.dataclass(frozen=True)
+class CriterionConfig:
+  """Typed, hashable form of `default_criterion_config()` (same fields and defaults)."""
+  cls_loss_coef: float = 1.0
+  bbox_loss_coef: float = 5.0
+  giou_loss_coef: float = 2.0
+  set_cost_class: float = 2.0
+  set_cost_bbox: float = 5.0
+  set_cost_giou: float = 2.0
+  focal_alpha: float = 0.25
+  focal_gamma: float = 2.0
+  bbox_loss: str = "l1"
+  sized_l1_rescale: bool = False
+  matcher_box_cost: str = "l1"
+  interm_loss_coef: float = 1.0
+  use_dn: bool = True
+
+
+def resolve_config(config=None):
+  """Any of None, a ConfigDict, a dict, a dataclass or an attribute object -> CriterionConfig.
+
+  Missing fields take their defaults; fields of other names are ignored, so a wider config
+  section can be passed as is.
+
+  Raises:
+    ValueError: bbox_loss or matcher_box_cost is not "l1" / "sized_l1".
+  """
+  if isinstance(config, CriterionConfig):
+    resolved = config
+  else:
+    if config is None:
+      given = {}
+    elif isinstance(config, ml_collections.ConfigDict):
+      given = config.to_dict()
+    elif isinstance(config, dict):
+      given = dict(config)
+    elif dataclasses.is_dataclass(config):
+      given = dataclasses.asdict(config)
+    else:
+      given = {f.name: getattr(config, f.name) for f in dataclasses.fields(CriterionConfig)
+               if hasattr(config, f.name)}
+    names = {f.name for f in dataclasses.fields(CriterionConfig)}
+    resolved = CriterionConfig(**{k: v for k, v in given.items() if k in names})
+  for field in ("bbox_loss", "matcher_box_cost"):
+    value = getattr(resolved, field)
+    if value not in _BOX_LOSSES:
+      raise ValueError(f"criterion config: {field} must be one of {_BOX_LOSSES}, got {value!r}")
+  return resolved
+
+
+def _box_loss(pred, target, valid, cfg, axis_name):
+  """The configured box regression loss, per box: [..., 4] x [..., 4] -> [...]."""
+  if cfg.bbox_loss == "sized_l1":
+    return losses.sized_l1_loss(pred, target, valid, rescale=cfg.sized_l1_rescale,
+                                axis_name=axis_name)
+  return losses.l1_loss(pred, target, valid)
+
+
+def _global_sum(x, axis_name):
+  """Sum of every element, `psum`-ed over `axis_name` when given (inside shard_map)."""
+  total = jnp.sum(x)
+  return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matched (Hungarian) branches.
+
+
+def _matched_terms(logits, boxes, targets, matches, cfg, axis_name):
+  """Per-element losses of one matched branch.
+
+  As DINO's models/dino/dino.py SetCriterion.loss_labels (focal loss over every query and
+  class, one-hot targets at the matched queries) and loss_boxes (L1 / Sized L1 and GIoU of the
+  matched pairs).
+
+  Args:
+    logits: [B, Q, C]; boxes: [B, Q, 4] normalised cxcywh; matches: [B, G] int32 (-1 = none).
+
+  Returns:
+    (ce [B, Q, C], box [B, G], giou [B, G]) unreduced losses (0 for unmatched columns).
+  """
+  num_queries = logits.shape[-2]
+  gt_boxes, gt_labels = targets["boxes"], targets["labels"]
+  pair_valid = targets["valid"] & (matches >= 0) & (matches < num_queries)  # [B, G]
+  # Unmatched columns point one past the last query so the scatter drops them.
+  query = jnp.where(pair_valid, matches, num_queries)
+  label = jnp.where(pair_valid, gt_labels, 0)
+  batch = jnp.arange(logits.shape[0])[:, None]
+  onehot = jnp.zeros(logits.shape, logits.dtype).at[batch, query, label].set(1.0, mode="drop")
+  ce = losses.sigmoid_focal_loss(logits, onehot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+
+  src = jnp.take_along_axis(boxes, jnp.clip(matches, 0, num_queries - 1)[..., None], axis=1)
+  box = _box_loss(src, gt_boxes, pair_valid, cfg, axis_name)  # [B, G]
+  giou = losses.giou_loss(src, gt_boxes, pair_valid)
+  return ce, box, giou
+
+
+def _matched_losses(output, targets, matches, num_boxes, cfg, axis_name, suffix):
+  """One matched branch: ({loss_ce, loss_bbox, loss_giou}+suffix normalised by num_boxes,
+  per-column box loss [B, G], per-column GIoU loss [B, G])."""
+  ce, box, giou = _matched_terms(output["pred_logits"], output["pred_boxes"], targets, matches,
+                                 cfg, axis_name)
+  normalised = {f"loss_ce{suffix}": _global_sum(ce, axis_name) / num_boxes,
+                f"loss_bbox{suffix}": _global_sum(box, axis_name) / num_boxes,
+                f"loss_giou{suffix}": _global_sum(giou, axis_name) / num_boxes}
+  return normalised, box, giou
+
+
+def _size_category(targets):
+  """[B, G] int: 0 small, 1 medium, 2 large, by the box area in original-image pixels."""
+  size = targets["orig_size"] if "orig_size" in targets else targets["size"]
+  size = size.astype(jnp.float32)
+  area = targets["boxes"][..., 2] * targets["boxes"][..., 3] * (size[:, 0] * size[:, 1])[:, None]
+  return jnp.digitize(area, jnp.asarray(SIZE_THRESHOLDS))
+
+
+def _size_metrics(box, giou, targets, matches, axis_name):
+  """Per-column box and GIoU losses [B, G] averaged within each COCO size range."""
+  category = _size_category(targets)
+  counted = targets["valid"] & (matches >= 0)
+  metrics = {}
+  for index, name in enumerate(SIZE_NAMES):
+    in_range = counted & (category == index)
+    count = _global_sum(in_range.astype(jnp.float32), axis_name)
+    metrics[f"metric_num_boxes_{name}"] = count
+    metrics[f"metric_loss_bbox_{name}"] = (
+        _global_sum(jnp.where(in_range, box, 0.0), axis_name) / jnp.maximum(count, 1.0))
+    metrics[f"metric_loss_giou_{name}"] = (
+        _global_sum(jnp.where(in_range, giou, 0.0), axis_name) / jnp.maximum(count, 1.0))
+  return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Denoising branch.
+
+
+def _dn_losses(dn_outputs, dn_meta, targets, cfg, axis_name):
+  """Denoising losses of every decoder layer, on their known assignment.
+
+  As DINO's models/dino/dino.py SetCriterion.forward (dn part): positive denoising queries learn
+  their ground truth's label and box, negative ones the background; normalised by the number
+  of positive queries (DINO: num_boxes * number of dn groups). Invalid (static padding) slots
+  get no loss at all.
+
+  Args:
+    dn_outputs: {"pred_logits": [L, B, D, C], "pred_boxes": [L, B, D, 4]}.
+    dn_meta: {"gt_index": [B, D] int32, "positive": [B, D] bool, "valid": [B, D] bool}.
+
+  Returns:
+    {loss_ce_dn, loss_bbox_dn, loss_giou_dn} for the last layer and the same with `_aux_{i}`
+    for layer i < L - 1.
+  """
+  logits, boxes = dn_outputs["pred_logits"], dn_outputs["pred_boxes"]
+  num_layers, num_classes = logits.shape[0], logits.shape[-1]
+  gt_index = jnp.maximum(dn_meta["gt_index"], 0)
+  gt_valid = jnp.take_along_axis(targets["valid"], gt_index, axis=1)
+  positive = dn_meta["positive"] & dn_meta["valid"] & (dn_meta["gt_index"] >= 0) & gt_valid
+  labels = jnp.take_along_axis(targets["labels"], gt_index, axis=1)  # [B, D]
+  box_target = jnp.take_along_axis(targets["boxes"], gt_index[..., None], axis=1)  # [B, D, 4]
+  cls_target = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * positive[..., None]
+  num_dn = jnp.maximum(_global_sum(positive.astype(jnp.float32), axis_name), 1.0)
+
+  ce = losses.sigmoid_focal_loss(logits, cls_target[None], alpha=cfg.focal_alpha,
+                                 gamma=cfg.focal_gamma)
+  ce = jnp.where(dn_meta["valid"][None, ..., None], ce, 0.0)  # [L, B, D, C]
+  box = _box_loss(boxes, box_target[None], positive[None], cfg, axis_name)  # [L, B, D]
+  giou = losses.giou_loss(boxes, box_target[None], positive[None])
+  result = {}
+  for layer in range(num_layers):
+    suffix = "_dn" if layer == num_layers - 1 else f"_dn_aux_{layer}"
+    result[f"loss_ce{suffix}"] = _global_sum(ce[layer], axis_name) / num_dn
+    result[f"loss_bbox{suffix}"] = _global_sum(box[layer], axis_name) / num_dn
+    result[f"loss_giou{suffix}"] = _global_sum(giou[layer], axis_name) / num_dn
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def loss_weights(names, config=None):
+  """Weight of every loss name: cls/bbox/giou coefficient by prefix, x interm_loss_coef for
+  `_interm` (DINO's weight_dict in models/dino/dino.py build_dino).
+
+  Args:
+    names: iterable of loss names as returned by `set_criterion` (`loss_ce...`, `loss_bbox...`,
+      `loss_giou...`).
+
+  Returns:
+    dict name -> float weight.
+
+  Raises:
+    ValueError: a name with none of the three prefixes.
+  """
+  cfg = resolve_config(config)
+  prefixes = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef,
+              "loss_giou": cfg.giou_loss_coef}
+  weights = {}
+  for name in names:
+    prefix = next((p for p in prefixes if name == p or name.startswith(p + "_")), None)
+    if prefix is None:
+      raise ValueError(f"loss_weights: unknown loss name {name!r}")
+    weight = prefixes[prefix]
+    if name.endswith("_interm"):
+      weight *= cfg.interm_loss_coef
+    weights[name] = weight
+  return weights
+
+
+def num_valid_boxes(targets, axis_name=None):
+  """DINO's `num_boxes`: valid ground-truth boxes in the global batch, clamped at >= 1 ([] f32)."""
+  return jnp.maximum(_global_sum(targets["valid"].astype(jnp.float32), axis_name), 1.0)
+
+
+def set_criterion(outputs, targets, matches, config=None, *, axis_name=None):
+  """DINO's losses for given matches.
+
+  Args:
+    outputs: the model's outputs dict (shared contract): `pred_logits [B, Q, C]`,
+      `pred_boxes [B, Q, 4]`, optional `aux_outputs` (list of L-1 such dicts),
+      `interm_outputs` (one such dict), `dn_outputs` + `dn_meta`.
+    targets: `boxes [B, G, 4]` normalised cxcywh, `labels [B, G]` int32, `valid [B, G]` bool,
+      and `orig_size [B, 2]` (or `size`) (h, w) for the per-size metrics (omitted if absent).
+    matches: {"final": [B, G] int32, "aux": [L-1, B, G] int32 (or a list of [B, G]) when
+      outputs has aux_outputs, "interm": [B, G] int32 when outputs has interm_outputs}; query
+      index per ground-truth column, -1 for none (`hungarian_matching`'s output).
+    config: see `default_criterion_config` (ConfigDict, dict, dataclass or None).
+    axis_name: only inside `jax.shard_map`: the mesh axis name(s) sharding the batch.
+
+  Returns:
+    Flat dict of [] float32 scalars (module docstring): `loss`, the `loss_*` terms, `metric_*`.
+  """
+  cfg = resolve_config(config)
+  num_boxes = num_valid_boxes(targets, axis_name)
+  result, final_box, final_giou = _matched_losses(outputs, targets, matches["final"], num_boxes,
+                                                  cfg, axis_name, "")
+  for i, aux in enumerate(outputs.get("aux_outputs", ())):
+    result.update(_matched_losses(aux, targets, matches["aux"][i], num_boxes, cfg, axis_name,
+                                  f"_aux_{i}")[0])
+  if "interm_outputs" in outputs:
+    result.update(_matched_losses(outputs["interm_outputs"], targets, matches["interm"],
+                                  num_boxes, cfg, axis_name, "_interm")[0])
+  if cfg.use_dn and "dn_outputs" in outputs:
+    result.update(_dn_losses(outputs["dn_outputs"], outputs["dn_meta"], targets, cfg, axis_name))
+  weights = loss_weights(result, cfg)
+  total = sum(weights[name] * value for name, value in result.items())
+  metrics = {"metric_num_boxes": _global_sum(targets["valid"].astype(jnp.float32), axis_name)}
+  if "orig_size" in targets or "size" in targets:
+    metrics.update(_size_metrics(final_box, final_giou, targets, matches["final"], axis_name))
+  return {"loss": total, **result, **metrics}
+
+
+def compute_matches(outputs, targets, config=None, *, mesh=None, data_axis="data",
+                    axis_name=None):
+  """Hungarian matches of the final, auxiliary and interm branches in ONE host call.
+
+  The costs of all branches are stacked into [N, B, Q, G] (N = 1 + len(aux_outputs) + interm),
+  so a jitted step makes one host call per device shard (`matching.hungarian_matching`).
+  Branches with fewer queries are padded with rows of cost `matching.NONFINITE_COST`, which are
+  only ever picked when an image has more ground truth than queries; such picks become -1.
+
+  Args:
+    outputs, targets: as `set_criterion`.
+    config: matching costs from `set_cost_*`, `focal_*`, `matcher_box_cost`, `sized_l1_rescale`.
+    mesh, data_axis: see `hungarian_matching` (None inside `shard_map` or on one device).
+    axis_name: only inside `jax.shard_map`, for a global mean box size in the rescaled
+      Sized L1 cost.
+
+  Returns:
+    {"final": [B, G], "aux": [L-1, B, G] (if aux_outputs), "interm": [B, G] (if interm)} int32.
+  """
+  cfg = resolve_config(config)
+  aux = list(outputs.get("aux_outputs", ()))
+  branches = [outputs] + aux + ([outputs["interm_outputs"]] if "interm_outputs" in outputs else [])
+  costs = [matching.matching_cost(
+      b["pred_logits"], b["pred_boxes"], targets["labels"], targets["boxes"], targets["valid"],
+      class_weight=cfg.set_cost_class, bbox_weight=cfg.set_cost_bbox,
+      giou_weight=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,
+      box_cost=cfg.matcher_box_cost, sized_l1_rescale=cfg.sized_l1_rescale,
+      axis_name=axis_name) for b in branches]
+  num_queries = [c.shape[-2] for c in costs]
+  max_queries = max(num_queries)
+  costs = [jnp.pad(c, ((0, 0), (0, max_queries - c.shape[-2]), (0, 0)),
+                   constant_values=matching.NONFINITE_COST) for c in costs]
+  stacked = matching.hungarian_matching(jnp.stack(costs), targets["valid"], mesh=mesh,
+                                        data_axis=data_axis)  # [N, B, G]
+  limit = jnp.asarray(num_queries, jnp.int32)[:, None, None]
+  stacked = jnp.where(stacked < limit, stacked, -1)
+  result = {"final": stacked[0]}
+  if aux:
+    result["aux"] = stacked[1:1 + len(aux)]
+  if "interm_outputs" in outputs:
+    result["interm"] = stacked[-1]
+  return result
+
+
+def dino_criterion(outputs, targets, config=None, *, mesh=None, data_axis="data",
+                   axis_name=None):
+  """Match (one host call per shard) and compute DINO's losses: the trainer's one call.
+
+  Args:
+    outputs, targets, config: as `set_criterion`.
+    mesh, data_axis: for the host matching under `jax.jit` with a sharded batch (see
+      `hungarian_matching`); leave None inside `shard_map`.
+    axis_name: only inside `jax.shard_map` (see `set_criterion`).
+
+  Returns:
+    `set_criterion`'s dict.
+  """
+  matches = compute_matches(outputs, targets, config, mesh=mesh, data_axis=data_axis,
+                            axis_name=axis_name)
+  return set_criterion(outputs, targets, matches, config, axis_name=axis_name)
