@@ -27,6 +27,8 @@ Degenerate cases (all tested in tests/test_matching.py):
     a valid assignment and never raises or hangs; the non-finite loss itself surfaces in the
     criterion, where the trainer's finiteness check reports it.
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,16 +225,17 @@ def matched_cost_total(cost, matches):
 # One-to-many: task-aligned assignment (Semi-DETR stage 1).
 
 
-class TaskAlignedAssignment(dict):
-  """Result of `task_aligned_assign` (a dict, so it is a pytree). Keys:
-
-    indices: [..., G, k] int32 queries assigned to each ground truth, highest alignment first,
-      -1 padded at the end (also every slot of padded ground truth).
-    soft_targets: [..., G, k] float32 normalised alignment `t / max t * max IoU` of those pairs
-      (0 where indices is -1).
-    query_gt: [..., Q] int32 ground-truth column each query is assigned to, -1 for background.
-    query_targets: [..., Q] float32 soft target of each query (0 for background).
-  """
+class TaskAlignedAssignment(NamedTuple):
+  """Result of `task_aligned_assign` (a NamedTuple, hence a pytree)."""
+  # [..., G, k] int32 queries assigned to each ground truth, highest alignment first, -1 padded
+  # at the end (every slot of padded ground truth is -1).
+  indices: jax.Array
+  # [..., G, k] float32 normalised alignment `t / max t * max IoU` of those pairs (0 at -1).
+  soft_targets: jax.Array
+  # [..., Q] int32 ground-truth column each query is assigned to, -1 for background.
+  query_gt: jax.Array
+  # [..., Q] float32 soft target of each query (0 for background).
+  query_targets: jax.Array
 
 
 def task_aligned_assign(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_valid, *, topk=13,
@@ -259,7 +262,7 @@ def task_aligned_assign(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_valid, 
     alpha, beta: exponents of the score and the IoU (1 and 6).
 
   Returns:
-    A `TaskAlignedAssignment` dict (see its docstring); indices/soft_targets are [..., G, min(k,
+    A `TaskAlignedAssignment` (see its fields); indices/soft_targets are [..., G, min(k,
     Q)].
   """
   pred_logits = jax.lax.stop_gradient(pred_logits)
