@@ -1,0 +1,72 @@
+"""Training logs: `metrics.jsonl` (append-only), TensorBoard scalars, and a progress line.
+
+Only process 0 writes. `metrics.jsonl` gets one JSON object per logged step (`step`, `loss`,
+every loss term, `lr`, throughput); a resumed run appends to it and never truncates it.
+"""
+import json
+import math
+import os
+import time
+
+from absl import logging
+import jax
+
+
+class MetricsLog:
+  """Append-only metrics file + TensorBoard + progress lines (process 0 only)."""
+
+  def __init__(self, workdir, *, total_steps, tensorboard=True):
+    self.enabled = jax.process_index() == 0
+    self.total_steps = int(total_steps)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    self._last_time = None
+    self._last_step = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+          logging.info("tensorboardX is not installed: no TensorBoard scalars.")
+
+  def write(self, step, scalars, *, images_per_step=None, prefix="train"):
+    """Log `scalars` (dict of floats) at `step`; returns the record written."""
+    now = time.perf_counter()
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    if images_per_step and self._last_time is not None and step > self._last_step:
+      steps = step - self._last_step
+      record["img_per_s"] = images_per_step * steps / max(now - self._last_time, 1e-9)
+      record["eta_s"] = (self.total_steps - step) * (now - self._last_time) / steps
+    self._last_time, self._last_step = now, step
+    if not self.enabled:
+      return record
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and math.isfinite(v):
+          self._tb.add_scalar(f"{prefix}/{k}", v, step)
+      self._tb.flush()
+    logging.info("%s", format_progress(record, self.total_steps))
+    return record
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def format_progress(record, total_steps):
+  """One line: step/total, loss, the main loss terms, lr, img/s and ETA."""
+  parts = [f"step {record['step']}/{total_steps}", f"loss {record.get('loss', float('nan')):.4f}"]
+  for key in ("loss_ce", "loss_bbox", "loss_giou"):
+    if key in record:
+      parts.append(f"{key[5:]} {record[key]:.4f}")
+  if "lr" in record:
+    parts.append(f"lr {record['lr']:.2e}")
+  if "img_per_s" in record:
+    parts.append(f"{record['img_per_s']:.1f} img/s")
+    eta = int(record["eta_s"])
+    parts.append(f"ETA {eta // 3600:d}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
+  return " | ".join(parts)

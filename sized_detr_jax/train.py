@@ -1,0 +1,316 @@
+"""Training loop: sharded jitted train step, orbax auto-resume, logging, periodic COCO eval.
+
+Read top to bottom: `train_and_evaluate` sets up the mesh, the data, the model and optimiser,
+restores the newest checkpoint in the workdir (if any), then loops over jitted train steps,
+logging, checkpointing and evaluating at their intervals.
+
+State is one pytree (`TrainState`): params, frozen model variables, optimiser state, step, a raw
+PRNG key, and optional EMA params. The step is a pure function `(state, batch) -> (state,
+metrics)` jitted with explicit shardings on a `("data",)` mesh over every device of every host:
+the batch is sharded on `data`, the state replicated, and the state buffer donated. The
+Hungarian matcher runs inside it on the host (`criterion.dino_criterion` with the mesh: one host
+call per device shard). Randomness is `fold_in(rng, step)`, and the data pipeline is indexed by
+step, so a resumed run reproduces an uninterrupted one bit for bit on CPU.
+"""
+import functools
+import json
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sized_detr_jax import checkpointing
+from sized_detr_jax import criterion as criterion_lib
+from sized_detr_jax import evaluate
+from sized_detr_jax import metrics_log
+from sized_detr_jax import optim
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; a pytree (checkpointed whole)."""
+  step: jax.Array                 # [] int32
+  params: Any                     # trainable params
+  model_state: Any                # other model variables (e.g. frozen BN statistics), constant
+  opt_state: Any
+  rng: jax.Array                  # [2] uint32 raw key; per-step keys are fold_in(rng, step)
+  ema_params: Optional[Any] = None  # EMA ("teacher") params, or None
+
+
+def ema_update(ema_params, params, step, momentum):
+  """Semi-DETR's EMA: m = min(momentum, step / (step + 1)); ema = m * ema + (1 - m) * params.
+
+  At step 0 m is 0, so the teacher starts as a copy of the student.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  m = jnp.minimum(momentum, step / (step + 1.0))
+  return jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema_params, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh and batches.
+# ---------------------------------------------------------------------------------------------
+def make_mesh():
+  """1-D ("data",) mesh over every device of every process."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+
+
+def global_batch(local_batch, mesh):
+  """Process-local numpy batch dict -> global jax arrays sharded on the batch axis."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, state and step.
+# ---------------------------------------------------------------------------------------------
+def build_model(config):
+  """The Flax module named by `config.model.name` (default "dino")."""
+  from sized_detr_jax.models import dino  # pylint: disable=g-import-not-at-top
+  return dino.build_model(config.model)
+
+
+def _targets(batch):
+  return {k: batch[k] for k in ("boxes", "labels", "valid", "orig_size", "size") if k in batch}
+
+
+def init_state(model, tx, config, example_batch, mesh):
+  """Initialise the TrainState directly with replicated shardings (never on one device first)."""
+  replicated = NamedSharding(mesh, P())
+
+  def init_fn(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    variables = model.init({"params": init_rng, "dropout": init_rng, "dn": init_rng},
+                           example_batch["image"], example_batch["pixel_mask"], train=False)
+    variables = flax.core.unfreeze(variables)
+    params = variables.pop("params")
+    ema = params if config.get("ema_momentum") else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                      opt_state=tx.init(params), rng=state_rng, ema_params=ema)
+
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = jax.tree.map(lambda _: replicated, abstract)
+  return jax.jit(init_fn, out_shardings=shardings)(rng), shardings
+
+
+def make_train_step(model, tx, schedule, config, mesh, state_shardings):
+  """Jitted `(state, batch) -> (state, metrics)`; batch sharded on `data`, state donated."""
+  crit_config = config.criterion
+  ema_momentum = config.get("ema_momentum")
+
+  def loss_fn(params, state, batch, rng):
+    dn_rng, dropout_rng = jax.random.split(rng)
+    outputs = model.apply({"params": params, **state.model_state}, batch["image"],
+                          batch["pixel_mask"], targets=_targets(batch), train=True,
+                          rngs={"dn": dn_rng, "dropout": dropout_rng})
+    losses = criterion_lib.dino_criterion(outputs, _targets(batch), crit_config, mesh=mesh,
+                                          data_axis=DATA_AXIS)
+    return losses["loss"], losses
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, losses = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      ema = ema_update(ema, params, state.step, ema_momentum)
+    metrics = {**losses, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
+    return new_state, metrics
+
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def make_predict_fn(model, config, mesh, state_shardings):
+  """Jitted `(params, model_state, batch) -> detections` (top-K per image, original pixels)."""
+  from sized_detr_jax.models import dino  # pylint: disable=g-import-not-at-top
+  num_select = config.get("num_select", 300)
+
+  def predict(params, model_state, batch):
+    outputs = model.apply({"params": params, **model_state}, batch["image"], batch["pixel_mask"],
+                          train=False)
+    detections = dino.postprocess(outputs, batch["orig_size"], num_select=num_select)
+    return {**detections, "image_id": batch["image_id"]}
+
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(predict, in_shardings=(state_shardings.params, state_shardings.model_state,
+                                        batch_sharding), out_shardings=replicated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------------------------
+def run_evaluation(predict_fn, params, model_state, eval_batches, mesh, data_info, workdir, step,
+                   *, box_loss_share=None, title=""):
+  """Predict every eval batch, score with pycocotools on process 0, write files and a plot.
+
+  Each process feeds its own shard; the predictions come back replicated, so process 0 sees
+  every image. Batch padding has image_id < 0 and is dropped.
+
+  Returns:
+    metrics dict (AP, AP50, AP75, APs, APm, APl, ...) on process 0, None elsewhere.
+  """
+  dets = []
+  for local in eval_batches:
+    out = jax.device_get(predict_fn(params, model_state, global_batch(local, mesh)))
+    if jax.process_index() == 0:
+      dets += evaluate.detections_to_coco(out["image_id"], out["scores"], out["labels"],
+                                          out["boxes_xywh"], data_info["label_to_category"],
+                                          min_score=0.001)
+  if jax.process_index() != 0:
+    return None
+  metrics, _ = evaluate.coco_metrics(data_info["eval_ann_file"], dets)
+  evaluate.write_evaluation(workdir, step, dets, metrics)
+  evaluate.plot_per_size(metrics, os.path.join(workdir, f"per_size_{step}.png"),
+                         box_loss_share=box_loss_share, title=title or f"step {step}")
+  logging.info("eval at step %d:\n%s", step, evaluate.format_metrics_table(metrics))
+  return metrics
+
+
+def box_loss_share(metrics):
+  """Share of the final layer's box loss per size class, from the criterion's metric_* terms."""
+  totals = {s: metrics.get(f"metric_loss_bbox_{s}", 0.0) * metrics.get(f"metric_num_boxes_{s}", 0.0)
+            for s in criterion_lib.SIZE_NAMES}
+  z = sum(totals.values())
+  return {s: v / z for s, v in totals.items()} if z > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+def default_workdir(config):
+  name = config.get("name", "run")
+  return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def maybe_initialize_distributed(config):
+  """`jax.distributed.initialize` from `config.distributed` (multi-host); no-op if absent."""
+  dist = config.get("distributed")
+  if dist and dist.get("enabled", False):
+    kwargs = {k: dist[k] for k in ("coordinator_address", "num_processes", "process_id")
+              if dist.get(k) is not None}
+    jax.distributed.initialize(**kwargs)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient norm became NaN/inf; the last checkpoint is kept untouched."""
+
+
+def _check_finite(metrics, step, last_checked):
+  for key in ("loss", "grad_norm"):
+    if not np.isfinite(metrics[key]):
+      raise NonFiniteLossError(
+          f"{key} is {metrics[key]} at step {step} (first non-finite between steps "
+          f"{last_checked + 1} and {step}); no checkpoint was written after step {last_checked}.")
+
+
+def _setup(config, workdir):
+  """Mesh, data, model, optimiser, state (restored when the workdir has a checkpoint)."""
+  from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  mesh = make_mesh()
+  data_info = pipeline.dataset_info(config.data)
+  model = build_model(config)
+  example = pipeline.example_batch(config.data)
+  abstract_vars = jax.eval_shape(
+      lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0),
+                          "dn": jax.random.PRNGKey(0)}, example["image"], example["pixel_mask"],
+                         train=False))
+  tx, schedule = optim.make_optimizer(abstract_vars["params"], config.optimizer)
+  state, shardings = init_state(model, tx, config, example, mesh)
+  ckpt = checkpointing.Checkpointer(workdir, every=config.checkpoint_every,
+                                    keep=config.get("keep_checkpoints", 3))
+  restored = ckpt.restore_latest(checkpointing.abstract_like(state))
+  if restored is not None:
+    step, state, _ = restored
+    logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+  return mesh, data_info, model, tx, schedule, state, shardings, ckpt
+
+
+def train_and_evaluate(config, workdir):
+  """Train `config.total_steps` steps (resuming from the workdir), evaluate, return metrics."""
+  from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  maybe_initialize_distributed(config)
+  workdir = workdir or default_workdir(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  mesh, data_info, model, tx, schedule, state, shardings, ckpt = _setup(config, workdir)
+  train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
+  predict_fn = make_predict_fn(model, config, mesh, shardings)
+  total = int(config.total_steps)
+  start = int(jax.device_get(state.step))
+  log = metrics_log.MetricsLog(workdir, total_steps=total)
+  batches = pipeline.train_iterator(config.data, seed=config.seed, start_step=start,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+  images_per_step = config.data.batch_size
+  last_checked, last_metrics, eval_metrics = start, None, None
+  for step in range(start + 1, total + 1):
+    state, metrics = train_step(state, global_batch(next(batches), mesh))
+    is_log = step % config.log_every == 0 or step == total
+    is_ckpt = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total
+    is_eval = (config.get("eval_every") and step % config.eval_every == 0) or step == total
+    if is_log or is_ckpt or is_eval:
+      last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      _check_finite(last_metrics, step, last_checked)
+      last_checked = step
+      if is_log:
+        log.write(step, last_metrics, images_per_step=images_per_step)
+      if is_ckpt:
+        ckpt.maybe_save(step, state, {"step": step, "config": config.get("name", "")}, force=True)
+    if is_eval:
+      eval_metrics = run_evaluation(
+          predict_fn, state.params, state.model_state,
+          pipeline.eval_iterator(config.data, process_index=jax.process_index(),
+                                 process_count=jax.process_count()),
+          mesh, data_info, workdir, step, box_loss_share=box_loss_share(last_metrics),
+          title=f"{config.get('name', '')} step {step}")
+  ckpt.close()
+  log.close()
+  if jax.process_index() == 0 and eval_metrics is not None:
+    print(f"\nEvaluation ({data_info['eval_ann_file']}):\n"
+          f"{evaluate.format_metrics_table(eval_metrics)}\n\nFiles in {os.path.abspath(workdir)}: "
+          "metrics.jsonl, eval_metrics.json, detections_<step>.json, per_size_<step>.png, "
+          "checkpoints/")
+  return eval_metrics
+
+
+def evaluate_only(config, workdir):
+  """Evaluate the newest checkpoint of `workdir` (params, or EMA params if configured)."""
+  from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if not workdir:
+    raise ValueError("--mode=eval needs --workdir pointing at a training run")
+  maybe_initialize_distributed(config)
+  mesh, data_info, model, _, _, state, shardings, ckpt = _setup(config, workdir)
+  ckpt.close()
+  step = int(jax.device_get(state.step))
+  if step == 0:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  params = state.ema_params if config.get("eval_ema") and state.ema_params is not None else state.params
+  predict_fn = make_predict_fn(model, config, mesh, shardings)
+  metrics = run_evaluation(
+      predict_fn, params, state.model_state,
+      pipeline.eval_iterator(config.data, process_index=jax.process_index(),
+                             process_count=jax.process_count()),
+      mesh, data_info, workdir, step)
+  if metrics is not None:
+    print(evaluate.format_metrics_table(metrics))
+  return metrics
