@@ -1,0 +1,357 @@
+"""Host-side augmentation: DETR training views, eval resize, Semi-DETR weak / strong views.
+
+Every view is split in two steps:
+
+1. a *geometry plan* (`Geometry`), drawn from a numpy Generator using only the image size: the
+   list of crop / resize / flip / affine ops, the output size, and the 3x3 matrix `matrix` that
+   maps original-image pixel coordinates (x, y, 1) to view pixel coordinates. Because the plan
+   needs no pixels, every process can compute the output size of every example of a global batch
+   and all agree on the padded shape bucket without communicating;
+2. `apply_geometry` runs the ops on the pixels (PIL), `transform_boxes` maps boxes with the
+   matrix, and `apply_photometric` runs the colour / blur / erasing ops of strong views.
+
+Coordinates are continuous pixels (pixel i covers [i, i+1)), so a resize by s maps x to s * x
+and a flip maps x to W - x exactly, as DETR's datasets/transforms.py (hflip, resize) does to
+boxes. Boxes under a rotation or shear become the enclosing box of their four mapped corners,
+clipped to the view, as Soft Teacher's geometric augmentation does. Weak-view boxes map to the
+strong view with `strong.matrix @ inv(weak.matrix)` (`map_boxes_between_views`); this is exact
+whenever the weak view is axis aligned (resize / flip / crop), which it is.
+
+Randomness: every function takes an explicit numpy Generator; the pipeline seeds them from
+(seed, step, example slot), never the global numpy state.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+ERASE_FILL = 125  # Semi-DETR / Soft Teacher's erasing and affine fill value
+COLOR_OPS = ("identity", "autocontrast", "equalize", "solarize", "color", "contrast",
+             "brightness", "sharpness", "posterize")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  """Augmentation settings.
+
+  Attributes:
+    scales: shorter-side sizes drawn uniformly for training views (DINO: 480..800 step 32).
+    max_size: cap on the longer side after resizing (DINO: 1333).
+    random_crop: DETR's RandomSelect: with probability 1/2 resize to one of `crop_scales`
+      (no cap), crop a random (w, h) in [crop_size[0], crop_size[1]], then resize to `scales`.
+    crop_scales: shorter sides of the pre-crop resize (DINO: 400, 500, 600).
+    crop_size: (min, max) side of the random crop (DINO: 384, 600).
+    hflip_prob: horizontal flip probability.
+    eval_size, eval_max_size: eval resize of the shorter side, and its cap (800, 1333).
+    labeled_color_op: apply one random colour op to labeled training views (Semi-DETR's
+      supervised pipeline does; plain DINO does not).
+    strong_translate, strong_rotate, strong_shear: strong-view geometric jitter ranges, as a
+      fraction of the side, degrees and degrees (Semi-DETR: 0.1, 30, 30); one is drawn per view.
+    erase_patches: (min, max) number of square erasing patches (Semi-DETR: 1..4).
+    erase_max_size: max side of an erasing patch as a fraction of the shorter side (0.2).
+    blur_prob: Gaussian blur probability on strong views (Semi-DETR: none; the issue's spec
+      mentions blur, so it is available).
+  """
+  scales: tuple = tuple(range(480, 801, 32))
+  max_size: int = 1333
+  random_crop: bool = True
+  crop_scales: tuple = (400, 500, 600)
+  crop_size: tuple = (384, 600)
+  hflip_prob: float = 0.5
+  eval_size: int = 800
+  eval_max_size: int = 1333
+  labeled_color_op: bool = False
+  strong_translate: float = 0.1
+  strong_rotate: float = 30.0
+  strong_shear: float = 30.0
+  erase_patches: tuple = (1, 4)
+  erase_max_size: float = 0.2
+  blur_prob: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """A planned geometric view.
+
+  Attributes:
+    ops: ops in order: ("crop", x0, y0, w, h), ("resize", h, w), ("hflip",), ("affine", A)
+      with A a 3x3 float64 matrix acting on the current pixel coordinates.
+    size: (h, w) of the view.
+    matrix: float64 [3, 3], original pixel (x, y, 1) -> view pixel coordinates.
+  """
+  ops: tuple
+  size: tuple
+  matrix: np.ndarray
+
+
+def resize_output_size(h, w, size, max_size=None):
+  """DETR's get_size_with_aspect_ratio: shorter side to `size`, longer side capped.
+
+  As facebookresearch/detr datasets/transforms.py resize.get_size_with_aspect_ratio, except
+  that the longer side is clamped to max_size where DETR's rounding overshoots it.
+
+  Returns:
+    (out_h, out_w) ints.
+  """
+  if max_size is not None:
+    short, long = float(min(h, w)), float(max(h, w))
+    if long / short * size > max_size:
+      size = int(round(max_size * short / long))
+  if (w <= h and w == size) or (h <= w and h == size):
+    return h, w
+  if w < h:
+    oh, ow = int(size * h / w), size
+  else:
+    oh, ow = size, int(size * w / h)
+  if max_size is not None:
+    # DETR's rounding can overshoot the cap by a pixel or two; clamp so that a padded bucket
+    # of side max_size always holds the view.
+    oh, ow = min(oh, max_size), min(ow, max_size)
+  return oh, ow
+
+
+class _Planner:
+  """Accumulates ops and the composed matrix while planning a view."""
+
+  def __init__(self, h, w):
+    self.h, self.w = int(h), int(w)
+    self.ops = []
+    self.matrix = np.eye(3)
+
+  def _then(self, op, mat, h, w):
+    self.ops.append(op)
+    self.matrix = mat @ self.matrix
+    self.h, self.w = int(h), int(w)
+
+  def resize(self, size, max_size=None):
+    oh, ow = resize_output_size(self.h, self.w, size, max_size)
+    if (oh, ow) != (self.h, self.w):
+      self._then(("resize", oh, ow), np.diag([ow / self.w, oh / self.h, 1.0]), oh, ow)
+
+  def hflip(self):
+    self._then(("hflip",), np.array([[-1.0, 0, self.w], [0, 1, 0], [0, 0, 1]]), self.h, self.w)
+
+  def crop(self, x0, y0, cw, ch):
+    self._then(("crop", x0, y0, cw, ch), np.array([[1.0, 0, -x0], [0, 1, -y0], [0, 0, 1]]),
+               ch, cw)
+
+  def affine(self, mat):
+    self._then(("affine", mat), mat, self.h, self.w)
+
+  def geometry(self):
+    return Geometry(tuple(self.ops), (self.h, self.w), self.matrix)
+
+
+def _random_size_crop(rng, planner, min_size, max_size):
+  """DETR's RandomSizeCrop: side in [min_size, min(side, max_size)], random position."""
+  cw = int(rng.integers(min(min_size, planner.w), min(planner.w, max_size) + 1))
+  ch = int(rng.integers(min(min_size, planner.h), min(planner.h, max_size) + 1))
+  y0 = int(rng.integers(0, planner.h - ch + 1))
+  x0 = int(rng.integers(0, planner.w - cw + 1))
+  planner.crop(x0, y0, cw, ch)
+
+
+def plan_train_view(rng, h, w, cfg):
+  """DINO's training geometry: flip, then multi-scale resize or resize-crop-resize.
+
+  As IDEA-Research/DINO datasets/coco.py make_coco_transforms('train'): RandomHorizontalFlip,
+  then RandomSelect(RandomResize(scales, max_size), [RandomResize(crop_scales),
+  RandomSizeCrop(*crop_size), RandomResize(scales, max_size)]).
+  """
+  p = _Planner(h, w)
+  if rng.random() < cfg.hflip_prob:
+    p.hflip()
+  if cfg.random_crop and rng.random() < 0.5:
+    p.resize(int(rng.choice(cfg.crop_scales)))
+    _random_size_crop(rng, p, *cfg.crop_size)
+  p.resize(int(rng.choice(cfg.scales)), cfg.max_size)
+  return p.geometry()
+
+
+def plan_eval_view(h, w, cfg):
+  """Eval geometry: resize the shorter side to eval_size, longer side capped."""
+  p = _Planner(h, w)
+  p.resize(cfg.eval_size, cfg.eval_max_size)
+  return p.geometry()
+
+
+def plan_semi_view(rng, h, w, cfg, *, strong):
+  """Semi-DETR's unlabeled view geometry: resize, flip; strong views add one affine jitter.
+
+  As Soft Teacher / Semi-DETR's unsup pipeline: RandResize(scales, max_size), RandFlip, and
+  for the strong view one of translate x / translate y / rotate / shear around the centre with
+  the view size kept (the photometric part is `apply_photometric`).
+  """
+  p = _Planner(h, w)
+  p.resize(int(rng.choice(cfg.scales)), cfg.max_size)
+  if rng.random() < cfg.hflip_prob:
+    p.hflip()
+  if strong:
+    kind = int(rng.integers(4))
+    if kind < 2:  # translate x or y by up to strong_translate of the side
+      shift = rng.uniform(-cfg.strong_translate, cfg.strong_translate) * (p.w, p.h)[kind]
+      mat = np.eye(3)
+      mat[kind, 2] = shift
+    else:
+      cx, cy = p.w / 2.0, p.h / 2.0
+      to_centre = np.array([[1.0, 0, -cx], [0, 1, -cy], [0, 0, 1]])
+      back = np.array([[1.0, 0, cx], [0, 1, cy], [0, 0, 1]])
+      if kind == 2:
+        a = np.deg2rad(rng.uniform(-cfg.strong_rotate, cfg.strong_rotate))
+        core = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+      else:
+        t = np.tan(np.deg2rad(rng.uniform(-cfg.strong_shear, cfg.strong_shear)))
+        core = np.array([[1.0, t, 0], [0, 1, 0], [0, 0, 1]]) if rng.random() < 0.5 else (
+            np.array([[1.0, 0, 0], [t, 1, 0], [0, 0, 1]]))
+      mat = back @ core @ to_centre
+    p.affine(mat)
+  return p.geometry()
+
+
+def apply_geometry(image, geometry):
+  """Runs a planned geometry on an image.
+
+  Args:
+    image: uint8 [H, W, 3].
+    geometry: Geometry planned for this image's size.
+
+  Returns:
+    uint8 [h, w, 3] with (h, w) = geometry.size.
+  """
+  pil = Image.fromarray(image)
+  for op in geometry.ops:
+    if op[0] == "resize":
+      pil = pil.resize((op[2], op[1]), Image.BILINEAR)
+    elif op[0] == "hflip":
+      pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+    elif op[0] == "crop":
+      _, x0, y0, cw, ch = op
+      pil = pil.crop((x0, y0, x0 + cw, y0 + ch))
+    else:
+      # PIL samples output pixel centre c at input inv(A) (c) in continuous coordinates.
+      inv = np.linalg.inv(op[1])
+      pil = pil.transform(pil.size, Image.AFFINE, data=tuple(inv[:2].ravel()),
+                          resample=Image.BILINEAR, fillcolor=(ERASE_FILL,) * 3)
+  out = np.asarray(pil)
+  assert out.shape[:2] == tuple(geometry.size), (out.shape, geometry.size)
+  return out
+
+
+def transform_boxes(boxes, matrix, size):
+  """Maps absolute xyxy boxes with a 3x3 matrix: enclosing box of the corners, clipped.
+
+  Args:
+    boxes: float [N, 4] absolute (x0, y0, x1, y1) pixels in the source image.
+    matrix: [3, 3] source pixel -> destination pixel coordinates.
+    size: (h, w) of the destination image, for clipping.
+
+  Returns:
+    (boxes float32 [N, 4] absolute xyxy in the destination, keep bool [N]: positive width and
+    height after clipping; DETR drops the others).
+  """
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  x0, y0, x1, y1 = boxes.T
+  corners = np.stack([np.stack([x0, y0], -1), np.stack([x1, y0], -1),
+                      np.stack([x0, y1], -1), np.stack([x1, y1], -1)], axis=1)  # [N, 4, 2]
+  mapped = corners @ matrix[:2, :2].T + matrix[:2, 2]
+  out = np.concatenate([mapped.min(axis=1), mapped.max(axis=1)], axis=-1)
+  h, w = size
+  out = np.clip(out, 0.0, [w, h, w, h])
+  keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+  return out.astype(np.float32), keep
+
+
+def map_boxes_between_views(boxes_cxcywh, src_matrix, dst_matrix, src_size, dst_size, xp=np):
+  """Maps normalised cxcywh boxes from one view of an image to another (e.g. weak -> strong).
+
+  Uses dst_matrix @ inv(src_matrix) on the boxes' corners (enclosing box, clipped), as
+  Semi-DETR maps teacher pseudo-boxes to the student view. Works under jit with xp=jax.numpy.
+
+  Args:
+    boxes_cxcywh: [..., N, 4] normalised (cx, cy, w, h) relative to the source view.
+    src_matrix, dst_matrix: [..., 3, 3] original -> view pixel matrices of both views.
+    src_size, dst_size: [..., 2] (h, w) of both views.
+    xp: array namespace (numpy or jax.numpy).
+
+  Returns:
+    [..., N, 4] normalised (cx, cy, w, h) relative to the destination view.
+  """
+  rel = dst_matrix @ xp.linalg.inv(src_matrix)  # [..., 3, 3]
+  sh, sw = src_size[..., 0:1], src_size[..., 1:2]  # [..., 1]
+  dh, dw = dst_size[..., 0:1], dst_size[..., 1:2]
+  cx, cy = boxes_cxcywh[..., 0] * sw, boxes_cxcywh[..., 1] * sh
+  hw, hh = boxes_cxcywh[..., 2] * sw / 2, boxes_cxcywh[..., 3] * sh / 2
+  xs = xp.stack([cx - hw, cx + hw, cx - hw, cx + hw], axis=-1)  # [..., N, 4 corners]
+  ys = xp.stack([cy - hh, cy - hh, cy + hh, cy + hh], axis=-1)
+  r = rel[..., None, :, :]  # broadcast over boxes
+  mx = r[..., 0, 0:1] * xs + r[..., 0, 1:2] * ys + r[..., 0, 2:3]
+  my = r[..., 1, 0:1] * xs + r[..., 1, 1:2] * ys + r[..., 1, 2:3]
+  x0 = xp.clip(mx.min(-1), 0, dw)
+  x1 = xp.clip(mx.max(-1), 0, dw)
+  y0 = xp.clip(my.min(-1), 0, dh)
+  y1 = xp.clip(my.max(-1), 0, dh)
+  return xp.stack([(x0 + x1) / 2 / dw, (y0 + y1) / 2 / dh, (x1 - x0) / dw, (y1 - y0) / dh],
+                  axis=-1)
+
+
+def random_color_op(rng, image):
+  """One of Soft Teacher's 9 colour ops at a random level 1..9 (uint8 [H, W, 3] in and out).
+
+  Levels map to magnitudes m = level / 10; enhance factors are 1 +- 0.9 m, solarize threshold
+  256 (1 - m), posterize keeps 8 - round(4 m) bits.
+  """
+  op = COLOR_OPS[int(rng.integers(len(COLOR_OPS)))]
+  m = int(rng.integers(1, 10)) / 10.0
+  sign = 1.0 if rng.random() < 0.5 else -1.0
+  if op == "identity":
+    return image
+  pil = Image.fromarray(image)
+  if op == "autocontrast":
+    pil = ImageOps.autocontrast(pil)
+  elif op == "equalize":
+    pil = ImageOps.equalize(pil)
+  elif op == "solarize":
+    pil = ImageOps.solarize(pil, threshold=int(256 * (1 - m)))
+  elif op == "posterize":
+    pil = ImageOps.posterize(pil, 8 - int(round(4 * m)))
+  else:
+    enhancer = {"color": ImageEnhance.Color, "contrast": ImageEnhance.Contrast,
+                "brightness": ImageEnhance.Brightness, "sharpness": ImageEnhance.Sharpness}[op]
+    pil = enhancer(pil).enhance(1.0 + sign * 0.9 * m)
+  return np.asarray(pil)
+
+
+def apply_photometric(rng, image, cfg, *, erase):
+  """Strong-view photometrics: a colour op, optional blur, optional square erasing patches.
+
+  Args:
+    rng: numpy Generator.
+    image: uint8 [H, W, 3].
+    cfg: AugmentConfig.
+    erase: draw erasing patches (Soft Teacher's RandErase; boxes are unchanged).
+
+  Returns:
+    uint8 [H, W, 3].
+  """
+  image = random_color_op(rng, image)
+  if cfg.blur_prob > 0 and rng.random() < cfg.blur_prob:
+    radius = float(rng.uniform(0.1, 2.0))
+    image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+  if erase:
+    image = np.array(image)  # writable copy
+    h, w = image.shape[:2]
+    for _ in range(int(rng.integers(cfg.erase_patches[0], cfg.erase_patches[1] + 1))):
+      side = max(1, int(rng.uniform(0, cfg.erase_max_size) * min(h, w)))
+      y0 = int(rng.integers(0, h - side + 1))
+      x0 = int(rng.integers(0, w - side + 1))
+      image[y0:y0 + side, x0:x0 + side] = ERASE_FILL
+  return image
+
+
+def normalize_image(image):
+  """uint8 [H, W, 3] RGB -> float32 ImageNet-normalised [H, W, 3]."""
+  return (image.astype(np.float32) * (1.0 / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
