@@ -1,0 +1,448 @@
+"""Static-shape, per-process-sharded, prefetched, exactly resumable input pipeline.
+
+Batches (numpy, this process's share of the global batch; the trainer assembles global arrays
+with `jax.make_array_from_process_local_data`):
+
+  labeled / eval batch (design.md section 3):
+    image [b, H, W, 3] f32 ImageNet-normalised, zero in padding
+    pixel_mask [b, H, W] bool, True on real pixels
+    boxes [b, G, 4] f32 normalised (cx, cy, w, h) relative to the unpadded view
+    labels [b, G] i32 contiguous, valid [b, G] bool (G = max_boxes; crowd boxes excluded)
+    image_id [b] i32 (eval: -1 marks padding examples added to fill the last batch)
+    orig_size [b, 2] i32 (h, w) of the original image, size [b, 2] i32 (h, w) of the view
+  unlabeled batch: {"weak": view, "strong": view}, each view the keys above plus
+    matrix [b, 3, 3] f32 mapping original-image pixels (x, y, 1) to view pixels; boxes map
+    weak -> strong with transforms.map_boxes_between_views. boxes/labels/valid carry the
+    source's annotations if it has any (diagnostics only; none for truly unlabeled data).
+
+(H, W) is one of a few fixed buckets (`config.data.buckets`, or derived from the resize
+settings), the smallest that holds every view of the *global* batch. Every process can compute
+that without communication because view geometry is planned from the image sizes in the
+annotations (transforms.Geometry); sources without known sizes (TFDS) use the largest bucket.
+
+Order and randomness: the global example at position p = step * global_batch + slot is
+`permutation(seed, epoch)[p % N]` with epoch = p // N; each process decodes only its slots
+[process_index * b, (process_index + 1) * b), so over an epoch the processes read disjoint
+shards that cover the data. Augmentation Generators are seeded from (seed, stream, step, global
+slot), which includes the process index through the slot, and makes a batch independent of the
+process count. A batch is therefore a pure function of its step: the iterator state is just the
+next step (`get_state() -> {"step": int64}`), restored exactly with `set_state`.
+
+Prefetch: grain's MapDataset over steps, turned into an iterator with a thread pool
+(`num_threads` batches assembled in parallel, `prefetch` batches ahead).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+from absl import logging
+import grain
+import ml_collections
+import numpy as np
+
+from sized_detr_jax.data import coco
+from sized_detr_jax.data import synthetic
+from sized_detr_jax.data import transforms
+
+# Streams keep the Generators of different uses independent for the same (seed, step, slot).
+_LABELED, _UNLABELED, _GEOMETRY, _PHOTOMETRIC, _WEAK, _STRONG = range(6)
+
+
+def default_data_config():
+  """config.data defaults: the embedded synthetic dataset at its native (~128-256 px) scale."""
+  return ml_collections.ConfigDict(dict(
+      source="synthetic",          # "synthetic" | "coco" | "tfds"
+      # synthetic: generated under `root` on first use
+      root="data_cache/synthetic", synthetic_num_images=512, synthetic_seed=0,
+      # coco: instances json + image folder per role ("" = unused)
+      train_ann="", train_images="", val_ann="", val_images="",
+      unlabeled_ann="", unlabeled_images="",
+      # tfds: coco/2017 splits (needs tensorflow); the unlabeled role may name another dataset
+      tfds_name="coco/2017", tfds_data_dir="", tfds_train_split="train",
+      tfds_val_split="validation", tfds_unlabeled_name="", tfds_unlabeled_split="",
+      gt_cache_dir="",             # where the TFDS eval ground-truth json is written
+      # batching (global sizes, divided over processes)
+      batch_size=4, unlabeled_batch_size=4, eval_batch_size=4, max_boxes=32,
+      buckets=None,                # list of (h, w), or None to derive from the resize settings
+      pad_multiple=32, num_threads=2, prefetch=4,
+      # augmentation (transforms.AugmentConfig fields)
+      scales=(192, 208, 224, 240, 256), max_size=384, random_crop=True,
+      crop_scales=(160, 192, 224), crop_size=(128, 224), hflip_prob=0.5,
+      eval_size=224, eval_max_size=384, labeled_color_op=False,
+      strong_translate=0.1, strong_rotate=30.0, strong_shear=30.0, erase_patches=(1, 4),
+      erase_max_size=0.2, blur_prob=0.0,
+  ))
+
+
+def coco_data_config(**overrides):
+  """config.data for COCO at DINO's settings (multi-scale 480-800, max 1333, 100 boxes)."""
+  cfg = default_data_config()
+  cfg.update(dict(source="coco", scales=tuple(range(480, 801, 32)), max_size=1333,
+                  crop_scales=(400, 500, 600), crop_size=(384, 600), eval_size=800,
+                  eval_max_size=1333, max_boxes=100, batch_size=16, eval_batch_size=16))
+  cfg.update(overrides)
+  return cfg
+
+
+def augment_config(data_cfg):
+  """transforms.AugmentConfig from config.data."""
+  fields = transforms.AugmentConfig.__dataclass_fields__
+  return transforms.AugmentConfig(**{
+      k: tuple(data_cfg[k]) if isinstance(data_cfg[k], (list, tuple)) else data_cfg[k]
+      for k in fields})
+
+
+def _round_up(v, m):
+  return int(-(-int(v) // m) * m)
+
+
+def buckets_from_config(data_cfg):
+  """Padded (h, w) shapes, sorted by area: explicit `buckets` or derived from resize settings.
+
+  Derived: S = largest shorter side, L = largest longer side (rounded up to pad_multiple):
+  (S, L) holds any landscape view, (L, S) any portrait one, (L, L) a batch mixing both.
+  """
+  m = data_cfg.pad_multiple
+  if data_cfg.buckets:
+    buckets = [(_round_up(h, m), _round_up(w, m)) for h, w in data_cfg.buckets]
+  else:
+    short = _round_up(max(max(data_cfg.scales), data_cfg.eval_size), m)
+    long = _round_up(max(data_cfg.max_size, data_cfg.eval_max_size), m)
+    long = max(long, short)
+    buckets = [(short, long), (long, short), (long, long)]
+  return sorted(set(buckets), key=lambda b: (b[0] * b[1], b))
+
+
+def choose_bucket(buckets, view_sizes):
+  """Smallest bucket holding every (h, w) in view_sizes; the largest if view_sizes is None."""
+  if view_sizes is None:
+    return buckets[-1]
+  need = np.max(np.asarray(view_sizes).reshape(-1, 2), axis=0)
+  for bh, bw in buckets:
+    if need[0] <= bh and need[1] <= bw:
+      return bh, bw
+  raise ValueError(f"config.data.buckets {buckets}: no bucket holds a view of "
+                   f"{int(need[0])}x{int(need[1])} (h x w); add a larger bucket")
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@functools.lru_cache(maxsize=16)
+def _coco_source(ann_file, image_dir, require_annotations):
+  return coco.CocoSource(ann_file, image_dir, require_annotations=require_annotations)
+
+
+@functools.lru_cache(maxsize=16)
+def _tfds_source(name, split, data_dir):
+  return coco.TfdsCocoSource(split, name=name, data_dir=data_dir or None)
+
+
+def get_source(data_cfg, role):
+  """The random-access source of a role ("train", "val" or "unlabeled"); cached.
+
+  Returns:
+    a CocoSource / TfdsCocoSource, or None when the role is not configured.
+  """
+  if role not in ("train", "val", "unlabeled"):
+    raise ValueError(f"unknown data role {role!r}")
+  kind = data_cfg.source
+  if kind == "synthetic":
+    paths = synthetic.ensure_synthetic_dataset(
+        data_cfg.root, num_images=data_cfg.synthetic_num_images, seed=data_cfg.synthetic_seed)
+    return _coco_source(paths[role]["ann_file"], paths[role]["image_dir"], role != "unlabeled")
+  if kind == "coco":
+    ann, images = data_cfg[f"{role}_ann"], data_cfg[f"{role}_images"]
+    if not ann:
+      if role == "unlabeled":
+        return None
+      raise ValueError(f"config.data.{role}_ann is empty but config.data.source is 'coco'")
+    return _coco_source(ann, images, role != "unlabeled")
+  if kind == "tfds":
+    name = data_cfg.tfds_name
+    if role == "unlabeled":
+      if not data_cfg.tfds_unlabeled_split:
+        return None
+      name = data_cfg.tfds_unlabeled_name or name
+    return _tfds_source(name, data_cfg[f"tfds_{role}_split"], data_cfg.tfds_data_dir)
+  raise ValueError(f"config.data.source must be 'synthetic', 'coco' or 'tfds', got {kind!r}")
+
+
+def dataset_info(data_cfg):
+  """What the model, trainer and evaluator need to know about the configured data.
+
+  Returns:
+    dict: num_classes, category_ids (int64 [C], label -> COCO id), category_names,
+    val_gt_json (COCO json for pycocotools), num_train, num_val, buckets.
+  """
+  train, val = get_source(data_cfg, "train"), get_source(data_cfg, "val")
+  if list(train.category_ids) != list(val.category_ids):
+    raise ValueError("train and val sources have different category ids: "
+                     f"{list(train.category_ids)} vs {list(val.category_ids)}")
+  gt_json = val.gt_json
+  if gt_json is None:  # TFDS: write one once
+    folder = data_cfg.gt_cache_dir or tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    gt_json = os.path.join(folder, f"{data_cfg.tfds_name.replace('/', '_')}-"
+                                   f"{data_cfg.tfds_val_split}-gt.json")
+    if not os.path.exists(gt_json):
+      val.write_gt_json(gt_json + ".tmp")
+      os.replace(gt_json + ".tmp", gt_json)
+  return dict(num_classes=len(train.category_ids), category_ids=train.category_ids,
+              category_names=list(train.category_names), val_gt_json=gt_json,
+              num_train=len(train), num_val=len(val), buckets=buckets_from_config(data_cfg))
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _rng(*key):
+  return np.random.default_rng([int(k) for k in key])
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed, stream, epoch, n):
+  return _rng(seed, stream, epoch).permutation(n)
+
+
+def _dataset_index(seed, stream, position, n, shuffle):
+  """Dataset index at a global stream position (a fresh permutation every epoch)."""
+  epoch, offset = divmod(int(position), n)
+  return int(_permutation(seed, stream, epoch, n)[offset]) if shuffle else offset
+
+
+def _targets(boxes_xyxy, labels, size, max_boxes):
+  """Pads view boxes to max_boxes: (boxes f32 [G, 4] normalised cxcywh, labels, valid)."""
+  n = len(boxes_xyxy)
+  if n > max_boxes:
+    logging.log_first_n(logging.WARNING, "an image has %d boxes > max_boxes=%d; extra boxes "
+                        "are dropped", 5, n, max_boxes)
+    n = max_boxes
+  h, w = size
+  b = np.asarray(boxes_xyxy[:n], np.float32)
+  out = np.zeros((max_boxes, 4), np.float32)
+  out[:n] = np.stack([(b[:, 0] + b[:, 2]) / (2 * w), (b[:, 1] + b[:, 3]) / (2 * h),
+                      (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], axis=-1)
+  lab = np.zeros(max_boxes, np.int32)
+  lab[:n] = labels[:n]
+  valid = np.zeros(max_boxes, bool)
+  valid[:n] = True
+  return out, lab, valid
+
+
+def _empty_view_batch(b, bucket, max_boxes, with_matrix):
+  h, w = bucket
+  out = dict(image=np.zeros((b, h, w, 3), np.float32), pixel_mask=np.zeros((b, h, w), bool),
+             boxes=np.zeros((b, max_boxes, 4), np.float32),
+             labels=np.zeros((b, max_boxes), np.int32), valid=np.zeros((b, max_boxes), bool),
+             image_id=np.zeros((b,), np.int32), orig_size=np.zeros((b, 2), np.int32),
+             size=np.zeros((b, 2), np.int32))
+  if with_matrix:
+    out["matrix"] = np.zeros((b, 3, 3), np.float32)
+  return out
+
+
+def _fill_view(batch, k, example, geometry, pixels, max_boxes):
+  """Writes one view (already geometrically transformed `pixels`) into slot k of `batch`."""
+  h, w = geometry.size
+  batch["image"][k, :h, :w] = transforms.normalize_image(pixels)
+  batch["pixel_mask"][k, :h, :w] = True
+  train_boxes = ~example["iscrowd"]  # crowd boxes are not training targets
+  boxes, keep = transforms.transform_boxes(example["boxes"][train_boxes], geometry.matrix,
+                                           geometry.size)
+  batch["boxes"][k], batch["labels"][k], batch["valid"][k] = _targets(
+      boxes[keep], example["labels"][train_boxes][keep], geometry.size, max_boxes)
+  batch["image_id"][k] = example["image_id"]
+  batch["orig_size"][k] = example["orig_size"]
+  batch["size"][k] = geometry.size
+  if "matrix" in batch:
+    batch["matrix"][k] = geometry.matrix
+
+
+class _Stream:
+  """Shared bookkeeping of a batch stream over one source."""
+
+  def __init__(self, source, global_batch, process_index, process_count):
+    if global_batch % process_count:
+      raise ValueError(f"global batch size {global_batch} is not divisible by process_count "
+                       f"{process_count}")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if len(source) == 0:
+      raise ValueError("the data source is empty")
+    self.source = source
+    self.global_batch = global_batch
+    self.local_batch = global_batch // process_count
+    self.first_slot = process_index * self.local_batch
+    self.sizes = source.image_sizes()
+
+  def local_slots(self):
+    return range(self.first_slot, self.first_slot + self.local_batch)
+
+
+def make_train_batch_fn(source, data_cfg, *, seed, process_index=0, process_count=1):
+  """step -> this process's labeled training batch (DINO augmentation, shuffled epochs)."""
+  stream = _Stream(source, data_cfg.batch_size, process_index, process_count)
+  aug, buckets, n = augment_config(data_cfg), buckets_from_config(data_cfg), len(source)
+
+  def plan(step, slot, size):
+    return transforms.plan_train_view(_rng(seed, _LABELED, step, slot, _GEOMETRY), *size, aug)
+
+  def batch_fn(step):
+    indices = [_dataset_index(seed, _LABELED, step * stream.global_batch + j, n, True)
+               for j in range(stream.global_batch)]
+    view_sizes = None
+    if stream.sizes is not None:
+      view_sizes = [plan(step, j, stream.sizes[i]).size for j, i in enumerate(indices)]
+    batch = _empty_view_batch(stream.local_batch, choose_bucket(buckets, view_sizes),
+                              data_cfg.max_boxes, with_matrix=False)
+    for k, slot in enumerate(stream.local_slots()):
+      example = source[indices[slot]]
+      geometry = plan(step, slot, example["image"].shape[:2])
+      pixels = transforms.apply_geometry(example["image"], geometry)
+      if aug.labeled_color_op:
+        pixels = transforms.random_color_op(_rng(seed, _LABELED, step, slot, _PHOTOMETRIC),
+                                            pixels)
+      _fill_view(batch, k, example, geometry, pixels, data_cfg.max_boxes)
+    return batch
+
+  return batch_fn
+
+
+def make_unlabeled_batch_fn(source, data_cfg, *, seed, process_index=0, process_count=1):
+  """step -> this process's unlabeled batch: {"weak": view batch, "strong": view batch}."""
+  stream = _Stream(source, data_cfg.unlabeled_batch_size, process_index, process_count)
+  aug, buckets, n = augment_config(data_cfg), buckets_from_config(data_cfg), len(source)
+
+  def plans(step, slot, size):
+    return tuple(transforms.plan_semi_view(_rng(seed, _UNLABELED, step, slot, stream_id),
+                                           *size, aug, strong=strong)
+                 for stream_id, strong in ((_WEAK, False), (_STRONG, True)))
+
+  def batch_fn(step):
+    indices = [_dataset_index(seed, _UNLABELED, step * stream.global_batch + j, n, True)
+               for j in range(stream.global_batch)]
+    bucket = {"weak": None, "strong": None}
+    if stream.sizes is not None:
+      planned = [plans(step, j, stream.sizes[i]) for j, i in enumerate(indices)]
+      bucket = {name: choose_bucket(buckets, [p[v].size for p in planned])
+                for v, name in enumerate(("weak", "strong"))}
+    batch = {name: _empty_view_batch(stream.local_batch, b or buckets[-1], data_cfg.max_boxes,
+                                     with_matrix=True) for name, b in bucket.items()}
+    for k, slot in enumerate(stream.local_slots()):
+      example = source[indices[slot]]
+      weak, strong = plans(step, slot, example["image"].shape[:2])
+      _fill_view(batch["weak"], k, example, weak,
+                 transforms.apply_geometry(example["image"], weak), data_cfg.max_boxes)
+      pixels = transforms.apply_photometric(
+          _rng(seed, _UNLABELED, step, slot, _PHOTOMETRIC),
+          transforms.apply_geometry(example["image"], strong), aug, erase=True)
+      _fill_view(batch["strong"], k, example, strong, pixels, data_cfg.max_boxes)
+    return batch
+
+  return batch_fn
+
+
+def make_eval_batch_fn(source, data_cfg, *, process_index=0, process_count=1):
+  """step -> this process's eval batch; positions past the end repeat early examples with
+  image_id -1 (so shapes stay static and no image is fully padded)."""
+  stream = _Stream(source, data_cfg.eval_batch_size, process_index, process_count)
+  aug, buckets, n = augment_config(data_cfg), buckets_from_config(data_cfg), len(source)
+
+  def batch_fn(step):
+    positions = [step * stream.global_batch + j for j in range(stream.global_batch)]
+    indices = [p % n for p in positions]
+    view_sizes = None
+    if stream.sizes is not None:
+      view_sizes = [transforms.plan_eval_view(*stream.sizes[i], aug).size for i in indices]
+    batch = _empty_view_batch(stream.local_batch, choose_bucket(buckets, view_sizes),
+                              data_cfg.max_boxes, with_matrix=False)
+    for k, slot in enumerate(stream.local_slots()):
+      example = source[indices[slot]]
+      geometry = transforms.plan_eval_view(*example["image"].shape[:2], aug)
+      _fill_view(batch, k, example, geometry,
+                 transforms.apply_geometry(example["image"], geometry), data_cfg.max_boxes)
+      if positions[slot] >= n:
+        batch["image_id"][k] = -1
+    return batch
+
+  return batch_fn
+
+
+# ----------------------------------------------------------------------------- iterators
+
+
+class BatchIterator:
+  """Prefetching iterator over `batch_fn(step)` for step = start, start + 1, ...
+
+  State is the next step: `get_state()` returns {"step": np.int64} (checkpoint it with the
+  model), `set_state(state)` continues exactly there.
+  """
+
+  def __init__(self, batch_fn, *, start_step=0, num_steps=None, num_threads=2, prefetch=4):
+    self._batch_fn = batch_fn
+    self._num_steps = num_steps
+    self._read_options = grain.ReadOptions(num_threads=max(1, num_threads),
+                                           prefetch_buffer_size=max(1, prefetch))
+    self._start(start_step)
+
+  def _start(self, step):
+    self.step = int(step)
+    stop = self._num_steps if self._num_steps is not None else np.iinfo(np.int64).max
+    ds = grain.MapDataset.range(self.step, max(self.step, stop)).map(self._batch_fn)
+    self._it = iter(ds.to_iter_dataset(self._read_options))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    self.step += 1
+    return batch
+
+  def __len__(self):
+    if self._num_steps is None:
+      raise TypeError("an endless training iterator has no length")
+    return self._num_steps
+
+  def get_state(self):
+    return {"step": np.int64(self.step)}
+
+  def set_state(self, state):
+    self._start(int(state["step"]))
+
+
+def build_train_iterator(data_cfg, *, seed, process_index=0, process_count=1, start_step=0):
+  """Endless labeled training iterator of this process's batches, starting at `start_step`."""
+  fn = make_train_batch_fn(get_source(data_cfg, "train"), data_cfg, seed=seed,
+                           process_index=process_index, process_count=process_count)
+  return BatchIterator(fn, start_step=start_step, num_threads=data_cfg.num_threads,
+                       prefetch=data_cfg.prefetch)
+
+
+def build_unlabeled_iterator(data_cfg, *, seed, process_index=0, process_count=1,
+                             start_step=0):
+  """Endless weak/strong unlabeled iterator, or None if no unlabeled source is configured."""
+  source = get_source(data_cfg, "unlabeled")
+  if source is None:
+    return None
+  fn = make_unlabeled_batch_fn(source, data_cfg, seed=seed, process_index=process_index,
+                               process_count=process_count)
+  return BatchIterator(fn, start_step=start_step, num_threads=data_cfg.num_threads,
+                       prefetch=data_cfg.prefetch)
+
+
+def build_eval_iterator(data_cfg, *, process_index=0, process_count=1):
+  """One pass over the val source: ceil(N / eval_batch_size) batches (same on all processes).
+
+  Returns:
+    (iterator, val_gt_json): predictions for image_id -1 must be discarded.
+  """
+  source = get_source(data_cfg, "val")
+  fn = make_eval_batch_fn(source, data_cfg, process_index=process_index,
+                          process_count=process_count)
+  steps = -(-len(source) // data_cfg.eval_batch_size)
+  return (BatchIterator(fn, num_steps=steps, num_threads=data_cfg.num_threads,
+                        prefetch=data_cfg.prefetch), dataset_info(data_cfg)["val_gt_json"])

@@ -1,0 +1,205 @@
+"""Tests of the static-shape pipeline: contract shapes, exact boxes, sharding, exact resume."""
+import json
+
+import numpy as np
+import pytest
+
+from sized_detr_jax.data import pipeline
+from sized_detr_jax.data import synthetic
+from sized_detr_jax.data import transforms as T
+
+_KEYS = {"image": np.float32, "pixel_mask": np.bool_, "boxes": np.float32, "labels": np.int32,
+         "valid": np.bool_, "image_id": np.int32, "orig_size": np.int32, "size": np.int32}
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+  c = pipeline.default_data_config()
+  c.root = str(tmp_path_factory.mktemp("data") / "synthetic")
+  c.synthetic_num_images = 24  # 24 train, 16 val, 24 unlabeled
+  c.batch_size = 4
+  c.unlabeled_batch_size = 4
+  c.eval_batch_size = 6
+  c.max_boxes = 12
+  c.num_threads = 2
+  return c
+
+
+def _check_view_batch(batch, cfg, b, with_matrix=False):
+  buckets = pipeline.buckets_from_config(cfg)
+  assert set(batch) == set(_KEYS) | ({"matrix"} if with_matrix else set())
+  for key, dtype in _KEYS.items():
+    assert batch[key].dtype == dtype, key
+  bh, bw = batch["image"].shape[1:3]
+  assert (bh, bw) in buckets
+  g = cfg.max_boxes
+  assert batch["image"].shape == (b, bh, bw, 3) and batch["pixel_mask"].shape == (b, bh, bw)
+  assert batch["boxes"].shape == (b, g, 4) and batch["labels"].shape == (b, g)
+  assert batch["valid"].shape == (b, g) and batch["image_id"].shape == (b,)
+  assert batch["orig_size"].shape == (b, 2) and batch["size"].shape == (b, 2)
+  for k in range(b):
+    h, w = batch["size"][k]
+    expected_mask = np.zeros((bh, bw), bool)
+    expected_mask[:h, :w] = True
+    np.testing.assert_array_equal(batch["pixel_mask"][k], expected_mask)
+    assert not batch["image"][k][~expected_mask].any()  # zero padding
+  v = batch["valid"]
+  assert (batch["boxes"][v] > 0).all() and (batch["boxes"][v] <= 1).all()
+  assert not batch["boxes"][~v].any()
+  assert ((batch["labels"][v] >= 0) & (batch["labels"][v] < 4)).all()
+
+
+def test_buckets_and_dataset_info(cfg):
+  assert pipeline.buckets_from_config(cfg) == [(256, 384), (384, 256), (384, 384)]
+  assert pipeline.choose_bucket([(256, 384), (384, 256), (384, 384)], [(200, 300), (250, 380)]
+                                ) == (256, 384)
+  assert pipeline.choose_bucket([(256, 384), (384, 256), (384, 384)], [(200, 300), (300, 200)]
+                                ) == (384, 384)
+  with pytest.raises(ValueError, match="no bucket holds a view of 400x10"):
+    pipeline.choose_bucket([(256, 384)], [(400, 10)])
+  info = pipeline.dataset_info(cfg)
+  assert info["num_classes"] == 4 and info["num_train"] == 24 and info["num_val"] == 16
+  assert info["val_gt_json"].endswith("instances_val.json")
+  np.testing.assert_array_equal(info["category_ids"], [1, 2, 3, 4])
+
+
+def test_train_batches_static_shapes_and_resume(cfg):
+  it = pipeline.build_train_iterator(cfg, seed=7)
+  first = [next(it) for _ in range(3)]
+  for batch in first:
+    _check_view_batch(batch, cfg, 4)
+  state = it.get_state()
+  assert int(state["step"]) == 3
+  after = [next(it) for _ in range(2)]
+  resumed = pipeline.build_train_iterator(cfg, seed=7)
+  resumed.set_state(state)
+  started = pipeline.build_train_iterator(cfg, seed=7, start_step=3)
+  for other in (resumed, started):
+    for expected in after:
+      got = next(other)
+      for key in _KEYS:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+  other_seed = next(pipeline.build_train_iterator(cfg, seed=8))
+  assert not np.array_equal(other_seed["image_id"], first[0]["image_id"]) or not np.array_equal(
+      other_seed["size"], first[0]["size"])
+
+
+def test_two_processes_read_disjoint_covering_shards(cfg):
+  whole = pipeline.make_train_batch_fn(pipeline.get_source(cfg, "train"), cfg, seed=1)
+  parts = [pipeline.make_train_batch_fn(pipeline.get_source(cfg, "train"), cfg, seed=1,
+                                        process_index=k, process_count=2) for k in (0, 1)]
+  ids = [[], []]
+  steps_per_epoch = 24 // 4
+  for step in range(steps_per_epoch):
+    halves = [fn(step) for fn in parts]
+    for k in (0, 1):
+      _check_view_batch(halves[k], cfg, 2)
+      ids[k].extend(halves[k]["image_id"].tolist())
+    if step < 2:  # the two halves are exactly the single-process batch
+      full = whole(step)
+      for key in _KEYS:
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), full[key])
+  train_ids = json.load(open(synthetic.dataset_paths(cfg.root)["train"]["ann_file"]))["images"]
+  assert not set(ids[0]) & set(ids[1])
+  assert sorted(ids[0] + ids[1]) == sorted(im["id"] for im in train_ids)
+
+
+def test_eval_batches_cover_val_once_with_padding_and_exact_boxes(cfg):
+  paths = synthetic.dataset_paths(cfg.root)["val"]
+  gt = json.load(open(paths["ann_file"]))
+  images = {im["id"]: im for im in gt["images"]}
+  seen = []
+  for k in (0, 1):
+    it, gt_json = pipeline.build_eval_iterator(cfg, process_index=k, process_count=2)
+    assert gt_json == paths["ann_file"] and len(it) == 3  # ceil(16 / 6)
+    for batch in it:
+      _check_view_batch(batch, cfg, 3)
+      for j in range(3):
+        image_id = int(batch["image_id"][j])
+        seen.append(image_id)
+        if image_id < 0:
+          continue
+        # Independent float64 re-derivation: eval resize factor s, boxes / size as cxcywh.
+        im = images[image_id]
+        h, w = im["height"], im["width"]
+        short, long = min(h, w), max(h, w)
+        size = 224 if long / short * 224 <= 384 else round(384 * short / long)
+        oh, ow = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        oh, ow = min(oh, 384), min(ow, 384)
+        np.testing.assert_array_equal(batch["size"][j], [oh, ow])
+        np.testing.assert_array_equal(batch["orig_size"][j], [h, w])
+        anns = [a["bbox"] for a in gt["annotations"] if a["image_id"] == image_id]
+        xywh = np.array(anns, np.float64)[:cfg.max_boxes]
+        sx, sy = ow / w, oh / h
+        expected = np.stack([(xywh[:, 0] + xywh[:, 2] / 2) * sx / ow,
+                             (xywh[:, 1] + xywh[:, 3] / 2) * sy / oh,
+                             xywh[:, 2] * sx / ow, xywh[:, 3] * sy / oh], -1)
+        v = batch["valid"][j]
+        assert v.sum() == len(expected)
+        np.testing.assert_allclose(batch["boxes"][j][v], expected, rtol=1e-5, atol=1e-6)
+  assert seen.count(-1) == 2
+  assert sorted(i for i in seen if i >= 0) == sorted(images)
+
+
+def test_unlabeled_weak_strong_views_and_box_mapping(cfg):
+  # The synthetic unlabeled split has no boxes: use the train json as the unlabeled role to
+  # check that the recorded matrices map weak-view boxes onto strong-view boxes.
+  c = cfg.copy_and_resolve_references()
+  paths = synthetic.dataset_paths(cfg.root)
+  c.source = "coco"
+  c.train_ann, c.train_images = paths["train"]["ann_file"], paths["train"]["image_dir"]
+  c.val_ann, c.val_images = paths["val"]["ann_file"], paths["val"]["image_dir"]
+  c.unlabeled_ann, c.unlabeled_images = c.train_ann, c.train_images
+  it = pipeline.build_unlabeled_iterator(c, seed=3)
+  compared = 0
+  for _ in range(3):
+    batch = next(it)
+    assert set(batch) == {"weak", "strong"}
+    weak, strong = batch["weak"], batch["strong"]
+    _check_view_batch(weak, c, 4, with_matrix=True)
+    _check_view_batch(strong, c, 4, with_matrix=True)
+    np.testing.assert_array_equal(weak["image_id"], strong["image_id"])
+    for k in range(4):
+      # When no box left the strong view, boxes correspond one to one.
+      if weak["valid"][k].sum() == strong["valid"][k].sum():
+        mapped = T.map_boxes_between_views(
+            weak["boxes"][k][weak["valid"][k]], weak["matrix"][k].astype(np.float64),
+            strong["matrix"][k].astype(np.float64), weak["size"][k].astype(np.float64),
+            strong["size"][k].astype(np.float64))
+        np.testing.assert_allclose(mapped, strong["boxes"][k][strong["valid"][k]], atol=1e-4)
+        compared += 1
+  assert compared >= 4
+  state = it.get_state()
+  nxt = next(it)
+  again = pipeline.build_unlabeled_iterator(c, seed=3, start_step=int(state["step"]))
+  np.testing.assert_array_equal(next(again)["strong"]["image"], nxt["strong"]["image"])
+  # The synthetic unlabeled split itself: images, no boxes.
+  plain = next(pipeline.build_unlabeled_iterator(cfg, seed=3))
+  assert not plain["weak"]["valid"].any() and plain["strong"]["pixel_mask"].any()
+
+
+def test_unknown_sizes_use_largest_bucket_and_bad_args(cfg):
+  class NoSizes:
+    def __init__(self, src):
+      self.src = src
+
+    def __len__(self):
+      return len(self.src)
+
+    def __getitem__(self, i):
+      return self.src[i]
+
+    def image_sizes(self):
+      return None
+
+  src = pipeline.get_source(cfg, "train")
+  batch = pipeline.make_train_batch_fn(NoSizes(src), cfg, seed=0)(0)
+  assert batch["image"].shape[1:3] == (384, 384)
+  reference = pipeline.make_train_batch_fn(src, cfg, seed=0)(0)
+  np.testing.assert_array_equal(batch["boxes"], reference["boxes"])
+  with pytest.raises(ValueError, match="not divisible by process_count 3"):
+    pipeline.make_train_batch_fn(src, cfg, seed=0, process_index=0, process_count=3)
+  bad = cfg.copy_and_resolve_references()
+  bad.source = "nope"
+  with pytest.raises(ValueError, match="config.data.source must be"):
+    pipeline.get_source(bad, "train")
