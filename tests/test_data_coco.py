@@ -120,6 +120,11 @@ def test_missing_annotations_allowed_only_for_unlabeled(tmp_path):
     coco.load_coco(path, img_dir)
   idx = coco.load_coco(path, img_dir, require_annotations=False)
   assert [b.shape for b in idx.boxes] == [(0, 4)] * 3
+  data.pop("categories")
+  path, img_dir = _write(tmp_path, data, name="unlabeled.json")
+  assert len(coco.load_coco(path, img_dir, require_annotations=False).category_ids) == 0
+  with pytest.raises(coco.CocoFormatError, match="'categories'"):
+    coco.load_coco(path, img_dir)
 
 
 def test_image_file_errors_and_mode_conversion(tmp_path):

@@ -117,7 +117,8 @@ def load_coco(ann_file, image_dir, *, require_annotations=True, check_files=True
     ann_file: path of the json (instances_*.json, a COCO-partial split, or
       image_info_unlabeled2017.json with require_annotations=False).
     image_dir: folder holding the images named by `file_name`.
-    require_annotations: if False, a missing "annotations" list means no boxes (unlabeled data).
+    require_annotations: if False, missing "annotations" / "categories" lists mean no boxes
+      (unlabeled data).
     check_files: check at load time that every image file exists.
 
   Returns:
@@ -130,16 +131,18 @@ def load_coco(ann_file, image_dir, *, require_annotations=True, check_files=True
   data = _read_json(ann_file)
   if not isinstance(data, dict):
     raise CocoFormatError(f"{ann_file}: top level must be an object, got {type(data).__name__}")
-  sections = ("images", "categories") + (("annotations",) if require_annotations else ())
+  # Unlabeled files (image_info_unlabeled2017.json) may lack annotations and categories.
+  sections = ("images",) + (("categories", "annotations") if require_annotations else ())
   for key in sections:
     if not isinstance(data.get(key), list):
       raise CocoFormatError(f"{ann_file}: missing or non-list top-level key '{key}'")
+  for key in ("categories", "annotations"):
+    if not isinstance(data.get(key, []), list):
+      raise CocoFormatError(f"{ann_file}: '{key}' must be a list")
   annotations = data.get("annotations", [])
-  if not isinstance(annotations, list):
-    raise CocoFormatError(f"{ann_file}: 'annotations' must be a list")
 
   categories = {}
-  for i, cat in enumerate(data["categories"]):
+  for i, cat in enumerate(data.get("categories", [])):
     name, (cid, cname) = _record(ann_file, "categories", i, cat, ("id", "name"), (int, str))
     if cid in categories:
       raise CocoFormatError(f"{name}: duplicate category id {cid}")

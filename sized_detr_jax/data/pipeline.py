@@ -247,7 +247,7 @@ def _empty_view_batch(b, bucket, max_boxes, with_matrix):
 def _fill_view(batch, k, example, geometry, pixels, max_boxes):
   """Writes one view (already geometrically transformed `pixels`) into slot k of `batch`."""
   h, w = geometry.size
-  batch["image"][k, :h, :w] = transforms.normalize_image(pixels)
+  transforms.normalize_image(pixels, out=batch["image"][k, :h, :w])
   batch["pixel_mask"][k, :h, :w] = True
   train_boxes = ~example["iscrowd"]  # crowd boxes are not training targets
   boxes, keep = transforms.transform_boxes(example["boxes"][train_boxes], geometry.matrix,
