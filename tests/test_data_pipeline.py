@@ -51,6 +51,8 @@ def _check_view_batch(batch, cfg, b, with_matrix=False):
 
 def test_buckets_and_dataset_info(cfg):
   assert pipeline.buckets_from_config(cfg) == [(256, 384), (384, 256), (384, 384)]
+  assert pipeline.buckets_from_config(pipeline.coco_data_config()) == [
+      (800, 1344), (1344, 800), (1344, 1344)]
   assert pipeline.choose_bucket([(256, 384), (384, 256), (384, 384)], [(200, 300), (250, 380)]
                                 ) == (256, 384)
   assert pipeline.choose_bucket([(256, 384), (384, 256), (384, 384)], [(200, 300), (300, 200)]

@@ -188,8 +188,9 @@ def dataset_info(data_cfg):
     gt_json = os.path.join(folder, f"{data_cfg.tfds_name.replace('/', '_')}-"
                                    f"{data_cfg.tfds_val_split}-gt.json")
     if not os.path.exists(gt_json):
-      val.write_gt_json(gt_json + ".tmp")
-      os.replace(gt_json + ".tmp", gt_json)
+      tmp = f"{gt_json}.{os.getpid()}.tmp"  # processes sharing a folder never collide
+      val.write_gt_json(tmp)
+      os.replace(tmp, gt_json)
   return dict(num_classes=len(train.category_ids), category_ids=train.category_ids,
               category_names=list(train.category_names), val_gt_json=gt_json,
               num_train=len(train), num_val=len(val), buckets=buckets_from_config(data_cfg))
@@ -202,7 +203,7 @@ def _rng(*key):
   return np.random.default_rng([int(k) for k in key])
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)  # ~2 epochs in flight per stream
 def _permutation(seed, stream, epoch, n):
   return _rng(seed, stream, epoch).permutation(n)
 
