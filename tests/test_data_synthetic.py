@@ -108,3 +108,23 @@ def test_cli(tmp_path, capsys):
   assert os.path.exists(os.path.join(out, "images", "train", "00000001.png"))
   assert synthetic.main(["--out", out, "--num-images", "0"]) == 1
   assert "num_images" in capsys.readouterr().err
+
+
+def test_colour_alone_identifies_the_class():
+  # Median hue of an object's drawn pixels falls in a per-class interval that no other class
+  # reaches, so appearance identifies the class (shape and texture add to it).
+  import colorsys
+  rng = np.random.default_rng(1)
+  hues = {}
+  for cat in (1, 2, 3, 4):
+    for _ in range(40):
+      canvas = Image.new("RGB", (60, 60), (0, 0, 0))
+      synthetic._draw_object(ImageDraw.Draw(canvas), rng, cat, (5, 5, 50, 45))
+      px = np.asarray(canvas).reshape(-1, 3) / 255.0
+      px = px[px.max(-1) > 0.1]
+      h = np.array([colorsys.rgb_to_hsv(*p)[0] for p in px[::7]])
+      h = np.median(np.where(h > 0.8, h - 1.0, h))  # red wraps around hue 0
+      hues.setdefault(cat, []).append(h)
+  ranges = sorted((min(v), max(v), c) for c, v in hues.items())
+  for (_, hi, c1), (lo, _, c2) in zip(ranges, ranges[1:]):
+    assert hi < lo, (c1, c2, ranges)
