@@ -149,11 +149,11 @@ def _matched_terms(logits, boxes, targets, matches, cfg, axis_name):
   num_queries = logits.shape[-2]
   gt_boxes, gt_labels = targets["boxes"], targets["labels"]
   pair_valid = targets["valid"] & (matches >= 0) & (matches < num_queries)  # [B, G]
-  # Unmatched columns point one past the last query so the scatter drops them.
-  query = jnp.where(pair_valid, matches, num_queries)
-  label = jnp.where(pair_valid, gt_labels, 0)
-  batch = jnp.arange(logits.shape[0])[:, None]
-  onehot = jnp.zeros(logits.shape, logits.dtype).at[batch, query, label].set(1.0, mode="drop")
+  # Label of the ground truth matched to each query, -1 if none (one_hot(-1) is all zeros).
+  # A comparison instead of a scatter keeps it sharding-friendly (batch-sharded explicit meshes).
+  assigned = pair_valid[:, None, :] & (matches[:, None, :] == jnp.arange(num_queries)[:, None])
+  query_label = jnp.sum(jnp.where(assigned, gt_labels[:, None, :] + 1, 0), axis=-1) - 1  # [B, Q]
+  onehot = jax.nn.one_hot(query_label, logits.shape[-1], dtype=logits.dtype)
   ce = losses.sigmoid_focal_loss(logits, onehot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
 
   src = jnp.take_along_axis(boxes, jnp.clip(matches, 0, num_queries - 1)[..., None], axis=1)
@@ -178,7 +178,7 @@ def _size_category(targets):
   size = targets["orig_size"] if "orig_size" in targets else targets["size"]
   size = size.astype(jnp.float32)
   area = targets["boxes"][..., 2] * targets["boxes"][..., 3] * (size[:, 0] * size[:, 1])[:, None]
-  return jnp.digitize(area, jnp.asarray(SIZE_THRESHOLDS))
+  return sum((area >= threshold).astype(jnp.int32) for threshold in SIZE_THRESHOLDS)
 
 
 def _size_metrics(box, giou, targets, matches, axis_name):
