@@ -34,7 +34,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
-    paths = synthetic.make_synthetic_dataset(tmp, args.num_images, 0, num_val=args.batch_size,
+    paths = synthetic.make_synthetic_dataset(tmp, args.num_images, 0, num_val=args.batch_size * (args.batches + 1),
                                              num_unlabeled=args.num_images,
                                              image_size_range=(400, 640))
     print(f"wrote {args.num_images} COCO-sized images in {time.perf_counter() - start:.1f}s "
@@ -50,13 +50,19 @@ def main(argv=None):
       train = _rate(pipeline.build_train_iterator(cfg, seed=0), args.batches, args.batch_size)
       unl = _rate(pipeline.build_unlabeled_iterator(cfg, seed=0), args.batches,
                   args.batch_size)
-      ev, _ = pipeline.build_eval_iterator(cfg)
-      start = time.perf_counter()
-      n = sum(b["image"].shape[0] for b in ev)
-      evr = n / (time.perf_counter() - start)
-      print(f"threads={threads}: train {train:.1f} img/s, unlabeled weak+strong {unl:.1f} "
-            f"img/s, eval {evr:.1f} img/s (batch {args.batch_size}, buckets "
+      evr = _rate(pipeline.build_eval_iterator(cfg)[0], args.batches, args.batch_size)
+      print(f"COCO scale, threads={threads}: train {train:.1f} img/s, unlabeled weak+strong "
+            f"{unl:.1f} img/s, eval {evr:.1f} img/s (batch {args.batch_size}, buckets "
             f"{pipeline.buckets_from_config(cfg)})")
+    # The default config: the synthetic dataset at its native ~160-256 px scale.
+    cfg = pipeline.default_data_config()
+    cfg.update(dict(root=os.path.join(tmp, "native"), synthetic_num_images=args.num_images,
+                    batch_size=args.batch_size, unlabeled_batch_size=args.batch_size,
+                    num_threads=max(args.threads)))
+    train = _rate(pipeline.build_train_iterator(cfg, seed=0), args.batches, args.batch_size)
+    unl = _rate(pipeline.build_unlabeled_iterator(cfg, seed=0), args.batches, args.batch_size)
+    print(f"default synthetic config, threads={max(args.threads)}: train {train:.1f} img/s, "
+          f"unlabeled weak+strong {unl:.1f} img/s (buckets {pipeline.buckets_from_config(cfg)})")
 
 
 if __name__ == "__main__":
