@@ -205,3 +205,23 @@ def test_unknown_sizes_use_largest_bucket_and_bad_args(cfg):
   bad.source = "nope"
   with pytest.raises(ValueError, match="config.data.source must be"):
     pipeline.get_source(bad, "train")
+
+
+def test_uint8_batches_normalised_on_device_match_host_path(cfg):
+  c = cfg.copy_and_resolve_references()
+  c.host_normalize = False
+  src = pipeline.get_source(cfg, "train")
+  raw = pipeline.make_train_batch_fn(src, c, seed=2)(1)
+  host = pipeline.make_train_batch_fn(src, cfg, seed=2)(1)
+  assert raw["image"].dtype == np.uint8
+  np.testing.assert_allclose(np.asarray(T.normalize_image_jax(raw["image"], raw["pixel_mask"])),
+                             host["image"], atol=1e-5)
+  np.testing.assert_array_equal(raw["boxes"], host["boxes"])
+
+
+def test_config_resolution():
+  partial = pipeline.resolve_data_config({"batch_size": 8, "scales": [480, 512]})
+  assert partial.batch_size == 8 and tuple(partial.scales) == (480, 512)
+  assert partial.max_boxes == pipeline.default_data_config().max_boxes
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['batchsize'\]"):
+    pipeline.resolve_data_config({"batchsize": 8})

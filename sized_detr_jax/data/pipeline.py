@@ -4,7 +4,8 @@ Batches (numpy, this process's share of the global batch; the trainer assembles 
 with `jax.make_array_from_process_local_data`):
 
   labeled / eval batch (design.md section 3):
-    image [b, H, W, 3] f32 ImageNet-normalised, zero in padding
+    image [b, H, W, 3] f32 ImageNet-normalised, zero in padding (uint8 RGB, zero in padding,
+      with config.data.host_normalize=False; normalise with transforms.normalize_image_jax)
     pixel_mask [b, H, W] bool, True on real pixels
     boxes [b, G, 4] f32 normalised (cx, cy, w, h) relative to the unpadded view
     labels [b, G] i32 contiguous, valid [b, G] bool (G = max_boxes; crowd boxes excluded)
@@ -67,6 +68,9 @@ def default_data_config():
       batch_size=4, unlabeled_batch_size=4, eval_batch_size=4, max_boxes=32,
       buckets=None,                # list of (h, w), or None to derive from the resize settings
       pad_multiple=32, num_threads=2, prefetch=4,
+      # False: `image` is uint8 (4x less host work and transfer); the trainer must apply
+      # transforms.normalize_image_jax inside its jitted step. True: f32 per the contract.
+      host_normalize=True,
       # augmentation (transforms.AugmentConfig fields)
       scales=(192, 208, 224, 240, 256), max_size=384, random_crop=True,
       crop_scales=(160, 192, 224), crop_size=(128, 224), hflip_prob=0.5,
@@ -84,6 +88,21 @@ def coco_data_config(**overrides):
                   eval_max_size=1333, max_boxes=100, batch_size=16, eval_batch_size=16))
   cfg.update(overrides)
   return cfg
+
+
+def resolve_data_config(data_cfg):
+  """config.data over default_data_config(): missing fields get defaults, unknown ones fail.
+
+  Raises:
+    ValueError: naming a field that default_data_config does not have (likely a typo).
+  """
+  resolved = default_data_config()
+  given = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
+  unknown = sorted(set(given) - set(resolved))
+  if unknown:
+    raise ValueError(f"config.data has unknown field(s) {unknown}; known: {sorted(resolved)}")
+  resolved.update(given)
+  return resolved
 
 
 def augment_config(data_cfg):
@@ -146,6 +165,7 @@ def get_source(data_cfg, role):
   Returns:
     a CocoSource / TfdsCocoSource, or None when the role is not configured.
   """
+  data_cfg = resolve_data_config(data_cfg)
   if role not in ("train", "val", "unlabeled"):
     raise ValueError(f"unknown data role {role!r}")
   kind = data_cfg.source
@@ -177,6 +197,7 @@ def dataset_info(data_cfg):
     dict: num_classes, category_ids (int64 [C], label -> COCO id), category_names,
     val_gt_json (COCO json for pycocotools), num_train, num_val, buckets.
   """
+  data_cfg = resolve_data_config(data_cfg)
   train, val = get_source(data_cfg, "train"), get_source(data_cfg, "val")
   if list(train.category_ids) != list(val.category_ids):
     raise ValueError("train and val sources have different category ids: "
@@ -233,9 +254,9 @@ def _targets(boxes_xyxy, labels, size, max_boxes):
   return out, lab, valid
 
 
-def _empty_view_batch(b, bucket, max_boxes, with_matrix):
+def _empty_view_batch(b, bucket, max_boxes, with_matrix, host_normalize=True):
   h, w = bucket
-  out = dict(image=np.zeros((b, h, w, 3), np.float32), pixel_mask=np.zeros((b, h, w), bool),
+  out = dict(image=np.zeros((b, h, w, 3), np.float32 if host_normalize else np.uint8), pixel_mask=np.zeros((b, h, w), bool),
              boxes=np.zeros((b, max_boxes, 4), np.float32),
              labels=np.zeros((b, max_boxes), np.int32), valid=np.zeros((b, max_boxes), bool),
              image_id=np.zeros((b,), np.int32), orig_size=np.zeros((b, 2), np.int32),
@@ -248,7 +269,10 @@ def _empty_view_batch(b, bucket, max_boxes, with_matrix):
 def _fill_view(batch, k, example, geometry, pixels, max_boxes):
   """Writes one view (already geometrically transformed `pixels`) into slot k of `batch`."""
   h, w = geometry.size
-  transforms.normalize_image(pixels, out=batch["image"][k, :h, :w])
+  if batch["image"].dtype == np.uint8:
+    batch["image"][k, :h, :w] = pixels
+  else:
+    transforms.normalize_image(pixels, out=batch["image"][k, :h, :w])
   batch["pixel_mask"][k, :h, :w] = True
   train_boxes = ~example["iscrowd"]  # crowd boxes are not training targets
   boxes, keep = transforms.transform_boxes(example["boxes"][train_boxes], geometry.matrix,
@@ -285,6 +309,7 @@ class _Stream:
 
 def make_train_batch_fn(source, data_cfg, *, seed, process_index=0, process_count=1):
   """step -> this process's labeled training batch (DINO augmentation, shuffled epochs)."""
+  data_cfg = resolve_data_config(data_cfg)
   stream = _Stream(source, data_cfg.batch_size, process_index, process_count)
   aug, buckets, n = augment_config(data_cfg), buckets_from_config(data_cfg), len(source)
 
@@ -298,7 +323,8 @@ def make_train_batch_fn(source, data_cfg, *, seed, process_index=0, process_coun
     if stream.sizes is not None:
       view_sizes = [plan(step, j, stream.sizes[i]).size for j, i in enumerate(indices)]
     batch = _empty_view_batch(stream.local_batch, choose_bucket(buckets, view_sizes),
-                              data_cfg.max_boxes, with_matrix=False)
+                              data_cfg.max_boxes, with_matrix=False,
+                              host_normalize=data_cfg.host_normalize)
     for k, slot in enumerate(stream.local_slots()):
       example = source[indices[slot]]
       geometry = plan(step, slot, example["image"].shape[:2])
@@ -314,6 +340,7 @@ def make_train_batch_fn(source, data_cfg, *, seed, process_index=0, process_coun
 
 def make_unlabeled_batch_fn(source, data_cfg, *, seed, process_index=0, process_count=1):
   """step -> this process's unlabeled batch: {"weak": view batch, "strong": view batch}."""
+  data_cfg = resolve_data_config(data_cfg)
   stream = _Stream(source, data_cfg.unlabeled_batch_size, process_index, process_count)
   aug, buckets, n = augment_config(data_cfg), buckets_from_config(data_cfg), len(source)
 
@@ -331,7 +358,8 @@ def make_unlabeled_batch_fn(source, data_cfg, *, seed, process_index=0, process_
       bucket = {name: choose_bucket(buckets, [p[v].size for p in planned])
                 for v, name in enumerate(("weak", "strong"))}
     batch = {name: _empty_view_batch(stream.local_batch, b or buckets[-1], data_cfg.max_boxes,
-                                     with_matrix=True) for name, b in bucket.items()}
+                                     with_matrix=True, host_normalize=data_cfg.host_normalize)
+             for name, b in bucket.items()}
     for k, slot in enumerate(stream.local_slots()):
       example = source[indices[slot]]
       weak, strong = plans(step, slot, example["image"].shape[:2])
@@ -349,6 +377,7 @@ def make_unlabeled_batch_fn(source, data_cfg, *, seed, process_index=0, process_
 def make_eval_batch_fn(source, data_cfg, *, process_index=0, process_count=1):
   """step -> this process's eval batch; positions past the end repeat early examples with
   image_id -1 (so shapes stay static and no image is fully padded)."""
+  data_cfg = resolve_data_config(data_cfg)
   stream = _Stream(source, data_cfg.eval_batch_size, process_index, process_count)
   aug, buckets, n = augment_config(data_cfg), buckets_from_config(data_cfg), len(source)
 
@@ -359,7 +388,8 @@ def make_eval_batch_fn(source, data_cfg, *, process_index=0, process_count=1):
     if stream.sizes is not None:
       view_sizes = [transforms.plan_eval_view(*stream.sizes[i], aug).size for i in indices]
     batch = _empty_view_batch(stream.local_batch, choose_bucket(buckets, view_sizes),
-                              data_cfg.max_boxes, with_matrix=False)
+                              data_cfg.max_boxes, with_matrix=False,
+                              host_normalize=data_cfg.host_normalize)
     for k, slot in enumerate(stream.local_slots()):
       example = source[indices[slot]]
       geometry = transforms.plan_eval_view(*example["image"].shape[:2], aug)
@@ -417,6 +447,7 @@ class BatchIterator:
 
 def build_train_iterator(data_cfg, *, seed, process_index=0, process_count=1, start_step=0):
   """Endless labeled training iterator of this process's batches, starting at `start_step`."""
+  data_cfg = resolve_data_config(data_cfg)
   fn = make_train_batch_fn(get_source(data_cfg, "train"), data_cfg, seed=seed,
                            process_index=process_index, process_count=process_count)
   return BatchIterator(fn, start_step=start_step, num_threads=data_cfg.num_threads,
@@ -426,6 +457,7 @@ def build_train_iterator(data_cfg, *, seed, process_index=0, process_count=1, st
 def build_unlabeled_iterator(data_cfg, *, seed, process_index=0, process_count=1,
                              start_step=0):
   """Endless weak/strong unlabeled iterator, or None if no unlabeled source is configured."""
+  data_cfg = resolve_data_config(data_cfg)
   source = get_source(data_cfg, "unlabeled")
   if source is None:
     return None
@@ -441,6 +473,7 @@ def build_eval_iterator(data_cfg, *, process_index=0, process_count=1):
   Returns:
     (iterator, val_gt_json): predictions for image_id -1 must be discarded.
   """
+  data_cfg = resolve_data_config(data_cfg)
   source = get_source(data_cfg, "val")
   fn = make_eval_batch_fn(source, data_cfg, process_index=process_index,
                           process_count=process_count)

@@ -372,3 +372,18 @@ def normalize_image(image, out=None):
     return tmp
   out[...] = tmp
   return out
+
+
+def normalize_image_jax(image, pixel_mask):
+  """On-device normalisation of a uint8 batch (config.data.host_normalize=False).
+
+  Args:
+    image: uint8 [B, H, W, 3] RGB, padded.
+    pixel_mask: bool [B, H, W], True on real pixels.
+
+  Returns:
+    float32 [B, H, W, 3], equal to the host path: normalised, zero in padding.
+  """
+  import jax.numpy as jnp  # host-side users of this module need no jax
+  out = image.astype(jnp.float32) * _NORM_SCALE - _NORM_OFFSET
+  return jnp.where(pixel_mask[..., None], out, 0.0)
