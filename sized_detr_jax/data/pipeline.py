@@ -274,7 +274,8 @@ def _fill_view(batch, k, example, geometry, pixels, max_boxes):
   else:
     transforms.normalize_image(pixels, out=batch["image"][k, :h, :w])
   batch["pixel_mask"][k, :h, :w] = True
-  train_boxes = ~example["iscrowd"]  # crowd boxes are not training targets
+  # Crowd boxes are not training targets, as DINO's datasets/coco.py ConvertCocoPolysToMask.
+  train_boxes = ~example["iscrowd"]
   boxes, keep = transforms.transform_boxes(example["boxes"][train_boxes], geometry.matrix,
                                            geometry.size)
   batch["boxes"][k], batch["labels"][k], batch["valid"][k] = _targets(
