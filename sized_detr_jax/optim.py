@@ -4,13 +4,13 @@ DINO (IDEA-Research/DINO main.py, `param_dict_type='default'`) trains three grou
 at `lr_backbone` (lr x 0.1), the deformable attention `sampling_offsets` and `reference_points`
 projections at lr x `lr_linear_proj_mult` (0.1), and the rest at lr; weight decay 1e-4 on all of
 them (norms and biases included); global-norm clipping at 0.1; lr x 0.1 at the drop step(s).
-Frozen parameters (ResNet stem and layer1) get a multiplier of 0: no update, no decay.
+Frozen parameters (ResNet stem, layer1, frozen BatchNorm) have their gradients zeroed before
+clipping (so they do not count in the norm, like PyTorch's requires_grad=False) and a
+multiplier of 0: no update, no decay. Groups come from the model (`dino.param_labels`).
 
 A multiplier on the final AdamW update scales the Adam term and the decoupled weight decay
 together, which is exactly PyTorch's per-group lr in AdamW.
 """
-import re
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -29,28 +29,32 @@ def lr_schedule(opt_config):
   return schedule
 
 
-def _path_str(path):
-  return "/".join(str(p) for p in path)
+GROUPS = ("frozen", "backbone", "linear_proj", "default")
 
 
-def param_lr_multipliers(params, opt_config):
-  """Per-leaf lr multiplier tree (same structure as params): first matching rule wins.
+def param_lr_multipliers(labels, opt_config):
+  """Per-leaf lr multiplier tree from a tree of group labels (e.g. `dino.param_labels`).
 
-  Rules, from `opt_config`: `frozen_patterns` (regexes on the '/'-joined param path) -> 0;
-  `backbone_patterns` -> `lr_backbone_mult`; `linear_proj_patterns` -> `lr_linear_proj_mult`;
-  anything else -> 1.
+  frozen -> 0, backbone -> `lr_backbone_mult` (0.1), linear_proj -> `lr_linear_proj_mult`
+  (0.1), default -> 1.
   """
-  rules = [(p, 0.0) for p in opt_config.get("frozen_patterns", ())]
-  rules += [(p, float(opt_config.get("lr_backbone_mult", 0.1)))
-            for p in opt_config.get("backbone_patterns", ("backbone",))]
-  rules += [(p, float(opt_config.get("lr_linear_proj_mult", 0.1)))
-            for p in opt_config.get("linear_proj_patterns", ("sampling_offsets", "reference_points"))]
-  flat = traverse_util.flatten_dict(params)
-  out = {}
-  for path in flat:
-    name = _path_str(path)
-    out[path] = next((m for pattern, m in rules if re.search(pattern, name)), 1.0)
-  return traverse_util.unflatten_dict(out)
+  mult = {"frozen": 0.0, "backbone": float(opt_config.get("lr_backbone_mult", 0.1)),
+          "linear_proj": float(opt_config.get("lr_linear_proj_mult", 0.1)), "default": 1.0}
+  def lookup(label):
+    if label not in mult:
+      raise ValueError(f"unknown parameter group {label!r}; known: {GROUPS}")
+    return mult[label]
+  return jax.tree.map(lookup, labels)
+
+
+def zero_frozen(labels):
+  """GradientTransformation zeroing the updates of "frozen" leaves (before clipping, so frozen
+  gradients do not count in the global norm, as PyTorch's requires_grad=False params)."""
+  keep = jax.tree.map(lambda label: label != "frozen", labels)
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), updates, keep), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
 def _decay_mask(params, opt_config):
@@ -70,24 +74,26 @@ def scale_by_tree(multipliers):
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(params, opt_config):
-  """optax chain: clip global norm -> AdamW(schedule) -> per-group lr multipliers.
+def make_optimizer(params, labels, opt_config):
+  """optax chain: zero frozen -> clip global norm -> AdamW(schedule) -> group lr multipliers.
 
   Args:
-    params: the params pytree (only its structure and leaf paths/ndims are read).
+    params: the params pytree (only its structure and leaf ndims are read; abstract is fine).
+    labels: pytree like params of group names (`GROUPS`), e.g. from `dino.param_labels`.
     opt_config: ConfigDict with lr, weight_decay, clip_norm, betas (optional), lr_drop_steps,
-      lr_drop_factor, warmup_steps, group patterns/multipliers (see `param_lr_multipliers`).
+      lr_drop_factor, warmup_steps, lr_backbone_mult, lr_linear_proj_mult,
+      decay_norm_and_bias.
 
   Returns:
     (tx, schedule).
   """
   schedule = lr_schedule(opt_config)
   b1, b2 = opt_config.get("betas", (0.9, 0.999))
-  chain = []
+  chain = [zero_frozen(labels)]
   if opt_config.get("clip_norm", 0.1):
     chain.append(optax.clip_by_global_norm(float(opt_config.clip_norm)))
   chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=1e-8,
                            weight_decay=float(opt_config.get("weight_decay", 1e-4)),
                            mask=_decay_mask(params, opt_config)))
-  chain.append(scale_by_tree(param_lr_multipliers(params, opt_config)))
+  chain.append(scale_by_tree(param_lr_multipliers(labels, opt_config)))
   return optax.chain(*chain), schedule

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from sized_detr_jax import checkpointing
@@ -16,8 +17,7 @@ from sized_detr_jax import optim
 def _opt_config(**kw):
   c = ml_collections.ConfigDict(dict(
       lr=1e-2, weight_decay=1e-1, clip_norm=0.0, lr_drop_steps=(2,), lr_drop_factor=0.1,
-      lr_backbone_mult=0.1, lr_linear_proj_mult=0.5, backbone_patterns=("backbone",),
-      linear_proj_patterns=("sampling_offsets",), frozen_patterns=("backbone/stem",)))
+      lr_backbone_mult=0.1, lr_linear_proj_mult=0.5))
   c.update(kw)
   return c
 
@@ -43,11 +43,17 @@ def _np_adamw(p, grads, lr_at, mult, wd, steps, b1=0.9, b2=0.999, eps=1e-8):
   return p
 
 
+def _labels(params):
+  return {"backbone": {"stem": {"kernel": "frozen"}, "layer2": {"kernel": "backbone"}},
+          "decoder": {"sampling_offsets": {"kernel": "linear_proj", "bias": "linear_proj"},
+                      "head": {"kernel": "default"}}}
+
+
 def test_param_groups_match_numpy_adamw():
   params = _params()
   cfg = _opt_config()
-  tx, schedule = optim.make_optimizer(params, cfg)
-  mult = optim.param_lr_multipliers(params, cfg)
+  tx, schedule = optim.make_optimizer(params, _labels(params), cfg)
+  mult = optim.param_lr_multipliers(_labels(params), cfg)
   assert mult["backbone"]["stem"]["kernel"] == 0.0
   assert mult["backbone"]["layer2"]["kernel"] == 0.1
   assert mult["decoder"]["sampling_offsets"]["bias"] == 0.5
@@ -70,11 +76,21 @@ def test_param_groups_match_numpy_adamw():
 
 def test_clip_and_warmup():
   params = _params()
-  tx, schedule = optim.make_optimizer(params, _opt_config(clip_norm=0.1, warmup_steps=4))
+  tx, schedule = optim.make_optimizer(params, _labels(params), _opt_config(clip_norm=0.1, warmup_steps=4))
   assert float(schedule(0)) == 0.0 and float(schedule(2)) == pytest.approx(5e-3)
   huge = jax.tree.map(lambda x: 1e6 * jnp.ones_like(x), params)
   updates, _ = tx.update(huge, tx.init(params), params)
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+  # Frozen gradients are zeroed before clipping: they do not enter the clipped norm.
+  clip_only = optax.chain(optim.zero_frozen(_labels(params)), optax.clip_by_global_norm(1.0))
+  grads = jax.tree.map(jnp.ones_like, params)
+  grads["backbone"]["stem"]["kernel"] = 1e6 * grads["backbone"]["stem"]["kernel"]
+  clipped, _ = clip_only.update(grads, clip_only.init(params), params)
+  n_trainable = sum(x.size for x in jax.tree.leaves(params)) - 6
+  np.testing.assert_allclose(clipped["decoder"]["head"]["kernel"], 1 / np.sqrt(n_trainable), rtol=1e-5)
+  assert np.all(clipped["backbone"]["stem"]["kernel"] == 0)
+  with pytest.raises(ValueError, match="unknown parameter group 'oops'"):
+    optim.param_lr_multipliers({"a": "oops"}, _opt_config())
 
 
 def test_checkpoint_resume_and_corrupt_fallback(tmp_path):
