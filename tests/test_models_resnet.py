@@ -5,22 +5,9 @@ import numpy as np
 import pytest
 
 from sized_detr_jax.models import resnet
+from sized_detr_jax.models.testing import random_params
 
 TINY = dict(blocks=(1, 1, 1, 1), width=8)
-
-
-def random_params(shapes, seed=0):
-  """Fills an eval_shape params tree from numpy (an initialiser compile costs ~10 s on CPU)."""
-  rng = np.random.default_rng(seed)
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == "var":
-      return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), jnp.float32)
-    if name == "scale":
-      return jnp.asarray(1 + 0.1 * rng.normal(size=leaf.shape), jnp.float32)
-    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 100
-    return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), jnp.float32)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,415 @@
+"""DINO's deformable transformer: deformable encoder, mixed query selection, refining decoder.
+
+Follows IDEA-Research/DINO `models/dino/deformable_transformer.py` (DeformableTransformer with
+two_stage_type="standard", embed_init_tgt=True, decoder_sa_type="sa") and
+`models/dino/utils.py gen_encoder_output_proposals`, with the shared box/class heads of
+`models/dino/dino.py` owned here so the decoder can refine boxes with them:
+
+* encoder: `enc_layers` x (MSDA self-attention over all levels, FFN), post-norm;
+* mixed query selection: per-token proposals (grid centre, w = h = 0.05 * 2^level), the top-Q
+  tokens by the encoder head's max class logit give the *positional* queries (anchor boxes,
+  detached); the *content* queries are the learned `tgt_embed`;
+* decoder: `dec_layers` x (self-attention, MSDA cross-attention, FFN); after each layer the
+  shared box MLP refines the reference box (detached for the next layer), and the box reported
+  for layer i is `sigmoid(box_mlp(norm(h_i)) + inverse_sigmoid(ref_i))` with `ref_i` the
+  *undetached* refinement of layer i-1 (look-forward-twice).
+
+Masks are True on real pixels/tokens. All boxes are normalised cxcywh; reference boxes passed to
+MSDA are scaled by the valid ratios (normalised to the padded map) as in DINO.
+"""
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sized_detr_jax.models.layers import MLP, inverse_sigmoid
+from sized_detr_jax.models.msda import multi_scale_deformable_attention
+from sized_detr_jax.models.position_encoding import sine_embedding_of_boxes
+
+_xavier = nn.initializers.xavier_uniform()
+# Masked attention logits: finite so a (never expected) fully blocked row stays NaN-free.
+_BLOCKED = -1e9
+PROPOSAL_WH = 0.05  # DINO two_stage_default_hw
+
+
+def _dense(features, name, dtype, kernel_init=_xavier, bias_init=nn.initializers.zeros):
+  return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+                  param_dtype=jnp.float32, name=name)
+
+
+def _layer_norm(name, dtype):
+  # PyTorch LayerNorm eps.
+  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _sampling_offset_bias(n_heads, n_levels, n_points):
+  """Deformable-DETR's offset bias: head h points along angle 2*pi*h/heads, point k at k+1."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    thetas = np.arange(n_heads) * (2.0 * math.pi / n_heads)
+    grid = np.stack([np.cos(thetas), np.sin(thetas)], -1)
+    grid = grid / np.abs(grid).max(-1, keepdims=True)
+    grid = np.tile(grid[:, None, None, :], (1, n_levels, n_points, 1))
+    grid = grid * np.arange(1, n_points + 1)[None, None, :, None]
+    return jnp.asarray(grid.reshape(shape), dtype)
+  return init
+
+
+class MSDeformAttn(nn.Module):
+  """Multi-scale deformable attention module (Deformable-DETR `MSDeformAttn`).
+
+  Attributes:
+    d_model, n_levels, n_heads, n_points: as in Deformable-DETR.
+    dtype: compute dtype; sampling locations are computed in float32.
+    implementation: `msda.IMPLEMENTATIONS` key of the sampling kernel.
+  """
+  d_model: int = 256
+  n_levels: int = 4
+  n_heads: int = 8
+  n_points: int = 4
+  dtype: Any = jnp.float32
+  implementation: str = "gather"
+
+  @nn.compact
+  def __call__(self, query, reference_points, value_input, spatial_shapes, value_mask):
+    """Attends from queries to the multi-scale value maps.
+
+    Args:
+      query: [B, Q, C] queries (with positional embedding added).
+      reference_points: [B, Q, L, 2] normalised (x, y) or [B, Q, L, 4] normalised cxcywh
+        boxes, relative to each padded level map (already times the valid ratios).
+      value_input: [B, S, C] flattened multi-level features.
+      spatial_shapes: static tuple of (H_l, W_l).
+      value_mask: [B, S] bool, True on real tokens (padding tokens get value 0).
+
+    Returns:
+      [B, Q, C].
+    """
+    b, q, _ = query.shape
+    h, l, p = self.n_heads, self.n_levels, self.n_points
+    if self.d_model % h:
+      raise ValueError(f"MSDeformAttn: d_model {self.d_model} not divisible by heads {h}")
+    value = _dense(self.d_model, "value_proj", self.dtype)(value_input)
+    value = jnp.where(value_mask[..., None], value, 0).astype(self.dtype)
+    value = value.reshape(b, -1, h, self.d_model // h)
+    offsets = _dense(h * l * p * 2, "sampling_offsets", self.dtype,
+                     kernel_init=nn.initializers.zeros,
+                     bias_init=_sampling_offset_bias(h, l, p))(query)
+    offsets = offsets.reshape(b, q, h, l, p, 2).astype(jnp.float32)
+    weights = _dense(h * l * p, "attention_weights", self.dtype,
+                     kernel_init=nn.initializers.zeros)(query)
+    weights = jax.nn.softmax(weights.reshape(b, q, h, l * p).astype(jnp.float32), axis=-1)
+    weights = weights.reshape(b, q, h, l, p)
+    ref = reference_points.astype(jnp.float32)[:, :, None, :, None, :]  # [B, Q, 1, L, 1, 2|4]
+    if reference_points.shape[-1] == 2:
+      normaliser = jnp.asarray([(w, hh) for hh, w in spatial_shapes], jnp.float32)  # (W, H)
+      locations = ref + offsets / normaliser[None, None, None, :, None, :]
+    elif reference_points.shape[-1] == 4:
+      locations = ref[..., :2] + offsets / p * ref[..., 2:] * 0.5
+    else:
+      raise ValueError(f"MSDeformAttn: reference_points last dim must be 2 or 4, got "
+                       f"{reference_points.shape}")
+    out = multi_scale_deformable_attention(value, spatial_shapes, locations,
+                                           weights.astype(self.dtype),
+                                           implementation=self.implementation)
+    return _dense(self.d_model, "output_proj", self.dtype)(out.astype(self.dtype))
+
+
+class SelfAttention(nn.Module):
+  """`torch.nn.MultiheadAttention` with packed q/k/v projection (query = key, value separate).
+
+  The packed kernel [C, 3C] is Xavier-initialised as one matrix, as PyTorch does.
+  """
+  d_model: int
+  n_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_key, value, blocked=None):
+    """Args: query_key/value [B, T, C]; blocked: optional [B, T, T] bool (True = blocked)."""
+    b, t, c = value.shape
+    h = self.n_heads
+    kernel = self.param("in_proj_kernel", _xavier, (c, 3 * c), jnp.float32).astype(self.dtype)
+    bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * c,), jnp.float32)
+    bias = bias.astype(self.dtype)
+    qk = query_key.astype(self.dtype)
+    split = lambda x: x.reshape(b, t, h, c // h)
+    q = split(qk @ kernel[:, :c] + bias[:c]) / math.sqrt(c // h)
+    k = split(qk @ kernel[:, c:2 * c] + bias[c:2 * c])
+    v = split(value.astype(self.dtype) @ kernel[:, 2 * c:] + bias[2 * c:])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if blocked is not None:
+      logits = jnp.where(blocked[:, None], _BLOCKED, logits)
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, c)
+    return _dense(c, "out_proj", self.dtype)(out)
+
+
+def _ffn(x, d_model, dim_feedforward, norm_name, dtype):
+  """Post-norm FFN block; its Dense/LayerNorm land directly in the calling layer's scope
+  (linear1, linear2, norm<k>), matching the PyTorch parameter names."""
+  y = _dense(dim_feedforward, "linear1", dtype)(x)
+  y = _dense(d_model, "linear2", dtype)(nn.relu(y))
+  return _layer_norm(norm_name, dtype)(x + y)
+
+
+class EncoderLayer(nn.Module):
+  """Post-norm deformable encoder layer (DINO DeformableTransformerEncoderLayer)."""
+  d_model: int
+  dim_feedforward: int
+  n_levels: int
+  n_heads: int
+  n_points: int
+  dtype: Any = jnp.float32
+  msda_implementation: str = "gather"
+
+  @nn.compact
+  def __call__(self, src, pos, reference_points, spatial_shapes, mask):
+    attn = MSDeformAttn(self.d_model, self.n_levels, self.n_heads, self.n_points, self.dtype,
+                        self.msda_implementation, name="self_attn")
+    src = _layer_norm("norm1", self.dtype)(
+        src + attn(src + pos, reference_points, src, spatial_shapes, mask))
+    return _ffn(src, self.d_model, self.dim_feedforward, "norm2", self.dtype)
+
+
+class DecoderLayer(nn.Module):
+  """DINO DeformableTransformerDecoderLayer, module_seq = (self-attn, cross-attn, FFN)."""
+  d_model: int
+  dim_feedforward: int
+  n_levels: int
+  n_heads: int
+  n_points: int
+  dtype: Any = jnp.float32
+  msda_implementation: str = "gather"
+
+  @nn.compact
+  def __call__(self, tgt, query_pos, reference_points, memory, spatial_shapes, memory_mask,
+               self_attn_blocked):
+    q = tgt + query_pos
+    tgt = _layer_norm("norm2", self.dtype)(
+        tgt + SelfAttention(self.d_model, self.n_heads, self.dtype, name="self_attn")(
+            q, tgt, self_attn_blocked))
+    cross = MSDeformAttn(self.d_model, self.n_levels, self.n_heads, self.n_points, self.dtype,
+                         self.msda_implementation, name="cross_attn")
+    tgt = _layer_norm("norm1", self.dtype)(
+        tgt + cross(tgt + query_pos, reference_points, memory, spatial_shapes, memory_mask))
+    return _ffn(tgt, self.d_model, self.dim_feedforward, "norm3", self.dtype)
+
+
+def valid_ratios(masks):
+  """[B, L, 2] (w, h) fraction of real columns/rows per level (DINO get_valid_ratio).
+
+  Args:
+    masks: list of [B, H_l, W_l] bool, True on real pixels.
+  """
+  ratios = []
+  for m in masks:
+    _, h, w = m.shape
+    valid_h = jnp.sum(m[:, :, 0], axis=1).astype(jnp.float32)
+    valid_w = jnp.sum(m[:, 0, :], axis=1).astype(jnp.float32)
+    ratios.append(jnp.stack([valid_w / w, valid_h / h], axis=-1))
+  return jnp.stack(ratios, axis=1)
+
+
+def encoder_reference_points(spatial_shapes, ratios):
+  """Token centres, normalised to the real image, then scaled per level by the valid ratios.
+
+  Args:
+    spatial_shapes: static tuple of (H_l, W_l).
+    ratios: [B, L, 2] valid ratios (w, h).
+
+  Returns:
+    [B, S, L, 2] (x, y) reference points for each token at each level.
+  """
+  points = []
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    ref_y = jnp.asarray(ys.reshape(-1))[None] / (ratios[:, None, lvl, 1] * h)
+    ref_x = jnp.asarray(xs.reshape(-1))[None] / (ratios[:, None, lvl, 0] * w)
+    points.append(jnp.stack([ref_x, ref_y], axis=-1))
+  points = jnp.concatenate(points, axis=1)  # [B, S, 2]
+  return points[:, :, None] * ratios[:, None]
+
+
+def encoder_proposals(token_mask, spatial_shapes):
+  """One anchor box per encoder token (DINO gen_encoder_output_proposals).
+
+  Centre ((j + 0.5) / valid_W, (i + 0.5) / valid_H) relative to the real image, w = h =
+  0.05 * 2^level. A proposal is usable only if every coordinate is in (0.01, 0.99) and its
+  token is real.
+
+  Args:
+    token_mask: [B, S] bool, True on real tokens.
+    spatial_shapes: static tuple of (H_l, W_l).
+
+  Returns:
+    (proposals_unsigmoid [B, S, 4] float32 with +inf where unusable, usable [B, S] bool).
+  """
+  b = token_mask.shape[0]
+  proposals = []
+  start = 0
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    m = token_mask[:, start:start + h * w].reshape(b, h, w)
+    start += h * w
+    valid_h = jnp.sum(m[:, :, 0], axis=1).astype(jnp.float32)
+    valid_w = jnp.sum(m[:, 0, :], axis=1).astype(jnp.float32)
+    ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    cx = jnp.asarray(xs.reshape(-1))[None] / jnp.maximum(valid_w, 1)[:, None]
+    cy = jnp.asarray(ys.reshape(-1))[None] / jnp.maximum(valid_h, 1)[:, None]
+    wh = jnp.full_like(cx, PROPOSAL_WH * 2.0 ** lvl)
+    proposals.append(jnp.stack([cx, cy, wh, wh], axis=-1))
+  proposals = jnp.concatenate(proposals, axis=1)
+  usable = jnp.all((proposals > 0.01) & (proposals < 0.99), axis=-1) & token_mask
+  safe = jnp.clip(proposals, 0.01, 0.99)  # keeps the log finite where the result is replaced
+  unsig = jnp.log(safe / (1 - safe))
+  return jnp.where(usable[..., None], unsig, jnp.inf), usable
+
+
+class DeformableTransformer(nn.Module):
+  """Encoder, mixed query selection, decoder and the (shared) prediction heads.
+
+  Attributes:
+    num_classes: C.
+    d_model, n_heads, dim_feedforward: transformer sizes.
+    num_queries: Q matching queries (top-Q encoder proposals).
+    enc_layers, dec_layers: depths.
+    n_levels: number of feature levels.
+    enc_n_points, dec_n_points: MSDA points per level and head.
+    padding_invariant: query positional embedding from the reference box relative to the real
+      image instead of DINO's box times the level-0 valid ratio (which depends on padding).
+    dtype: compute dtype (boxes and logits come back float32).
+    msda_implementation: sampling kernel name.
+  """
+  num_classes: int = 91
+  d_model: int = 256
+  n_heads: int = 8
+  dim_feedforward: int = 2048
+  num_queries: int = 900
+  enc_layers: int = 6
+  dec_layers: int = 6
+  n_levels: int = 4
+  enc_n_points: int = 4
+  dec_n_points: int = 4
+  padding_invariant: bool = False
+  dtype: Any = jnp.float32
+  msda_implementation: str = "gather"
+
+  def setup(self):
+    dt = self.dtype
+    prior_bias = -math.log((1 - 0.01) / 0.01)
+    self.level_embed = self.param("level_embed", nn.initializers.normal(1.0),
+                                  (self.n_levels, self.d_model), jnp.float32)
+    self.encoder_layers = [
+        EncoderLayer(self.d_model, self.dim_feedforward, self.n_levels, self.n_heads,
+                     self.enc_n_points, dt, self.msda_implementation,
+                     name=f"encoder_layers_{i}") for i in range(self.enc_layers)]
+    self.enc_output = _dense(self.d_model, "enc_output", dt)
+    self.enc_output_norm = _layer_norm("enc_output_norm", dt)
+    self.enc_out_class_embed = _dense(self.num_classes, "enc_out_class_embed", dt,
+                                      bias_init=nn.initializers.constant(prior_bias))
+    self.enc_out_bbox_embed = MLP(self.d_model, 4, 3, last_zero_init=True, dtype=dt,
+                                  name="enc_out_bbox_embed")
+    self.tgt_embed = self.param("tgt_embed", _xavier, (self.num_queries, self.d_model),
+                                jnp.float32)
+    self.decoder_layers = [
+        DecoderLayer(self.d_model, self.dim_feedforward, self.n_levels, self.n_heads,
+                     self.dec_n_points, dt, self.msda_implementation,
+                     name=f"decoder_layers_{i}") for i in range(self.dec_layers)]
+    self.decoder_norm = _layer_norm("decoder_norm", dt)
+    self.ref_point_head = MLP(self.d_model, self.d_model, 2, dtype=dt, name="ref_point_head")
+    # One class Linear and one box MLP shared by all decoder layers (dec_pred_*_embed_share).
+    self.class_embed = _dense(self.num_classes, "class_embed", dt,
+                              bias_init=nn.initializers.constant(prior_bias))
+    self.bbox_embed = MLP(self.d_model, 4, 3, last_zero_init=True, dtype=dt, name="bbox_embed")
+
+  def _box(self, hidden, reference):
+    """sigmoid(box_mlp(hidden) + inverse_sigmoid(reference)), float32 [.., 4]."""
+    return jax.nn.sigmoid(self.bbox_embed(hidden).astype(jnp.float32) + inverse_sigmoid(reference))
+
+  def __call__(self, srcs, masks, pos_embeds, dn_content=None, dn_reference=None,
+               self_attn_blocked=None):
+    """Runs encoder, query selection and decoder.
+
+    Args:
+      srcs: list of L maps [B, H_l, W_l, C] (projected features).
+      masks: list of L [B, H_l, W_l] bool, True on real pixels.
+      pos_embeds: list of L [B, H_l, W_l, C] sine position embeddings.
+      dn_content: optional [B, D, C] denoising content queries (placed before the matching
+        queries).
+      dn_reference: optional [B, D, 4] denoising reference boxes, unsigmoided cxcywh.
+      self_attn_blocked: optional [B, D + Q, D + Q] bool decoder self-attention mask.
+
+    Returns:
+      dict with `logits` [n_dec, B, D + Q, C] and `boxes` [n_dec, B, D + Q, 4] (normalised
+      cxcywh) for every decoder layer, and `interm_logits` [B, Q, C], `interm_boxes` [B, Q, 4]
+      for the selected encoder proposals. All float32.
+    """
+    if len(srcs) != self.n_levels:
+      raise ValueError(f"DeformableTransformer: got {len(srcs)} levels, expected "
+                       f"{self.n_levels}")
+    b = srcs[0].shape[0]
+    spatial_shapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in srcs)
+    num_tokens = sum(h * w for h, w in spatial_shapes)
+    if self.num_queries > num_tokens:
+      raise ValueError(f"DeformableTransformer: num_queries {self.num_queries} > encoder "
+                       f"tokens {num_tokens} (image too small for the config)")
+    flat = lambda x: x.reshape(b, -1, x.shape[-1])
+    src = jnp.concatenate([flat(s) for s in srcs], axis=1).astype(self.dtype)  # [B, S, C]
+    token_mask = jnp.concatenate([m.reshape(b, -1) for m in masks], axis=1)  # [B, S]
+    pos = jnp.concatenate([flat(p) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)],
+                          axis=1).astype(self.dtype)
+    ratios = valid_ratios(masks)  # [B, L, 2]
+
+    # Encoder.
+    ref_enc = encoder_reference_points(spatial_shapes, ratios)
+    memory = src
+    for layer in self.encoder_layers:
+      memory = layer(memory, pos, ref_enc, spatial_shapes, token_mask)
+
+    # Mixed query selection (two_stage_type "standard").
+    proposals, usable = encoder_proposals(token_mask, spatial_shapes)
+    out_memory = jnp.where(usable[..., None], memory, 0)
+    out_memory = self.enc_output_norm(self.enc_output(out_memory))
+    enc_logits = self.enc_out_class_embed(out_memory).astype(jnp.float32)  # [B, S, C]
+    enc_coord = self.enc_out_bbox_embed(out_memory).astype(jnp.float32) + proposals
+    # Unusable tokens (padding, proposals at the border) never get selected: DINO lets them
+    # compete with a constant logit and an infinite box; excluding them keeps queries real.
+    score = jnp.where(usable, jnp.max(enc_logits, axis=-1), -jnp.inf)
+    _, topk = jax.lax.top_k(score, self.num_queries)  # [B, Q]
+    take = lambda x: jnp.take_along_axis(x, topk[..., None], axis=1)
+    ref_undetached = take(enc_coord)  # [B, Q, 4] unsigmoided
+    interm_logits = take(enc_logits)
+    interm_boxes = jax.nn.sigmoid(ref_undetached)
+    reference_unsig = jax.lax.stop_gradient(ref_undetached)
+    tgt = jnp.broadcast_to(self.tgt_embed.astype(self.dtype)[None],
+                           (b, self.num_queries, self.d_model))
+    if dn_content is not None:
+      tgt = jnp.concatenate([dn_content.astype(self.dtype), tgt], axis=1)
+      reference_unsig = jnp.concatenate([dn_reference.astype(jnp.float32), reference_unsig],
+                                        axis=1)
+
+    # Decoder with iterative refinement and look-forward-twice.
+    reference = jax.nn.sigmoid(reference_unsig)  # [B, T, 4]
+    ratios4 = jnp.concatenate([ratios, ratios], axis=-1)  # [B, L, 4]
+    hidden = tgt
+    references = [reference]
+    normed = []
+    for layer in self.decoder_layers:
+      ref_input = reference[:, :, None, :] * ratios4[:, None]  # [B, T, L, 4]
+      sine_source = reference if self.padding_invariant else ref_input[:, :, 0]
+      query_pos = self.ref_point_head(
+          sine_embedding_of_boxes(sine_source, num_pos_feats=self.d_model // 2).astype(
+              self.dtype))
+      hidden = layer(hidden, query_pos, ref_input, memory, spatial_shapes, token_mask,
+                     self_attn_blocked)
+      new_reference = self._box(hidden, reference)
+      references.append(new_reference)
+      reference = jax.lax.stop_gradient(new_reference)
+      normed.append(self.decoder_norm(hidden))
+    logits = jnp.stack([self.class_embed(h).astype(jnp.float32) for h in normed])
+    boxes = jnp.stack([self._box(h, r) for h, r in zip(normed, references[:-1])])
+    return {"logits": logits, "boxes": boxes, "interm_logits": interm_logits,
+            "interm_boxes": interm_boxes}

@@ -1,0 +1,270 @@
+"""DINO-4scale: ResNet backbone + input projections + deformable transformer + CDN denoising.
+
+The assembled detector of IDEA-Research/DINO `models/dino/dino.py` as one Flax module whose
+`apply` is a pure function of the params pytree:
+
+    outputs = model.apply({"params": params}, images, pixel_mask, targets, train=True,
+                          rngs={"dn": key})
+
+Outputs follow the shared data contract: `pred_logits [B,Q,C]`, `pred_boxes [B,Q,4]`
+(normalised cxcywh, last decoder layer), `aux_outputs` (layers 0..L-2), `interm_outputs`
+(top-Q encoder proposals) and, in training with targets, `dn_outputs` ([L,B,D,...] for all
+decoder layers) and `dn_meta` (gt_index / positive / valid, [B,D]).
+
+`postprocess` turns outputs into top-300 detections over queries x classes.
+`param_labels` tags every parameter for the optimiser: "frozen" (frozen BN, stem, layer1),
+"backbone" (lr 1e-5 in DINO), "linear_proj" (sampling offsets, lr x 0.1) or "default".
+"""
+from typing import Any, Dict, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sized_detr_jax import box_ops
+from sized_detr_jax.models import denoising
+from sized_detr_jax.models.deformable_transformer import DeformableTransformer
+from sized_detr_jax.models.position_encoding import downsample_mask, sine_position_embedding
+from sized_detr_jax.models.resnet import ResNet
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm (PyTorch semantics, eps 1e-5), statistics optionally over real pixels only.
+
+  Attributes:
+    num_groups: channel groups (32 in DINO).
+    dtype: compute dtype of the output (statistics in float32).
+  """
+  num_groups: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    """Args: x [B, H, W, C]; mask optional [B, H, W] bool (True = real pixel)."""
+    b, h, w, c = x.shape
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm: {c} channels not divisible by {self.num_groups} groups")
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xg = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
+    if mask is None:
+      weight = jnp.ones((b, h, w, 1, 1), jnp.float32)
+    else:
+      weight = mask.astype(jnp.float32)[..., None, None]
+    count = jnp.sum(weight, axis=(1, 2, 4), keepdims=True) * (c // self.num_groups)
+    count = jnp.maximum(count, 1.0)
+    mean = jnp.sum(xg * weight, axis=(1, 2, 4), keepdims=True) / count
+    var = jnp.sum(jnp.square(xg - mean) * weight, axis=(1, 2, 4), keepdims=True) / count
+    y = ((xg - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(b, h, w, c)
+    return (y * scale + bias).astype(self.dtype)
+
+
+class InputProjection(nn.Module):
+  """Conv (1x1, or 3x3 stride 2 for the extra level) + GroupNorm (DINO input_proj[l])."""
+  hidden_dim: int
+  kernel: int
+  stride: int
+  gn_groups: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    pad = (self.kernel - 1) // 2
+    x = nn.Conv(self.hidden_dim, (self.kernel, self.kernel), strides=(self.stride,) * 2,
+                padding=((pad, pad), (pad, pad)), kernel_init=nn.initializers.xavier_uniform(),
+                dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
+    m = None if mask is None else downsample_mask(mask, x.shape[1:3])
+    return GroupNorm(self.gn_groups, self.dtype, name="norm")(x, m)
+
+
+class DINO(nn.Module):
+  """DINO detector. Field defaults are DINO-4scale R50 (design.md section 5).
+
+  Attributes:
+    num_classes: C (91 for COCO category ids, 80 for contiguous COCO labels).
+    hidden_dim, nheads, dim_feedforward, enc_layers, dec_layers, num_queries,
+      num_feature_levels, enc_n_points, dec_n_points: transformer settings.
+    backbone_blocks, backbone_width: ResNet depth/width ((3, 4, 6, 3), 64 = ResNet-50).
+    pe_temperature: sine position embedding temperature (20).
+    gn_groups: GroupNorm groups of the input projections (32).
+    dn_number, dn_box_noise_scale, dn_label_noise_ratio, dn_labelbook_size, dn_groups:
+      contrastive denoising (`denoising.py`); dn_number 0 disables it.
+    padding_invariant: mask-aware backbone/GroupNorm/query embedding so outputs for real
+      pixels do not depend on extra padding (not in PyTorch DINO; default off for fidelity).
+    dtype: "float32" or "bfloat16" compute (params stay float32).
+    msda_implementation: `msda.IMPLEMENTATIONS` key.
+  """
+  num_classes: int = 91
+  hidden_dim: int = 256
+  nheads: int = 8
+  dim_feedforward: int = 2048
+  enc_layers: int = 6
+  dec_layers: int = 6
+  num_queries: int = 900
+  num_feature_levels: int = 4
+  enc_n_points: int = 4
+  dec_n_points: int = 4
+  backbone_blocks: Sequence[int] = (3, 4, 6, 3)
+  backbone_width: int = 64
+  pe_temperature: float = 20.0
+  gn_groups: int = 32
+  dn_number: int = 100
+  dn_box_noise_scale: float = 0.4
+  dn_label_noise_ratio: float = 0.5
+  dn_labelbook_size: int = 91
+  dn_groups: int = 0
+  padding_invariant: bool = False
+  dtype: str = "float32"
+  msda_implementation: str = "gather"
+
+  @nn.compact
+  def __call__(self, images, pixel_mask, targets: Optional[Dict[str, jax.Array]] = None,
+               train: bool = False):
+    """Runs the detector.
+
+    Args:
+      images: [B, H, W, 3] float32, ImageNet-normalised, padded.
+      pixel_mask: [B, H, W] bool, True on real pixels.
+      targets: optional dict with `boxes` [B, G, 4] (normalised cxcywh), `labels` [B, G] int32,
+        `valid` [B, G] bool (e.g. the batch dict). Used for denoising when `train`.
+      train: adds denoising queries when targets are given (needs the "dn" rng).
+
+    Returns:
+      The outputs dict of the data contract (all float32).
+    """
+    if self.dtype not in DTYPES:
+      raise ValueError(f"DINO: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+    dt = DTYPES[self.dtype]
+    if images.ndim != 4 or images.shape[-1] != 3 or pixel_mask.shape != images.shape[:3]:
+      raise ValueError(f"DINO: images must be [B,H,W,3] and pixel_mask [B,H,W], got "
+                       f"{images.shape} and {pixel_mask.shape}")
+    pixel_mask = pixel_mask.astype(bool)
+    feature_mask = pixel_mask if self.padding_invariant else None
+    backbone = ResNet(tuple(self.backbone_blocks), self.backbone_width, dt, name="backbone")
+    features = backbone(images, feature_mask)
+    num_backbone = len(features)
+    srcs = []
+    for lvl in range(self.num_feature_levels):
+      if lvl < num_backbone:
+        proj = InputProjection(self.hidden_dim, 1, 1, self.gn_groups, dt, name=f"input_proj_{lvl}")
+        srcs.append(proj(features[lvl], feature_mask))
+      else:
+        # Extra levels: 3x3 stride-2 conv on C5 first, then on the previous extra level.
+        proj = InputProjection(self.hidden_dim, 3, 2, self.gn_groups, dt, name=f"input_proj_{lvl}")
+        srcs.append(proj(features[-1] if lvl == num_backbone else srcs[-1], feature_mask))
+    masks = [downsample_mask(pixel_mask, s.shape[1:3]) for s in srcs]
+    pos = [sine_position_embedding(m, num_pos_feats=self.hidden_dim // 2,
+                                   temperature=self.pe_temperature) for m in masks]
+
+    label_enc = nn.Embed(self.dn_labelbook_size + 1, self.hidden_dim,
+                         embedding_init=nn.initializers.normal(1.0), param_dtype=jnp.float32,
+                         name="label_enc")
+    use_dn = train and targets is not None and self.dn_number > 0
+    dn = None
+    if use_dn:
+      dn = denoising.build_denoising_queries(
+          self.make_rng("dn"), targets["boxes"], targets["labels"], targets["valid"],
+          num_classes=self.num_classes, dn_number=self.dn_number,
+          label_noise_ratio=self.dn_label_noise_ratio,
+          box_noise_scale=self.dn_box_noise_scale, dn_groups=self.dn_groups)
+      content = jnp.where(dn["valid"][..., None], label_enc(dn["labels"]), 0.0)
+      blocked = denoising.denoising_attention_mask(dn["group"], self.num_queries)
+    else:
+      # Keep label_enc in the params tree for inference-only init (DINO has it always).
+      content = None
+      blocked = None
+      if self.is_initializing():
+        label_enc(jnp.zeros((1,), jnp.int32))
+
+    transformer = DeformableTransformer(
+        num_classes=self.num_classes, d_model=self.hidden_dim, n_heads=self.nheads,
+        dim_feedforward=self.dim_feedforward, num_queries=self.num_queries,
+        enc_layers=self.enc_layers, dec_layers=self.dec_layers,
+        n_levels=self.num_feature_levels, enc_n_points=self.enc_n_points,
+        dec_n_points=self.dec_n_points, padding_invariant=self.padding_invariant, dtype=dt,
+        msda_implementation=self.msda_implementation, name="transformer")
+    out = transformer(srcs, masks, pos, content, None if dn is None else dn["boxes_unsigmoid"],
+                      blocked)
+    d = 0 if dn is None else dn["valid"].shape[1]
+    logits, boxes = out["logits"], out["boxes"]  # [L, B, D + Q, ...]
+    outputs = {
+        "pred_logits": logits[-1, :, d:],
+        "pred_boxes": boxes[-1, :, d:],
+        "aux_outputs": [{"pred_logits": logits[i, :, d:], "pred_boxes": boxes[i, :, d:]}
+                        for i in range(logits.shape[0] - 1)],
+        "interm_outputs": {"pred_logits": out["interm_logits"],
+                           "pred_boxes": out["interm_boxes"]},
+    }
+    if dn is not None:
+      outputs["dn_outputs"] = {"pred_logits": logits[:, :, :d], "pred_boxes": boxes[:, :, :d]}
+      outputs["dn_meta"] = {k: dn[k] for k in ("gt_index", "positive", "valid")}
+    return outputs
+
+
+# config.model keys that configure loading/postprocessing, not the module.
+NON_MODULE_FIELDS = ("num_select", "pretrained_backbone", "pretrained")
+
+
+def build_dino(model_config) -> DINO:
+  """Builds `DINO` from a `config.model` ConfigDict/dict (unknown keys raise a clear error)."""
+  fields = {f for f in DINO.__dataclass_fields__ if f not in ("parent", "name")}
+  cfg = {k: v for k, v in dict(model_config).items() if k not in NON_MODULE_FIELDS}
+  unknown = sorted(set(cfg) - fields)
+  if unknown:
+    raise ValueError(f"config.model: unknown fields {unknown}; known: {sorted(fields)}")
+  if "backbone_blocks" in cfg:
+    cfg["backbone_blocks"] = tuple(cfg["backbone_blocks"])
+  return DINO(**cfg)
+
+
+def postprocess(outputs, target_sizes, num_select=300):
+  """Top-`num_select` detections over queries x classes (DINO PostProcess, no NMS).
+
+  Args:
+    outputs: model outputs with `pred_logits` [B, Q, C] and `pred_boxes` [B, Q, 4] (normalised
+      cxcywh).
+    target_sizes: [B, 2] (h, w) to scale boxes to, usually the original image size.
+    num_select: detections per image (300 in DINO; clipped to Q * C).
+
+  Returns:
+    dict: `scores` [B, K] float32 sigmoid probabilities (descending), `labels` [B, K] int32
+    class ids, `boxes_xyxy` [B, K, 4] absolute (x0, y0, x1, y1), `boxes_xywh` [B, K, 4]
+    absolute COCO (x, y, w, h).
+  """
+  logits = outputs["pred_logits"].astype(jnp.float32)
+  b, q, c = logits.shape
+  k = min(num_select, q * c)
+  scores, index = jax.lax.top_k(jax.nn.sigmoid(logits).reshape(b, q * c), k)
+  query = index // c
+  labels = (index % c).astype(jnp.int32)
+  boxes = jnp.take_along_axis(outputs["pred_boxes"].astype(jnp.float32), query[..., None],
+                              axis=1)
+  h, w = target_sizes[:, 0].astype(jnp.float32), target_sizes[:, 1].astype(jnp.float32)
+  scale = jnp.stack([w, h, w, h], axis=-1)[:, None, :]
+  xyxy = box_ops.box_cxcywh_to_xyxy(boxes) * scale
+  return {"scores": scores, "labels": labels, "boxes_xyxy": xyxy,
+          "boxes_xywh": box_ops.box_xyxy_to_xywh(xyxy)}
+
+
+def _label(path):
+  keys = [getattr(k, "key", str(k)) for k in path]
+  if keys[0] == "backbone":
+    frozen_stage = keys[1] in ("conv1", "bn1") or keys[1].startswith("layer1_")
+    frozen_bn = keys[-1] in ("scale", "bias", "mean", "var")  # only FrozenBatchNorm has these
+    return "frozen" if (frozen_stage or frozen_bn) else "backbone"
+  if "sampling_offsets" in keys:
+    return "linear_proj"
+  return "default"
+
+
+def param_labels(params):
+  """Optimiser group of every parameter, for `optax.multi_transform` / masks.
+
+  Returns:
+    Pytree like `params` of str: "frozen" (never updated, no weight decay: frozen BatchNorm,
+    stem, layer1), "backbone" (layer2-4 convs, DINO lr 1e-5), "linear_proj" (MSDA sampling
+    offsets, DINO lr x 0.1) or "default".
+  """
+  return jax.tree_util.tree_map_with_path(lambda p, _: _label(p), params)

@@ -1,0 +1,176 @@
+"""The assembled tiny DINO under jit: output contract, padding invariance, denoising isolation,
+gradients, bfloat16, postprocess and optimiser labels; the full config's parameter count."""
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sized_detr_jax.models import dino
+from sized_detr_jax.models.testing import random_params
+
+_spec = importlib.util.spec_from_file_location(
+    "dino_r50", pathlib.Path(__file__).parents[1] / "experiments" / "dino_r50.py")
+dino_r50 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dino_r50)
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+  # Compile time dominates these tests; XLA optimisations do not change the results checked.
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _targets(batch):
+  boxes = np.array([[0.3, 0.4, 0.2, 0.3], [0.6, 0.6, 0.4, 0.3], [0.5, 0.5, 0.1, 0.1]],
+                   np.float32)
+  return {"boxes": jnp.asarray(np.tile(boxes, (batch, 1, 1))),
+          "labels": jnp.asarray(np.tile([1, 3, 0], (batch, 1)), jnp.int32),
+          "valid": jnp.asarray(np.tile([True, False, True], (batch, 1)))}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = dino_r50.get_config("smoke,invariant")
+  model = dino.build_dino(config.model)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, SIZE, SIZE, 3))
+  mask = jnp.ones((2, SIZE, SIZE), bool).at[1, :, 48:].set(False)  # image 1 is 64x48
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, mask)["params"]
+  params = random_params(shapes, seed=1)
+
+  def loss_and_outputs(params, images, mask, targets, key):
+    out = model.apply({"params": params}, images, mask, targets, train=True, rngs={"dn": key})
+    loss = (jnp.sum(out["pred_boxes"]) + jnp.sum(jax.nn.sigmoid(out["pred_logits"]))
+            + jnp.sum(out["dn_outputs"]["pred_boxes"]) + jnp.sum(out["interm_outputs"]
+                                                                 ["pred_boxes"]))
+    return loss, out
+
+  train_grad = jax.jit(jax.value_and_grad(loss_and_outputs, has_aux=True))
+  train_apply = jax.jit(lambda p, x, m, t, k: loss_and_outputs(p, x, m, t, k)[1])
+  eval_apply = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m))
+  (_, out), grads = train_grad(params, images, mask, _targets(2), jax.random.PRNGKey(5))
+  return dict(config=config, model=model, params=params, images=images, mask=mask,
+              out=out, grads=grads, train_apply=train_apply, eval_apply=eval_apply)
+
+
+def test_output_contract(tiny):
+  out, cfg = tiny["out"], tiny["config"].model
+  b, q, c, layers = 2, cfg.num_queries, cfg.num_classes, cfg.dec_layers
+  assert out["pred_logits"].shape == (b, q, c) and out["pred_boxes"].shape == (b, q, 4)
+  assert len(out["aux_outputs"]) == layers - 1
+  for aux in out["aux_outputs"] + [out["interm_outputs"]]:
+    assert aux["pred_logits"].shape == (b, q, c) and aux["pred_boxes"].shape == (b, q, 4)
+  d = out["dn_meta"]["gt_index"].shape[1]
+  assert d == 2 * max(cfg.dn_number, 3)
+  assert out["dn_outputs"]["pred_logits"].shape == (layers, b, d, c)
+  assert out["dn_outputs"]["pred_boxes"].shape == (layers, b, d, 4)
+  assert out["dn_meta"]["positive"].dtype == bool and out["dn_meta"]["valid"].dtype == bool
+  # 2 valid boxes (columns 0 and 2) -> dn_number // 2 = 5 groups of 4 slots.
+  np.testing.assert_array_equal(np.asarray(out["dn_meta"]["gt_index"][0, :4]), [0, 2, 0, 2])
+  assert int(out["dn_meta"]["valid"][0].sum()) == 20
+  for leaf in jax.tree.leaves(out):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(leaf)))
+  boxes = np.asarray(out["pred_boxes"])
+  assert boxes.min() >= 0 and boxes.max() <= 1
+
+
+def test_gradients_finite_and_frozen(tiny):
+  grads, labels = jax.device_get(tiny["grads"]), dino.param_labels(tiny["params"])
+  for g, label in zip(jax.tree.leaves(grads), jax.tree.leaves(labels)):
+    assert np.all(np.isfinite(g))
+    if label == "frozen":
+      assert not np.any(g)
+  t = grads["transformer"]
+  for name in ("tgt_embed", "level_embed"):
+    assert np.any(t[name]), name
+  assert np.any(grads["label_enc"]["embedding"])
+  assert np.any(grads["backbone"]["layer2_0"]["conv1"]["kernel"])
+  assert np.any(t["enc_out_bbox_embed"]["layers_2"]["kernel"])
+
+
+def test_extra_padding_gives_identical_outputs(tiny):
+  """The fixture batch (64x64 and 64x48 images in a 64x64 canvas) again in a 128x128 canvas
+  with garbage padding: every output, denoising included, must be unchanged."""
+  images, mask = tiny["images"], tiny["mask"]
+  canvas = jnp.full((2, 2 * SIZE, 2 * SIZE, 3), 3.0).at[:, :SIZE, :SIZE].set(images)
+  big_mask = jnp.zeros((2, 2 * SIZE, 2 * SIZE), bool).at[:, :SIZE, :SIZE].set(mask)
+  big = tiny["train_apply"](tiny["params"], canvas, big_mask, _targets(2), jax.random.PRNGKey(5))
+  small = tiny["out"]
+  assert jax.tree.structure(big) == jax.tree.structure(small)
+  for a, b in zip(jax.tree.leaves(small), jax.tree.leaves(big)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-4, rtol=2e-4)
+
+
+def test_matching_queries_do_not_see_denoising_queries(tiny):
+  out_eval = tiny["eval_apply"](tiny["params"], tiny["images"], tiny["mask"])
+  assert "dn_outputs" not in out_eval and "dn_meta" not in out_eval
+  out_train = tiny["out"]
+  for key in ("pred_logits", "pred_boxes"):
+    np.testing.assert_allclose(np.asarray(out_eval[key]), np.asarray(out_train[key]),
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out_eval["interm_outputs"][key]),
+                               np.asarray(out_train["interm_outputs"][key]), atol=1e-5)
+
+
+def test_bfloat16_compute(tiny):
+  # Also the only run of the reference (not padding-invariant) code path.
+  model = dino.build_dino(dict(tiny["config"].model, dtype="bfloat16", padding_invariant=False))
+  fn = lambda p, x, m: model.apply({"params": p}, x, m)
+  # The heavy ops run in bfloat16 while params and outputs stay float32.
+  jaxpr = str(jax.make_jaxpr(fn)(tiny["params"], tiny["images"], tiny["mask"]))
+  for op in ("conv_general_dilated", "dot_general"):
+    lines = [l for l in jaxpr.splitlines() if op in l and "=" in l]
+    assert lines and sum("bf16" in l.split("=")[0] for l in lines) > len(lines) // 2, op
+  out = jax.jit(fn)(tiny["params"], tiny["images"], tiny["mask"])
+  for leaf in jax.tree.leaves(out):
+    assert leaf.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def test_postprocess_against_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 4, 3)).astype(np.float32)
+  boxes = rng.uniform(0.2, 0.6, size=(2, 4, 4)).astype(np.float32)
+  sizes = np.array([[100, 200], [50, 80]], np.int32)
+  got = jax.jit(dino.postprocess, static_argnums=2)(
+      {"pred_logits": jnp.asarray(logits), "pred_boxes": jnp.asarray(boxes)},
+      jnp.asarray(sizes), 5)
+  for b in range(2):
+    prob = 1 / (1 + np.exp(-logits[b].astype(np.float64)))
+    order = np.argsort(-prob.ravel())[:5]
+    qi, ci = order // 3, order % 3
+    np.testing.assert_allclose(np.asarray(got["scores"][b]), prob.ravel()[order], rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got["labels"][b]), ci)
+    cx, cy, w, h = boxes[b, qi].T
+    hh, ww = sizes[b]
+    xyxy = np.stack([(cx - w / 2) * ww, (cy - h / 2) * hh, (cx + w / 2) * ww,
+                     (cy + h / 2) * hh], -1)
+    np.testing.assert_allclose(np.asarray(got["boxes_xyxy"][b]), xyxy, rtol=1e-5, atol=1e-4)
+    xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], -1)
+    np.testing.assert_allclose(np.asarray(got["boxes_xywh"][b]), xywh, rtol=1e-5, atol=1e-4)
+
+
+def test_param_labels(tiny):
+  labels = dino.param_labels(tiny["params"])
+  assert labels["backbone"]["conv1"]["kernel"] == "frozen"
+  assert labels["backbone"]["layer1_0"]["conv2"]["kernel"] == "frozen"
+  assert labels["backbone"]["layer2_0"]["bn1"]["scale"] == "frozen"
+  assert labels["backbone"]["layer2_0"]["conv2"]["kernel"] == "backbone"
+  enc = labels["transformer"]["encoder_layers_0"]["self_attn"]
+  assert enc["sampling_offsets"]["kernel"] == "linear_proj"
+  assert enc["value_proj"]["kernel"] == "default"
+  assert labels["input_proj_0"]["conv"]["kernel"] == "default"
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="unknown variant"):
+    dino_r50.get_config("huge")
+  with pytest.raises(ValueError, match="unknown fields"):
+    dino.build_dino({"hidden_dims": 3})
