@@ -1,0 +1,26 @@
+"""Parameter counts of the configured detector vs the PyTorch reference."""
+import importlib.util
+import pathlib
+
+from sized_detr_jax import summary
+from sized_detr_jax.models import dino
+
+_spec = importlib.util.spec_from_file_location(
+    "dino_r50", pathlib.Path(__file__).parents[1] / "experiments" / "dino_r50.py")
+dino_r50 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dino_r50)
+
+
+def test_full_dino_4scale_r50_matches_reference_count(capsys):
+  counts = summary.summarize(dino_r50.get_config())
+  # IDEA-Research/DINO DINO_4scale R50 (PyTorch model.parameters(); BN stats are buffers).
+  assert counts["params"] == 46_893_182
+  assert counts["trainable"] == 46_670_782  # conv1 + layer1 frozen
+  assert counts["frozen_bn_statistics"] == 4 * 26_560  # 4 values per BN channel
+  assert sum(counts["modules"].values()) == counts["params"]
+  assert "params: 46893182" in capsys.readouterr().out.splitlines()
+
+
+def test_tiny_is_small():
+  counts = summary.count_params(dino.build_dino(dino_r50.get_config("tiny").model))
+  assert 50_000 < counts["params"] < 1_000_000
