@@ -1,6 +1,5 @@
 """The assembled tiny DINO under jit: output contract, padding invariance, denoising isolation,
 gradients, bfloat16, postprocess and optimiser labels; the full config's parameter count."""
-import importlib.util
 import pathlib
 
 import jax
@@ -8,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sized_detr_jax import config_lib
 from sized_detr_jax.models import dino
 from sized_detr_jax.models.testing import random_params
 
-_spec = importlib.util.spec_from_file_location(
-    "dino_r50", pathlib.Path(__file__).parents[1] / "experiments" / "dino_r50.py")
-dino_r50 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dino_r50)
+CONFIG = pathlib.Path(__file__).parents[1] / "experiments" / "dino_r50.py"
+
+dino_r50 = config_lib.load_config_module(str(CONFIG))
 
 SIZE = 64
 

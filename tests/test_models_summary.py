@@ -1,14 +1,13 @@
 """Parameter counts of the configured detector vs the PyTorch reference."""
-import importlib.util
 import pathlib
 
+from sized_detr_jax import config_lib
 from sized_detr_jax import summary
 from sized_detr_jax.models import dino
 
-_spec = importlib.util.spec_from_file_location(
-    "dino_r50", pathlib.Path(__file__).parents[1] / "experiments" / "dino_r50.py")
-dino_r50 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dino_r50)
+CONFIG = pathlib.Path(__file__).parents[1] / "experiments" / "dino_r50.py"
+
+dino_r50 = config_lib.load_config_module(str(CONFIG))
 
 
 def test_full_dino_4scale_r50_matches_reference_count(capsys):
