@@ -8,13 +8,16 @@ With no --config it uses experiments/synthetic.py (the embedded synthetic datase
 Logic lives in the sized_detr_jax package; this file only parses flags and dispatches.
 """
 import importlib
-import importlib.util
+import logging as pylogging
 import os
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
+
+from sized_detr_jax import config_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "synthetic.py")
 _MODES = ("train", "eval", "predict", "summary")
@@ -45,19 +48,25 @@ def _run_mode(mode, config, workdir):
   return fn(config) if mode == "summary" else fn(config, workdir)
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drop INFO chatter of orbax/grain/jax (kept: their warnings and our progress lines)."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or not any(
+        f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain", "jax"))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
   if config is None:
     if not os.path.exists(_DEFAULT_CONFIG):
       print(__doc__)
       print("The default config experiments/synthetic.py is not there yet (trainer issue pending).")
       return 0
-    spec = importlib.util.spec_from_file_location("synthetic_config", _DEFAULT_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.load_config(_DEFAULT_CONFIG)
   _run_mode(FLAGS.mode, config, FLAGS.workdir)
   return 0
 

@@ -59,9 +59,15 @@ def ema_update(ema_params, params, step, momentum):
 # ---------------------------------------------------------------------------------------------
 # Mesh and batches.
 # ---------------------------------------------------------------------------------------------
-def make_mesh():
-  """1-D ("data",) mesh over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+def make_mesh(num_devices=None):
+  """1-D ("data",) mesh over every device of every process (or the first `num_devices`).
+
+  Axis type Auto: the compiler propagates shardings (jax >= 0.7 defaults make_mesh to
+  Explicit, which would demand sharding-typed code in the model).
+  """
+  n = num_devices or jax.device_count()
+  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n])
 
 
 def global_batch(local_batch, mesh):
@@ -75,9 +81,17 @@ def global_batch(local_batch, mesh):
 # Model, state and step.
 # ---------------------------------------------------------------------------------------------
 def build_model(config):
-  """The Flax module named by `config.model.name` (default "dino")."""
+  """(Flax module, param_labels function) for `config.model` (DINO; Co-DINO later)."""
   from sized_detr_jax.models import dino  # pylint: disable=g-import-not-at-top
-  return dino.build_model(config.model)
+  return dino.build_dino(config.model), dino.param_labels
+
+
+def _images(batch):
+  """Model input images: float ImageNet-normalised (uint8 batches are normalised on device)."""
+  if batch["image"].dtype == jnp.uint8:
+    from sized_detr_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    return transforms.normalize_image_jax(batch["image"], batch["pixel_mask"])
+  return batch["image"]
 
 
 def _targets(batch):
@@ -111,7 +125,7 @@ def make_train_step(model, tx, schedule, config, mesh, state_shardings):
 
   def loss_fn(params, state, batch, rng):
     dn_rng, dropout_rng = jax.random.split(rng)
-    outputs = model.apply({"params": params, **state.model_state}, batch["image"],
+    outputs = model.apply({"params": params, **state.model_state}, _images(batch),
                           batch["pixel_mask"], targets=_targets(batch), train=True,
                           rngs={"dn": dn_rng, "dropout": dropout_rng})
     losses = criterion_lib.dino_criterion(outputs, _targets(batch), crit_config, mesh=mesh,
@@ -140,10 +154,10 @@ def make_train_step(model, tx, schedule, config, mesh, state_shardings):
 def make_predict_fn(model, config, mesh, state_shardings):
   """Jitted `(params, model_state, batch) -> detections` (top-K per image, original pixels)."""
   from sized_detr_jax.models import dino  # pylint: disable=g-import-not-at-top
-  num_select = config.get("num_select", 300)
+  num_select = config.model.get("num_select", 300)
 
   def predict(params, model_state, batch):
-    outputs = model.apply({"params": params, **model_state}, batch["image"], batch["pixel_mask"],
+    outputs = model.apply({"params": params, **model_state}, _images(batch), batch["pixel_mask"],
                           train=False)
     detections = dino.postprocess(outputs, batch["orig_size"], num_select=num_select)
     return {**detections, "image_id": batch["image_id"]}
@@ -172,11 +186,11 @@ def run_evaluation(predict_fn, params, model_state, eval_batches, mesh, data_inf
     out = jax.device_get(predict_fn(params, model_state, global_batch(local, mesh)))
     if jax.process_index() == 0:
       dets += evaluate.detections_to_coco(out["image_id"], out["scores"], out["labels"],
-                                          out["boxes_xywh"], data_info["label_to_category"],
+                                          out["boxes_xywh"], data_info["category_ids"],
                                           min_score=0.001)
   if jax.process_index() != 0:
     return None
-  metrics, _ = evaluate.coco_metrics(data_info["eval_ann_file"], dets)
+  metrics, _ = evaluate.coco_metrics(data_info["val_gt_json"], dets)
   evaluate.write_evaluation(workdir, step, dets, metrics)
   evaluate.plot_per_size(metrics, os.path.join(workdir, f"per_size_{step}.png"),
                          box_loss_share=box_loss_share, title=title or f"step {step}")
@@ -226,13 +240,16 @@ def _setup(config, workdir):
   from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   mesh = make_mesh()
   data_info = pipeline.dataset_info(config.data)
-  model = build_model(config)
-  example = pipeline.example_batch(config.data)
+  model, param_labels = build_model(config)
+  height, width = data_info["buckets"][0]
+  example = {"image": jnp.zeros((1, height, width, 3), jnp.float32),
+             "pixel_mask": jnp.ones((1, height, width), bool)}
   abstract_vars = jax.eval_shape(
       lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0),
                           "dn": jax.random.PRNGKey(0)}, example["image"], example["pixel_mask"],
                          train=False))
-  tx, schedule = optim.make_optimizer(abstract_vars["params"], config.optimizer)
+  tx, schedule = optim.make_optimizer(abstract_vars["params"],
+                                      param_labels(abstract_vars["params"]), config.optimizer)
   state, shardings = init_state(model, tx, config, example, mesh)
   ckpt = checkpointing.Checkpointer(workdir, every=config.checkpoint_every,
                                     keep=config.get("keep_checkpoints", 3))
@@ -241,6 +258,13 @@ def _setup(config, workdir):
     step, state, _ = restored
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
   return mesh, data_info, model, tx, schedule, state, shardings, ckpt
+
+
+def _eval_batches(config):
+  from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  batches, _ = pipeline.build_eval_iterator(config.data, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+  return batches
 
 
 def train_and_evaluate(config, workdir):
@@ -258,9 +282,9 @@ def train_and_evaluate(config, workdir):
   total = int(config.total_steps)
   start = int(jax.device_get(state.step))
   log = metrics_log.MetricsLog(workdir, total_steps=total)
-  batches = pipeline.train_iterator(config.data, seed=config.seed, start_step=start,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+  batches = pipeline.build_train_iterator(config.data, seed=config.seed, start_step=start,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
   images_per_step = config.data.batch_size
   last_checked, last_metrics, eval_metrics = start, None, None
   for step in range(start + 1, total + 1):
@@ -279,14 +303,12 @@ def train_and_evaluate(config, workdir):
     if is_eval:
       eval_metrics = run_evaluation(
           predict_fn, state.params, state.model_state,
-          pipeline.eval_iterator(config.data, process_index=jax.process_index(),
-                                 process_count=jax.process_count()),
-          mesh, data_info, workdir, step, box_loss_share=box_loss_share(last_metrics),
+          _eval_batches(config), mesh, data_info, workdir, step, box_loss_share=box_loss_share(last_metrics),
           title=f"{config.get('name', '')} step {step}")
   ckpt.close()
   log.close()
   if jax.process_index() == 0 and eval_metrics is not None:
-    print(f"\nEvaluation ({data_info['eval_ann_file']}):\n"
+    print(f"\nEvaluation ({data_info['val_gt_json']}):\n"
           f"{evaluate.format_metrics_table(eval_metrics)}\n\nFiles in {os.path.abspath(workdir)}: "
           "metrics.jsonl, eval_metrics.json, detections_<step>.json, per_size_<step>.png, "
           "checkpoints/")
@@ -308,9 +330,7 @@ def evaluate_only(config, workdir):
   predict_fn = make_predict_fn(model, config, mesh, shardings)
   metrics = run_evaluation(
       predict_fn, params, state.model_state,
-      pipeline.eval_iterator(config.data, process_index=jax.process_index(),
-                             process_count=jax.process_count()),
-      mesh, data_info, workdir, step)
+      _eval_batches(config), mesh, data_info, workdir, step)
   if metrics is not None:
     print(evaluate.format_metrics_table(metrics))
   return metrics
