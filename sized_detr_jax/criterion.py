@@ -2,11 +2,13 @@
 over the final decoder layer, the auxiliary decoder layers, the encoder proposals (two-stage
 "interm" output) and the denoising groups.
 
-Two entry points:
+Entry points:
   * `set_criterion(outputs, targets, matches, config)`: the losses for given matches.
   * `dino_criterion(outputs, targets, config, mesh=...)`: matches every Hungarian-matched branch
     (final + aux + interm stacked, one host call per device shard, see `compute_matches`) and
     returns `set_criterion`'s result; the trainer calls this inside its jitted step.
+  * `one_to_many_criterion(outputs, targets, config)`: Semi-DETR's first stage, the same losses
+    under the task-aligned one-to-many assignment (on device, no host call).
 
 Both return one flat dict of scalars:
   * `loss`: the weighted total (what to differentiate);
@@ -61,6 +63,8 @@ def default_criterion_config():
       (rescaled like the loss when sized_l1_rescale is set).
     interm_loss_coef: extra factor on the encoder-proposal losses (1.0).
     use_dn: add the denoising losses when the outputs carry `dn_outputs`.
+    o2m_topk, o2m_alpha, o2m_beta: task-aligned assigner of `one_to_many_criterion` (Semi-DETR
+      stage 1: top-13 queries per ground truth, alignment `score^1 * IoU^6`).
   """
   return ml_collections.ConfigDict(dataclasses.asdict(CriterionConfig()))
 
@@ -81,6 +85,9 @@ class CriterionConfig:
   matcher_box_cost: str = "l1"
   interm_loss_coef: float = 1.0
   use_dn: bool = True
+  o2m_topk: int = 13
+  o2m_alpha: float = 1.0
+  o2m_beta: float = 6.0
 
 
 def resolve_config(config=None):
@@ -307,14 +314,72 @@ def set_criterion(outputs, targets, matches, config=None, *, axis_name=None):
   if "interm_outputs" in outputs:
     result.update(_matched_losses(outputs["interm_outputs"], targets, matches["interm"],
                                   num_boxes, cfg, axis_name, "_interm")[0])
+  metrics = {}
+  if "orig_size" in targets or "size" in targets:
+    metrics = _size_metrics(final_box, final_giou, targets, matches["final"], axis_name)
+  return _add_dn_and_total(result, metrics, outputs, targets, cfg, axis_name)
+
+
+def _add_dn_and_total(result, metrics, outputs, targets, cfg, axis_name):
+  """Adds the denoising losses (if any), the weighted total `loss` and `metric_num_boxes`."""
   if cfg.use_dn and "dn_outputs" in outputs:
     result.update(_dn_losses(outputs["dn_outputs"], outputs["dn_meta"], targets, cfg, axis_name))
   weights = loss_weights(result, cfg)
   total = sum(weights[name] * value for name, value in result.items())
-  metrics = {"metric_num_boxes": _global_sum(targets["valid"].astype(jnp.float32), axis_name)}
-  if "orig_size" in targets or "size" in targets:
-    metrics.update(_size_metrics(final_box, final_giou, targets, matches["final"], axis_name))
+  metrics["metric_num_boxes"] = _global_sum(targets["valid"].astype(jnp.float32), axis_name)
   return {"loss": total, **result, **metrics}
+
+
+def _task_aligned_losses(output, targets, cfg, axis_name, suffix):
+  """One branch under the task-aligned one-to-many assignment (Semi-DETR stage 1).
+
+  As Semi-DETR's detr_od/models/dense_heads/dino_detr_ssod_head.py loss_single (warm-up
+  branch): task-aligned focal loss against the soft targets, box losses of every assigned query
+  weighted by its soft target; all three divided by the global sum of soft targets clamped at
+  >= 1 (their `sum_alignment_metrics` / `reg_avg_factor`, averaged over GPUs).
+  """
+  logits, boxes = output["pred_logits"], output["pred_boxes"]
+  labels, gt_boxes = targets["labels"], targets["boxes"]
+  assignment = matching.task_aligned_assign(logits, boxes, labels, gt_boxes, targets["valid"],
+                                            topk=cfg.o2m_topk, alpha=cfg.o2m_alpha,
+                                            beta=cfg.o2m_beta)
+  weight = assignment.query_targets  # [B, Q]
+  norm = jnp.maximum(_global_sum(weight, axis_name), 1.0)
+  soft = matching.task_aligned_class_targets(assignment.query_gt, weight, labels,
+                                             logits.shape[-1])
+  ce = matching.task_aligned_focal_loss(logits, soft, gamma=cfg.focal_gamma)
+  positive = assignment.query_gt >= 0
+  target = jnp.take_along_axis(gt_boxes, jnp.maximum(assignment.query_gt, 0)[..., None], axis=1)
+  box = _box_loss(boxes, target, positive, cfg, axis_name) * weight  # [B, Q]
+  giou = losses.giou_loss(boxes, target, positive) * weight
+  return {f"loss_ce{suffix}": _global_sum(ce, axis_name) / norm,
+          f"loss_bbox{suffix}": _global_sum(box, axis_name) / norm,
+          f"loss_giou{suffix}": _global_sum(giou, axis_name) / norm}
+
+
+def one_to_many_criterion(outputs, targets, config=None, *, axis_name=None):
+  """Semi-DETR's first-stage losses: task-aligned one-to-many assignment on every branch.
+
+  The final, auxiliary and interm branches are assigned on device by
+  `matching.task_aligned_assign` (no host call) and scored with `_task_aligned_losses`; the
+  denoising groups keep their known assignment and DINO's losses, as in `set_criterion`. Loss
+  names, weights (`loss_weights`) and `axis_name` are those of `set_criterion`; Semi-DETR's
+  stage-1 classification weight is 2.0 (set `cls_loss_coef`). No per-size metrics.
+
+  Args:
+    outputs, targets, config, axis_name: as `set_criterion` (no matches needed).
+
+  Returns:
+    Flat dict of [] float32 scalars: `loss`, the `loss_*` terms, `metric_num_boxes`.
+  """
+  cfg = resolve_config(config)
+  result = _task_aligned_losses(outputs, targets, cfg, axis_name, "")
+  for i, aux in enumerate(outputs.get("aux_outputs", ())):
+    result.update(_task_aligned_losses(aux, targets, cfg, axis_name, f"_aux_{i}"))
+  if "interm_outputs" in outputs:
+    result.update(_task_aligned_losses(outputs["interm_outputs"], targets, cfg, axis_name,
+                                       "_interm"))
+  return _add_dn_and_total(result, {}, outputs, targets, cfg, axis_name)
 
 
 def compute_matches(outputs, targets, config=None, *, mesh=None, data_axis="data",

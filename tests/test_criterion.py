@@ -325,6 +325,37 @@ def test_compute_matches_pads_shorter_interm_branch(example):
   assert np.sum(interm[3] >= 0) == 2 and np.all(interm[~targets["valid"]] == -1)
 
 
+def test_one_to_many_criterion_matches_numpy(example):
+  outputs, targets, _ = example
+  cfg = {"cls_loss_coef": 2.0, "use_dn": False, "o2m_topk": 3}
+  got = jax.jit(lambda o, t: criterion.one_to_many_criterion(o, t, cfg))(outputs, targets)
+  branches = [("", outputs)] + [(f"_aux_{i}", a) for i, a in enumerate(outputs["aux_outputs"])]
+  branches += [("_interm", outputs["interm_outputs"])]
+  want = {}
+  for suffix, out in branches:
+    # The assignment itself is checked against a loop re-derivation in test_matching.py.
+    a = matching.task_aligned_assign(out["pred_logits"], out["pred_boxes"], targets["labels"],
+                                     targets["boxes"], targets["valid"], topk=3)
+    query_gt, w = np.asarray(a.query_gt), np.asarray(a.query_targets, np.float64)
+    assert np.sum(query_gt >= 0) >= 3 and np.all(w[query_gt < 0] == 0)
+    y = np.zeros((B, Q, C))
+    pred, tgt, weight = [], [], []
+    for b, q in zip(*np.nonzero(query_gt >= 0)):
+      y[b, q, targets["labels"][b, query_gt[b, q]]] = w[b, q]
+      pred.append(out["pred_boxes"][b, q])
+      tgt.append(targets["boxes"][b, query_gt[b, q]])
+      weight.append(w[b, q])
+    p = 1 / (1 + np.exp(-out["pred_logits"].astype(np.float64)))
+    ce = -(y * np.log(p) + (1 - y) * np.log(1 - p)) * np.abs(y - p)**2
+    box, giou = np_box_losses(pred, tgt, "l1", False)
+    norm = max(w.sum(), 1.0)
+    want.update({f"loss_ce{suffix}": ce.sum() / norm, f"loss_bbox{suffix}": box @ weight / norm,
+                 f"loss_giou{suffix}": giou @ weight / norm})
+  want["loss"] = sum(v * {"ce": 2.0, "bbox": 5.0, "giou": 2.0}[k.split("_")[1]]
+                     for k, v in want.items())
+  assert_losses_close(got, want)
+
+
 def test_config_forms_and_errors():
   @dataclasses.dataclass
   class Cfg:
