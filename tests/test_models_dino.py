@@ -51,10 +51,18 @@ def tiny():
                                                                  ["pred_boxes"]))
     return loss, out
 
+  # As in train.py's step: batch sharded over an Auto `data` mesh axis, params replicated.
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:2])
+  shard = lambda x: jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))
+  images, mask = shard(images), shard(mask)
+  params = jax.device_put(params, jax.NamedSharding(mesh, jax.P()))
   train_grad = jax.jit(jax.value_and_grad(loss_and_outputs, has_aux=True))
   train_apply = jax.jit(lambda p, x, m, t, k: loss_and_outputs(p, x, m, t, k)[1])
   eval_apply = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m))
-  (_, out), grads = train_grad(params, images, mask, _targets(2), jax.random.PRNGKey(5))
+  (_, out), grads = train_grad(params, images, mask, jax.tree.map(shard, _targets(2)),
+                               jax.random.PRNGKey(5))
+  assert out["pred_logits"].sharding.spec[0] == "data"
   return dict(config=config, model=model, params=params, images=images, mask=mask,
               out=out, grads=grads, train_apply=train_apply, eval_apply=eval_apply)
 

@@ -15,7 +15,8 @@ groups are laid out *per image* inside them: an image with `n` boxes uses slots
 `groups = dn_number // n` (or a fixed `dn_groups` from the config). The remaining slots are
 marked invalid: they see no other denoising slot, nobody sees them, and they get no loss. With
 one image per device this is exactly DINO's layout; with more it avoids padding groups to the
-batch maximum.
+batch maximum. (DINO switches to a *fixed* 2 * dn_number groups when dn_number < 50; here that
+needs `dn_groups`. All paper configs use dn_number 100.)
 """
 import jax
 import jax.numpy as jnp
