@@ -54,6 +54,8 @@ def get_config(arg=None):
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.eval_every = 0  # evaluate at the end only
+  config.eval_at_end = True
+  config.num_devices = 0  # 0: every device of every process
 
   if "smoke" in tokens:
     config.data.update(dict(synthetic_num_images=24, batch_size=4, eval_batch_size=8,

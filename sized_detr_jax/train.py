@@ -238,7 +238,7 @@ def _check_finite(metrics, step, last_checked):
 def _setup(config, workdir):
   """Mesh, data, model, optimiser, state (restored when the workdir has a checkpoint)."""
   from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  mesh = make_mesh()
+  mesh = make_mesh(config.get("num_devices"))
   data_info = pipeline.dataset_info(config.data)
   model, param_labels = build_model(config)
   height, width = data_info["buckets"][0]
@@ -291,7 +291,8 @@ def train_and_evaluate(config, workdir):
     state, metrics = train_step(state, global_batch(next(batches), mesh))
     is_log = step % config.log_every == 0 or step == total
     is_ckpt = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total
-    is_eval = (config.get("eval_every") and step % config.eval_every == 0) or step == total
+    is_eval = ((config.get("eval_every") and step % config.eval_every == 0)
+               or (step == total and config.get("eval_at_end", True)))
     if is_log or is_ckpt or is_eval:
       last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       _check_finite(last_metrics, step, last_checked)
