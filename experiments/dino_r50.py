@@ -12,7 +12,9 @@ Launch:
   sized_l1       the paper's Sized L1 instead of L1 in every branch (coefficient stays 5.0);
   rescale        Sized L1 with the mean-size rescaling;
   bf16           bfloat16 compute (float32 params);
-  invariant      padding-invariant model (mask-aware backbone/GroupNorm/query embedding).
+  invariant      padding-invariant model (mask-aware backbone/GroupNorm/query embedding);
+  coco91         DINO's own class layout (91 rows indexed by COCO category id): the exact
+                 reference parameter count (46,893,182) and unmodified official checkpoints.
 """
 import ml_collections
 
@@ -20,7 +22,9 @@ import ml_collections
 def _model_config():
   """The detector (sized_detr_jax.models.dino.DINO fields) with DINO-4scale R50 values."""
   return ml_collections.ConfigDict(dict(
-      num_classes=91,  # DINO indexes COCO category ids directly (max id 90 + 1)
+      # Contiguous labels 0..79 as the data pipeline gives them (DINO itself indexes COCO
+      # category ids, 91 rows: the `coco91` token, for its parameter count and checkpoints).
+      num_classes=80,
       hidden_dim=256,
       nheads=8,
       dim_feedforward=2048,
@@ -37,7 +41,7 @@ def _model_config():
       dn_number=100,
       dn_box_noise_scale=0.4,
       dn_label_noise_ratio=0.5,
-      dn_labelbook_size=91,
+      dn_labelbook_size=80,
       dn_groups=0,  # 0: dn_number // (boxes in the image) groups, as DINO
       padding_invariant=False,
       dtype="float32",
@@ -90,7 +94,7 @@ def _optimizer_config():
 
 def _shrink(model, smoke):
   model.update(dict(
-      num_classes=91 if not smoke else 5,
+      num_classes=80 if not smoke else 5,
       hidden_dim=32,
       nheads=4,
       dim_feedforward=64,
@@ -101,12 +105,12 @@ def _shrink(model, smoke):
       backbone_width=8,
       gn_groups=8,
       dn_number=10,
-      dn_labelbook_size=91 if not smoke else 5,
+      dn_labelbook_size=80 if not smoke else 5,
       num_select=20 if smoke else 30,
   ))
 
 
-TOKENS = ("tiny", "smoke", "sized_l1", "rescale", "bf16", "invariant")
+TOKENS = ("tiny", "smoke", "sized_l1", "rescale", "bf16", "invariant", "coco91")
 
 
 def get_config(arg=None):
@@ -131,4 +135,7 @@ def get_config(arg=None):
     config.model.dtype = "bfloat16"
   if "invariant" in tokens:
     config.model.padding_invariant = True
+  if "coco91" in tokens:
+    config.model.num_classes = 91
+    config.model.dn_labelbook_size = 91
   return config

@@ -3,9 +3,12 @@ r"""PyTorch weights -> this package's DINO params: official DINO checkpoints, to
   # ImageNet backbone for training from scratch (torchvision's resnet50 weights):
   python -m sized_detr_jax.convert_torch --source=torchvision \
       --input=resnet50-0676ba61.pth --output=weights/r50_imagenet.npz
-  # a full PyTorch DINO checkpoint (e.g. checkpoint0011_4scale.pth):
+  # a full PyTorch DINO checkpoint (e.g. checkpoint0011_4scale.pth), heads re-indexed from
+  # COCO category ids (91 rows) to the pipeline's 80 contiguous labels:
   python -m sized_detr_jax.convert_torch --source=dino --input=checkpoint0011_4scale.pth \
-      --output=weights/dino_4scale_r50.npz --config=experiments/dino_r50.py
+      --output=weights/dino_4scale_r50.npz --config=experiments/dino_r50.py \
+      --coco_category_rows --unsafe_pickle
+  # or keep the 91 rows for a model built with experiments/dino_r50.py:coco91
 
 then point `config.model.pretrained_backbone` (or `config.model.pretrained`) at the .npz and
 apply `load_pretrained(params, config.model)` after init.
@@ -140,7 +143,21 @@ def _map_name(name, source):
   return None
 
 
-def convert_state_dict(state_dict, template, *, source="dino", skip_shape_mismatch=False):
+def _select_class_rows(name, array, class_rows):
+  """Keeps the rows of the class-indexed tensors (class heads, label_enc) listed in class_rows.
+
+  DINO's heads are indexed by COCO category id (91 rows); our labels are contiguous, so row k
+  of the converted head is checkpoint row `class_rows[k]`. label_enc keeps its extra last row.
+  """
+  if re.search(r"class_embed(\.\d+)?\.(weight|bias)$", name):
+    return array[np.asarray(class_rows)]
+  if name.endswith("label_enc.weight"):
+    return array[np.concatenate([np.asarray(class_rows), [array.shape[0] - 1]])]
+  return array
+
+
+def convert_state_dict(state_dict, template, *, source="dino", skip_shape_mismatch=False,
+                       class_rows=None):
   """Maps a PyTorch state_dict onto the params of `dino.DINO`.
 
   Args:
@@ -153,6 +170,9 @@ def convert_state_dict(state_dict, template, *, source="dino", skip_shape_mismat
     skip_shape_mismatch: leave parameters whose shape differs (e.g. 91-class heads into an
       80-class model) out of the result instead of failing; they keep their init values when
       merged with `merge_params`.
+    class_rows: optional checkpoint row index for each of our classes (e.g. the 80 COCO
+      category ids, `data.coco.COCO_CATEGORY_IDS`, to turn DINO's 91 category-id rows into 80
+      contiguous labels), applied to class_embed, enc_out_class_embed and label_enc.
 
   Returns:
     Nested dict of float32 numpy arrays: the filled subtree (the whole tree for "dino", only
@@ -181,7 +201,10 @@ def convert_state_dict(state_dict, template, *, source="dino", skip_shape_mismat
       unused.append(raw_name)
       continue
     path, kind = mapped
-    array = _transform(kind, np.asarray(value, dtype=np.float32))
+    array = np.asarray(value, dtype=np.float32)
+    if class_rows is not None:
+      array = _select_class_rows(name, array, class_rows)
+    array = _transform(kind, array)
     if array.shape != shapes[path]:
       mismatched.append(f"{raw_name} {tuple(np.shape(value))} -> {'/'.join(path)} "
                         f"{shapes[path]}")
@@ -303,14 +326,22 @@ def main(argv: Optional[List[str]] = None):
   parser.add_argument("--config", default="experiments/dino_r50.py",
                       help="experiment config file[:arg] giving the model shape")
   parser.add_argument("--skip_shape_mismatch", action="store_true")
+  parser.add_argument("--coco_category_rows", action="store_true",
+                      help="map DINO's 91 category-id class rows to the 80 contiguous COCO "
+                           "labels of the data pipeline")
   parser.add_argument("--unsafe_pickle", action="store_true")
   args = parser.parse_args(argv)
   from sized_detr_jax import config_lib  # pylint: disable=g-import-not-at-top
   path, _, arg = args.config.partition(":")
   config = config_lib.load_config(path, arg or None)
   state_dict = read_torch_file(args.input, unsafe_pickle=args.unsafe_pickle)
+  class_rows = None
+  if args.coco_category_rows:
+    from sized_detr_jax.data.coco import COCO_CATEGORY_IDS  # pylint: disable=g-import-not-at-top
+    class_rows = COCO_CATEGORY_IDS
   converted = convert_state_dict(state_dict, params_template(config.model), source=args.source,
-                                 skip_shape_mismatch=args.skip_shape_mismatch)
+                                 skip_shape_mismatch=args.skip_shape_mismatch,
+                                 class_rows=class_rows)
   save_npz(args.output, converted)
   count = sum(int(np.prod(v.shape)) for v in _flatten(converted).values())
   print(f"convert_torch: wrote {len(_flatten(converted))} arrays ({count} values) to "

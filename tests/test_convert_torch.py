@@ -151,6 +151,24 @@ def test_errors_list_every_problem(template, state_dict):
   assert "class_embed" not in out["transformer"] and "bbox_embed" in out["transformer"]
 
 
+def test_class_rows_reindex_category_ids(template, state_dict):
+  # Checkpoint heads with 8 "category id" rows; our 5 classes are ids (1, 2, 4, 6, 7).
+  rows = np.array([1, 2, 4, 6, 7])
+  wide = dict(state_dict)
+  rng = np.random.default_rng(3)
+  head_w = rng.normal(size=(8, HIDDEN)).astype(np.float32)
+  head_b = rng.normal(size=8).astype(np.float32)
+  for k in [k for k in wide if "class_embed" in k]:
+    wide[k] = head_w if k.endswith("weight") else head_b
+  wide["label_enc.weight"] = rng.normal(size=(9, HIDDEN)).astype(np.float32)
+  out = ct.convert_state_dict(wide, template, source="dino", class_rows=rows)
+  t = out["transformer"]
+  np.testing.assert_array_equal(t["class_embed"]["kernel"], head_w[rows].T)
+  np.testing.assert_array_equal(t["enc_out_class_embed"]["bias"], head_b[rows])
+  np.testing.assert_array_equal(out["label_enc"]["embedding"],
+                                wide["label_enc.weight"][[1, 2, 4, 6, 7, 8]])
+
+
 def test_torchvision_backbone_and_merge_roundtrip(template, state_dict, tmp_path):
   prefix = "backbone.0.body."
   tv = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -11,13 +11,19 @@ dino_r50 = config_lib.load_config_module(str(CONFIG))
 
 
 def test_full_dino_4scale_r50_matches_reference_count(capsys):
-  counts = summary.summarize(dino_r50.get_config())
+  counts = summary.summarize(dino_r50.get_config("coco91"))
   # IDEA-Research/DINO DINO_4scale R50 (PyTorch model.parameters(); BN stats are buffers).
   assert counts["params"] == 46_893_182
   assert counts["trainable"] == 46_670_782  # conv1 + layer1 frozen
   assert counts["frozen_bn_statistics"] == 4 * 26_560  # 4 values per BN channel
   assert sum(counts["modules"].values()) == counts["params"]
   assert "params: 46893182" in capsys.readouterr().out.splitlines()
+
+
+def test_default_80_classes():
+  counts = summary.count_params(dino.build_dino(dino_r50.get_config().model))
+  # 11 fewer classes in two (256 -> C) heads and 11 fewer label_enc rows.
+  assert counts["params"] == 46_893_182 - 11 * 257 * 2 - 11 * 256
 
 
 def test_tiny_is_small():
