@@ -46,6 +46,7 @@ def _model_config():
       padding_invariant=False,
       dtype="float32",
       msda_implementation="gather",
+      remat=False,  # True: recompute transformer layers in backward (less memory)
       # Not module fields (build_dino skips them):
       num_select=300,  # detections kept by postprocess
       # Converted weights (python -m sized_detr_jax.convert_torch): an .npz of a torchvision

@@ -282,6 +282,8 @@ class DeformableTransformer(nn.Module):
       image instead of DINO's box times the level-0 valid ratio (which depends on padding).
     dtype: compute dtype (boxes and logits come back float32).
     msda_implementation: sampling kernel name.
+    remat: recompute each encoder/decoder layer in the backward pass (saves activation
+      memory at full resolution for about one extra forward of the transformer).
   """
   num_classes: int = 91
   d_model: int = 256
@@ -296,14 +298,18 @@ class DeformableTransformer(nn.Module):
   padding_invariant: bool = False
   dtype: Any = jnp.float32
   msda_implementation: str = "gather"
+  remat: bool = False
 
   def setup(self):
     dt = self.dtype
+    # spatial_shapes (a tuple) is a static argument of both layer types (self counts as 0).
+    encoder_cls = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
+    decoder_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
     prior_bias = -math.log((1 - 0.01) / 0.01)
     self.level_embed = self.param("level_embed", nn.initializers.normal(1.0),
                                   (self.n_levels, self.d_model), jnp.float32)
     self.encoder_layers = [
-        EncoderLayer(self.d_model, self.dim_feedforward, self.n_levels, self.n_heads,
+        encoder_cls(self.d_model, self.dim_feedforward, self.n_levels, self.n_heads,
                      self.enc_n_points, dt, self.msda_implementation,
                      name=f"encoder_layers_{i}") for i in range(self.enc_layers)]
     self.enc_output = _dense(self.d_model, "enc_output", dt)
@@ -315,7 +321,7 @@ class DeformableTransformer(nn.Module):
     self.tgt_embed = self.param("tgt_embed", _xavier, (self.num_queries, self.d_model),
                                 jnp.float32)
     self.decoder_layers = [
-        DecoderLayer(self.d_model, self.dim_feedforward, self.n_levels, self.n_heads,
+        decoder_cls(self.d_model, self.dim_feedforward, self.n_levels, self.n_heads,
                      self.dec_n_points, dt, self.msda_implementation,
                      name=f"decoder_layers_{i}") for i in range(self.dec_layers)]
     self.decoder_norm = _layer_norm("decoder_norm", dt)

@@ -95,6 +95,7 @@ class DINO(nn.Module):
       pixels do not depend on extra padding (not in PyTorch DINO; default off for fidelity).
     dtype: "float32" or "bfloat16" compute (params stay float32).
     msda_implementation: `msda.IMPLEMENTATIONS` key.
+    remat: rematerialise transformer layers in the backward pass (memory for compute).
   """
   num_classes: int = 91
   hidden_dim: int = 256
@@ -118,6 +119,7 @@ class DINO(nn.Module):
   padding_invariant: bool = False
   dtype: str = "float32"
   msda_implementation: str = "gather"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, pixel_mask, targets: Optional[Dict[str, jax.Array]] = None,
@@ -184,7 +186,7 @@ class DINO(nn.Module):
         enc_layers=self.enc_layers, dec_layers=self.dec_layers,
         n_levels=self.num_feature_levels, enc_n_points=self.enc_n_points,
         dec_n_points=self.dec_n_points, padding_invariant=self.padding_invariant, dtype=dt,
-        msda_implementation=self.msda_implementation, name="transformer")
+        msda_implementation=self.msda_implementation, remat=self.remat, name="transformer")
     out = transformer(srcs, masks, pos, content, None if dn is None else dn["boxes_unsigmoid"],
                       blocked)
     d = 0 if dn is None else dn["valid"].shape[1]
