@@ -27,6 +27,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':
 flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, detections). "
                     "Default: a fresh folder under ./runs/ named after the config.")
 flags.DEFINE_enum("mode", "train", _MODES, "What to do.")
+flags.DEFINE_multi_string("image", [], "--mode=predict: image file(s) to run the detector on.")
+flags.DEFINE_float("min_score", 0.3, "--mode=predict: draw detections scoring at least this.")
 FLAGS = flags.FLAGS
 
 
@@ -45,7 +47,11 @@ def _run_mode(mode, config, workdir):
       raise
     sys.exit(f"run.py: --mode={mode} needs {module_name}, which is not implemented yet.")
   fn = getattr(module, fn_name)
-  return fn(config) if mode == "summary" else fn(config, workdir)
+  if mode == "summary":
+    return fn(config)
+  if mode == "predict":
+    return fn(config, workdir, FLAGS.image, min_score=FLAGS.min_score)
+  return fn(config, workdir)
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -67,7 +73,13 @@ def main(argv):
       print("The default config experiments/synthetic.py is not there yet (trainer issue pending).")
       return 0
     config = config_lib.load_config(_DEFAULT_CONFIG)
-  _run_mode(FLAGS.mode, config, FLAGS.workdir)
+  try:
+    _run_mode(FLAGS.mode, config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    if os.environ.get("SIZED_DETR_TRACEBACK"):
+      raise
+    # Bad input (config values, files, data) and a diverged run: one clear line, no traceback.
+    sys.exit(f"run.py: {type(e).__name__}: {e}  (SIZED_DETR_TRACEBACK=1 shows the traceback)")
   return 0
 
 

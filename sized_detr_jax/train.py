@@ -316,22 +316,62 @@ def train_and_evaluate(config, workdir):
   return eval_metrics
 
 
-def evaluate_only(config, workdir):
-  """Evaluate the newest checkpoint of `workdir` (params, or EMA params if configured)."""
-  from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+def _restore_for_inference(config, workdir, mode):
+  """(mesh, data_info, model, params, model_state, predict_fn, step) of the newest checkpoint."""
   if not workdir:
-    raise ValueError("--mode=eval needs --workdir pointing at a training run")
+    raise ValueError(f"--mode={mode} needs --workdir pointing at a training run")
   maybe_initialize_distributed(config)
   mesh, data_info, model, _, _, state, shardings, ckpt = _setup(config, workdir)
   ckpt.close()
   step = int(jax.device_get(state.step))
   if step == 0:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-  params = state.ema_params if config.get("eval_ema") and state.ema_params is not None else state.params
+  use_ema = config.get("eval_ema") and state.ema_params is not None
+  params = state.ema_params if use_ema else state.params
   predict_fn = make_predict_fn(model, config, mesh, shardings)
-  metrics = run_evaluation(
-      predict_fn, params, state.model_state,
-      _eval_batches(config), mesh, data_info, workdir, step)
+  return mesh, data_info, params, state.model_state, predict_fn, step
+
+
+def evaluate_only(config, workdir):
+  """Evaluate the newest checkpoint of `workdir` (EMA params if `config.eval_ema`)."""
+  mesh, data_info, params, model_state, predict_fn, step = _restore_for_inference(
+      config, workdir, "eval")
+  metrics = run_evaluation(predict_fn, params, model_state, _eval_batches(config), mesh,
+                           data_info, workdir, step)
   if metrics is not None:
     print(evaluate.format_metrics_table(metrics))
   return metrics
+
+
+def predict(config, workdir, image_paths, *, min_score=0.3):
+  """Detect objects in image files with the newest checkpoint; PNGs to WORKDIR/predictions/."""
+  from sized_detr_jax import visualize  # pylint: disable=g-import-not-at-top
+  from sized_detr_jax.data import image_files  # pylint: disable=g-import-not-at-top
+  from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = image_files.ImageFilesSource(image_paths)
+  mesh, data_info, params, model_state, predict_fn, _ = _restore_for_inference(
+      config, workdir, "predict")
+  batch_fn = pipeline.make_eval_batch_fn(source, config.data, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+  out_dir = os.path.join(workdir, "predictions")
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  num_batches = -(-len(source) // pipeline.resolve_data_config(config.data).eval_batch_size)
+  for step in range(num_batches):
+    out = jax.device_get(predict_fn(params, model_state, global_batch(batch_fn(step), mesh)))
+    if jax.process_index() != 0:
+      continue
+    for k, image_id in enumerate(out["image_id"]):
+      if image_id < 0:
+        continue
+      example = source[int(image_id)]
+      drawn = visualize.draw_detections(example["image"], out["boxes_xyxy"][k], out["scores"][k],
+                                        out["labels"][k], data_info["category_names"],
+                                        min_score=min_score)
+      stem = os.path.splitext(os.path.basename(source.paths[int(image_id)]))[0]
+      path = os.path.join(out_dir, f"{stem}.png")
+      drawn.save(path)
+      written.append(path)
+  if written:
+    print(f"Wrote {len(written)} images with detections (score >= {min_score}) to {out_dir}")
+  return written

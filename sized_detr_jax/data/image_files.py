@@ -1,0 +1,37 @@
+"""A source over plain image files (no annotations), for `run.py --mode=predict`."""
+import numpy as np
+from PIL import Image
+
+from sized_detr_jax.data import coco
+
+
+class ImageFilesSource:
+  """Random-access source of image files, in the same example format as `coco.CocoSource`.
+
+  Image ids are the positions 0..N-1 in `paths`; every example has no boxes.
+  """
+
+  def __init__(self, paths):
+    self.paths = list(paths)
+    if not self.paths:
+      raise ValueError("no image files given (--image)")
+    sizes = []
+    for path in self.paths:
+      try:
+        with Image.open(path) as pil:
+          sizes.append((pil.height, pil.width))
+      except (OSError, SyntaxError, ValueError) as e:
+        raise coco.CocoFormatError(f"{path}: cannot read image: {e}") from None
+    self._sizes = np.asarray(sizes, np.int32)
+
+  def __len__(self):
+    return len(self.paths)
+
+  def image_sizes(self):
+    return self._sizes
+
+  def __getitem__(self, i):
+    image = coco.decode_image(self.paths[i], i, self._sizes[i])
+    return {"image": image, "image_id": np.int64(i), "boxes": np.zeros((0, 4), np.float32),
+            "labels": np.zeros((0,), np.int32), "iscrowd": np.zeros((0,), bool),
+            "orig_size": self._sizes[i]}
