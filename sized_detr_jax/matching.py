@@ -9,6 +9,13 @@ device shard. With a `mesh`, the callback runs inside `jax.shard_map`, so each d
 own slice of the batch on its own host: under a plain `jit` with a sharded input the callback
 would gather the whole batch to one device first (design.md section 6).
 
+Caveat, JAX CPU runtime (jax 0.10.2): on a client with several CPU devices (the forced
+`--xla_force_host_platform_device_count` used by tests), the sharded call can deadlock when a
+shard's cost is large (seen from ~5 MB per shard; tiny test shapes are fine): `pure_callback`
+copies its operands onto CPU device 0, and that copy waits behind device 0's own shard, which is
+itself inside the callback. Accelerator meshes are unaffected (the host CPU device is not a mesh
+device); on one CPU device, or with `mesh=None`, there is no such copy.
+
 One-to-many (Semi-DETR's first stage, design.md section 9): `task_aligned_assign` is TOOD's
 task-aligned assigner as Semi-DETR applies it to DETR queries, fully on device with static shapes,
 and `task_aligned_focal_loss` is the classification loss that goes with its soft targets.

@@ -9,7 +9,8 @@ criterion), batch 8, 900 queries, 91 classes, 100 valid ground-truth boxes per i
   * host solve: scipy on that cost array, called directly (48 problems);
   * matching: cost + `hungarian_matching` in one jitted call (one host call);
   * matching sharded: the same with the batch split over all devices (one host call each),
-    when there are several;
+    when there are several accelerators (on a multi-device CPU only with --sharded_on_cpu, see
+    the deadlock note in sized_detr_jax/matching.py);
   * criterion l1 / sized_l1: `dino_criterion` (matching of 7 branches + all losses, forward and
     backward w.r.t. the predictions), and their ratio.
 """
@@ -47,6 +48,8 @@ def main():
   parser.add_argument("--queries", type=int, default=900)
   parser.add_argument("--gt", type=int, default=100)
   parser.add_argument("--classes", type=int, default=91)
+  parser.add_argument("--sharded_on_cpu", action="store_true",
+                      help="also time the sharded call on forced CPU devices (may deadlock)")
   args = parser.parse_args()
 
   keys = iter(jax.random.split(jax.random.key(0), args.layers + 8))
@@ -80,7 +83,8 @@ def main():
       "criterion sized_l1": criterion_grad("sized_l1"),
   }
   devices = jax.device_count()
-  if devices > 1 and b % devices == 0:
+  on_cpu = jax.default_backend() == "cpu"
+  if devices > 1 and b % devices == 0 and (args.sharded_on_cpu or not on_cpu):
     mesh = jax.make_mesh((devices,), ("data",))
     put = lambda x, axis: jax.device_put(x, NamedSharding(mesh, P(*([None] * axis), "data")))
     sharded_fn = jax.jit(lambda lg, bx, t: matching.hungarian_matching(
