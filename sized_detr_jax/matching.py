@@ -14,7 +14,7 @@ Caveat, JAX CPU runtime (jax 0.10.2): on a client with several CPU devices (the 
 shard's cost is large (seen from ~5 MB per shard; tiny test shapes are fine): `pure_callback`
 copies its operands onto CPU device 0, and that copy waits behind device 0's own shard, which is
 itself inside the callback. Accelerator meshes are unaffected (the host CPU device is not a mesh
-device); on one CPU device, or with `mesh=None`, there is no such copy.
+device); one CPU device, or `mesh=None` (a single callback), has not hung in our runs.
 
 One-to-many (Semi-DETR's first stage, design.md section 9): `task_aligned_assign` is TOOD's
 task-aligned assigner as Semi-DETR applies it to DETR queries, fully on device with static shapes,
