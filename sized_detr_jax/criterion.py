@@ -10,7 +10,7 @@ Entry points:
   * `one_to_many_criterion(outputs, targets, config)`: Semi-DETR's first stage, the same losses
     under the task-aligned one-to-many assignment (on device, no host call).
 
-Both return one flat dict of scalars:
+All three return one flat dict of scalars:
   * `loss`: the weighted total (what to differentiate);
   * `loss_ce`, `loss_bbox`, `loss_giou`: final decoder layer; the same names with suffix
     `_aux_{i}` for decoder layer i (0 .. L-2), `_interm` for the encoder proposals, `_dn` for the
