@@ -313,6 +313,14 @@ def test_dino_criterion_value_and_finite_gradients(example, jit_matches):
   assert np.any(np.asarray(grads["pred_boxes"]) != 0)
   # Padded ground truth (zero boxes) and invalid dn slots contribute no gradient.
   assert np.all(np.asarray(grads["dn_outputs"]["pred_logits"])[:, 2] == 0)
+  # The trainer's form: host matching per device shard (shard_map) inside jax.grad.
+  mesh = jax.make_mesh((4,), ("data",))
+  loss_mesh = lambda o: criterion.dino_criterion(dict(o, dn_meta=meta), targets, cfg,
+                                                 mesh=mesh)["loss"]
+  value_mesh, grads_mesh = jax.jit(jax.value_and_grad(loss_mesh))(floats)
+  np.testing.assert_allclose(float(value_mesh), float(value), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads_mesh, grads)
 
 
 def test_compute_matches_pads_shorter_interm_branch(example):
