@@ -17,12 +17,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from sized_detr_jax import config_lib
-
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "synthetic.py")
 _MODES = ("train", "eval", "predict", "summary")
 
-config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg' (get_config(arg)).",
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
+                                "Config file, optionally with ':arg' (get_config(arg)).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, detections). "
                     "Default: a fresh folder under ./runs/ named after the config.")
@@ -66,15 +65,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  config = FLAGS.config
-  if config is None:
-    if not os.path.exists(_DEFAULT_CONFIG):
-      print(__doc__)
-      print("The default config experiments/synthetic.py is not there yet (trainer issue pending).")
-      return 0
-    config = config_lib.load_config(_DEFAULT_CONFIG)
   try:
-    _run_mode(FLAGS.mode, config, FLAGS.workdir)
+    _run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     if os.environ.get("SIZED_DETR_TRACEBACK"):
       raise

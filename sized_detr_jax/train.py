@@ -235,6 +235,17 @@ def _check_finite(metrics, step, last_checked):
           f"{last_checked + 1} and {step}); no checkpoint was written after step {last_checked}.")
 
 
+def _load_pretrained(state, shardings, model_config):
+  """Fresh run: converted weights (convert_torch .npz) into params (and the EMA copy)."""
+  from sized_detr_jax import convert_torch  # pylint: disable=g-import-not-at-top
+  params = convert_torch.load_pretrained(jax.device_get(state.params), model_config)
+  params = jax.device_put(params, shardings.params)
+  logging.info("Loaded pretrained weights: backbone=%r full=%r",
+               model_config.get("pretrained_backbone"), model_config.get("pretrained"))
+  return state.replace(params=params,
+                       ema_params=None if state.ema_params is None else params)
+
+
 def _setup(config, workdir):
   """Mesh, data, model, optimiser, state (restored when the workdir has a checkpoint)."""
   from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -257,6 +268,8 @@ def _setup(config, workdir):
   if restored is not None:
     step, state, _ = restored
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+  elif config.model.get("pretrained") or config.model.get("pretrained_backbone"):
+    state = _load_pretrained(state, shardings, config.model)
   return mesh, data_info, model, tx, schedule, state, shardings, ckpt
 
 
