@@ -17,11 +17,13 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from sized_detr_jax import config_lib
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "synthetic.py")
 _MODES = ("train", "eval", "predict", "summary")
 
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
-                                "Config file, optionally with ':arg' (get_config(arg)).",
+config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg' "
+                                "(get_config(arg)); default experiments/synthetic.py.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, detections). "
                     "Default: a fresh folder under ./runs/ named after the config.")
@@ -61,6 +63,38 @@ class _QuietLibraries(pylogging.Filter):
         f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain", "jax"))
 
 
+def _unknown_override(argv):
+  """(override, valid keys at its deepest existing level) of the first bad --config.x, or None."""
+  spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+  path, _, arg = spec.partition(":")
+  config = config_lib.load_config(path, arg or None)
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    override = a[len("--config."):].split("=", 1)[0]
+    node = config
+    for part in override.split("."):
+      if not (hasattr(node, "keys") and part in node):
+        return override, sorted(node.keys()) if hasattr(node, "keys") else []
+      node = node[part]
+  return None
+
+
+def _parse_flags(argv):
+  """absl parsing with experiments/synthetic.py as the default config; an unknown --config.x
+  override gives one line listing the valid keys instead of a traceback."""
+  if not any(a.startswith("--config=") for a in argv[1:]):
+    argv = argv[:1] + [f"--config={_DEFAULT_CONFIG}"] + argv[1:]
+  try:
+    return FLAGS(argv)
+  except (KeyError, AttributeError):
+    bad = _unknown_override(argv)
+    if bad is None:
+      raise
+    sys.exit(f"run.py: unknown config field --config.{bad[0]}; valid keys at that level: "
+             f"{', '.join(bad[1])}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -81,4 +115,4 @@ if __name__ == "__main__":
     print(__doc__)
     print(FLAGS.module_help(sys.modules[__name__]))
     sys.exit(0)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

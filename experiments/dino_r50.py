@@ -18,6 +18,9 @@ Launch:
 """
 import ml_collections
 
+from sized_detr_jax import config_lib
+from sized_detr_jax.data import pipeline
+
 
 def _model_config():
   """The detector (sized_detr_jax.models.dino.DINO fields) with DINO-4scale R50 values."""
@@ -95,7 +98,7 @@ def _optimizer_config():
 
 def _shrink(model, smoke):
   model.update(dict(
-      num_classes=80 if not smoke else 5,
+      num_classes=80 if not smoke else 4,  # smoke trains on the 4-class synthetic data
       hidden_dim=32,
       nheads=4,
       dim_feedforward=64,
@@ -106,7 +109,7 @@ def _shrink(model, smoke):
       backbone_width=8,
       gn_groups=8,
       dn_number=10,
-      dn_labelbook_size=80 if not smoke else 5,
+      dn_labelbook_size=80 if not smoke else 4,
       num_select=20 if smoke else 30,
   ))
 
@@ -122,13 +125,23 @@ def get_config(arg=None):
     raise ValueError(f"experiments/dino_r50.py: unknown variant tokens {unknown}; "
                      f"known: {TOKENS}")
   config = ml_collections.ConfigDict()
+  config_lib.add_trainer_fields(config, name="dino_r50" + "".join(f"_{t}" for t in tokens),
+                                total_steps=12 * STEPS_PER_EPOCH, log_every=100,
+                                checkpoint_every=STEPS_PER_EPOCH // 2)
   config.model = _model_config()
   config.criterion = _criterion_config()
   config.optimizer = _optimizer_config()
-  config.batch_size = 16
-  config.total_steps = 12 * STEPS_PER_EPOCH
+  # COCO 2017 at DINO's augmentation, 16 images per step; point train_ann/val_ann and the
+  # image folders at your copy (README, Data).
+  config.data = pipeline.coco_data_config(batch_size=16, eval_batch_size=16)
   if "tiny" in tokens or "smoke" in tokens:
     _shrink(config.model, smoke="smoke" in tokens)
+  if "smoke" in tokens:  # end to end in a minute or two on the embedded synthetic data
+    config.data = config_lib.sibling_config(__file__, "synthetic.py", "smoke").data
+    config.total_steps = 4
+    config.optimizer.lr_drop_steps = ()
+    config.log_every = 2
+    config.checkpoint_every = 2
   if "sized_l1" in tokens or "rescale" in tokens:
     config.criterion.bbox_loss = "sized_l1"
     config.criterion.sized_l1_rescale = "rescale" in tokens

@@ -24,8 +24,8 @@ def get_config(arg=None):
     raise ValueError(f"experiments/synthetic.py: unknown variant tokens {unknown}; known: {TOKENS}")
   base = config_lib.sibling_config(__file__, "dino_r50.py", "tiny")
   config = ml_collections.ConfigDict()
-  config.name = "synthetic" + "".join(f"_{t}" for t in tokens)
-  config.seed = 0
+  config_lib.add_trainer_fields(config, name="synthetic" + "".join(f"_{t}" for t in tokens),
+                                total_steps=2000, log_every=50, checkpoint_every=500)
 
   # Model: DINO-tiny, 4 classes (the pipeline gives contiguous labels 0..3).
   config.model = base.model
@@ -47,15 +47,10 @@ def get_config(arg=None):
 
   config.optimizer = ml_collections.ConfigDict(dict(
       lr=4e-4, lr_backbone_mult=1.0, lr_linear_proj_mult=0.1, weight_decay=1e-4,
-      clip_norm=0.1, lr_drop_steps=(), lr_drop_factor=0.1, warmup_steps=50))
-  config.total_steps = 2000
+      clip_norm=0.1, lr_drop_steps=(), lr_drop_factor=0.1, warmup_steps=50,
+      train_all_backbone=True))  # from scratch: no ImageNet stem/layer1 to keep frozen
   config.optimizer.lr_drop_steps = (int(config.total_steps * 0.85),)
-  config.log_every = 50
-  config.checkpoint_every = 500
   config.keep_checkpoints = 2
-  config.eval_every = 0  # evaluate at the end only
-  config.eval_at_end = True
-  config.num_devices = 0  # 0: every device of every process
 
   if "smoke" in tokens:
     config.data.update(dict(synthetic_num_images=24, batch_size=4, eval_batch_size=8,

@@ -23,3 +23,32 @@ def sibling_config(this_file, filename, arg=None):
 def load_config(path, arg=None):
   """`get_config(arg)` of the config file at `path`."""
   return load_config_module(path).get_config(arg)
+
+
+def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_every=1000,
+                       eval_every=0):
+  """The fields `train.py` reads, with defaults, so every experiment has the same knobs.
+
+  Fields: name, seed, total_steps, log_every, checkpoint_every (0: only at the end),
+  keep_checkpoints, eval_every (0: only at the end), eval_at_end, num_devices (0: all),
+  ema_momentum (None: no EMA params), eval_ema, distributed (jax.distributed.initialize args).
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  config.name = name
+  config.seed = 0
+  config.total_steps = int(total_steps)
+  config.log_every = int(log_every)
+  config.checkpoint_every = int(checkpoint_every)
+  config.keep_checkpoints = 3
+  config.eval_every = int(eval_every)
+  config.eval_at_end = True
+  config.num_devices = 0
+  config.ema_momentum = config_dict.placeholder(float)
+  config.eval_ema = False
+  config.distributed = ml_collections.ConfigDict(dict(
+      enabled=False,
+      coordinator_address=config_dict.placeholder(str),
+      num_processes=config_dict.placeholder(int),
+      process_id=config_dict.placeholder(int)))
+  return config

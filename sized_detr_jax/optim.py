@@ -32,6 +32,15 @@ def lr_schedule(opt_config):
 GROUPS = ("frozen", "backbone", "linear_proj", "default")
 
 
+def effective_labels(labels, opt_config):
+  """Group labels after config: `train_all_backbone=True` trains the "frozen" group (ResNet
+  stem, layer1, frozen-BN affine/statistics) as "backbone", for training from scratch (no
+  ImageNet weights to keep)."""
+  if opt_config.get("train_all_backbone", False):
+    return jax.tree.map(lambda label: "backbone" if label == "frozen" else label, labels)
+  return labels
+
+
 def param_lr_multipliers(labels, opt_config):
   """Per-leaf lr multiplier tree from a tree of group labels (e.g. `dino.param_labels`).
 
@@ -82,12 +91,13 @@ def make_optimizer(params, labels, opt_config):
     labels: pytree like params of group names (`GROUPS`), e.g. from `dino.param_labels`.
     opt_config: ConfigDict with lr, weight_decay, clip_norm, betas (optional), lr_drop_steps,
       lr_drop_factor, warmup_steps, lr_backbone_mult, lr_linear_proj_mult,
-      decay_norm_and_bias.
+      decay_norm_and_bias, train_all_backbone.
 
   Returns:
     (tx, schedule).
   """
   schedule = lr_schedule(opt_config)
+  labels = effective_labels(labels, opt_config)
   b1, b2 = opt_config.get("betas", (0.9, 0.999))
   chain = [zero_frozen(labels)]
   if opt_config.get("clip_norm", 0.1):

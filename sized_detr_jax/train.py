@@ -251,6 +251,9 @@ def _setup(config, workdir):
   from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   mesh = make_mesh(config.get("num_devices"))
   data_info = pipeline.dataset_info(config.data)
+  if config.model.num_classes != data_info["num_classes"]:
+    raise ValueError(f"config.model.num_classes={config.model.num_classes} but the data has "
+                     f"{data_info['num_classes']} categories ({data_info['category_names'][:5]}...)")
   model, param_labels = build_model(config)
   height, width = data_info["buckets"][0]
   example = {"image": jnp.zeros((1, height, width, 3), jnp.float32),

@@ -89,6 +89,10 @@ def test_clip_and_warmup():
   n_trainable = sum(x.size for x in jax.tree.leaves(params)) - 6
   np.testing.assert_allclose(clipped["decoder"]["head"]["kernel"], 1 / np.sqrt(n_trainable), rtol=1e-5)
   assert np.all(clipped["backbone"]["stem"]["kernel"] == 0)
+  # train_all_backbone: the frozen group trains at the backbone rate.
+  tx_all, _ = optim.make_optimizer(params, _labels(params), _opt_config(train_all_backbone=True))
+  upd, _ = tx_all.update(grads, tx_all.init(params), params)
+  assert np.all(upd["backbone"]["stem"]["kernel"] != 0)
   with pytest.raises(ValueError, match="unknown parameter group 'oops'"):
     optim.param_lr_multipliers({"a": "oops"}, _opt_config())
 
