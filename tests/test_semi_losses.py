@@ -1,0 +1,115 @@
+"""semi_losses: per-branch box loss choice (both | sup_only), stage-wise criterion, the
+unsupervised weight, and no unsupervised denoising loss before the switch."""
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from sized_detr_jax import criterion
+from sized_detr_jax import semi
+
+
+def _outputs(rng, b=2, q=6, c=3, dn=4, layers=2):
+  def branch():
+    return {"pred_logits": rng.normal(size=(b, q, c)).astype(np.float32),
+            "pred_boxes": rng.uniform(0.2, 0.6, (b, q, 4)).astype(np.float32)}
+  out = branch()
+  out["aux_outputs"] = [branch() for _ in range(layers - 1)]
+  out["interm_outputs"] = branch()
+  out["dn_outputs"] = {"pred_logits": rng.normal(size=(layers, b, dn, c)).astype(np.float32),
+                       "pred_boxes": rng.uniform(0.2, 0.6, (layers, b, dn, 4)).astype(np.float32)}
+  out["dn_meta"] = {"gt_index": np.array([[0, 1, 0, 1], [0, -1, 0, -1]], np.int32),
+                    "positive": np.array([[1, 1, 0, 0], [1, 0, 0, 0]], bool),
+                    "valid": np.array([[1, 1, 1, 1], [1, 0, 1, 0]], bool)}
+  return out
+
+
+def _targets(rng, b=2, g=3, c=3):
+  boxes = np.concatenate([rng.uniform(0.3, 0.6, (b, g, 2)), rng.uniform(0.05, 0.3, (b, g, 2))],
+                         -1).astype(np.float32)
+  return {"boxes": boxes, "labels": rng.integers(0, c, (b, g)).astype(np.int32),
+          "valid": np.array([[1, 1, 0], [1, 0, 1]], bool),
+          "size": np.array([[64, 80], [72, 64]], np.int32)}
+
+
+def _config(branches, bbox_loss="sized_l1", weight=4.0):
+  return ml_collections.ConfigDict({
+      "criterion": {"bbox_loss": bbox_loss, "cls_loss_coef": 2.0},
+      "semi": {"sized_l1_branches": branches, "unsup_weight": weight}})
+
+
+@pytest.fixture(scope="module")
+def case():
+  rng = np.random.default_rng(0)
+  return _outputs(rng), _targets(rng), _outputs(rng), _targets(rng)
+
+
+_RESULTS = {}
+
+
+def _all_losses(case, stage):
+  """Both variants and the direct criterion calls, computed once per stage. Stage 1 (many
+  small on-device assignment ops) runs faster jitted on CPU, stage 2 (host matching) eagerly."""
+  if stage in _RESULTS:
+    return _RESULTS[stage]
+  run = criterion.one_to_many_criterion if stage == 1 else criterion.dino_criterion
+
+  def fn(out_l, tgt_l, out_u, tgt_u):
+    return {
+        "both": semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("both"), stage),
+        "sup_only": semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("sup_only"), stage),
+        "plain": run(out_u, tgt_u, {"bbox_loss": "l1", "cls_loss_coef": 2.0,
+                                    "use_dn": stage == 2}),
+        "sized": run(out_u, tgt_u, {"bbox_loss": "sized_l1", "cls_loss_coef": 2.0,
+                                    "use_dn": stage == 2}),
+        "sup_sized": run(out_l, tgt_l, {"bbox_loss": "sized_l1", "cls_loss_coef": 2.0}),
+    }
+
+  _RESULTS[stage] = jax.tree.map(float, (jax.jit(fn) if stage == 1 else fn)(*case))
+  return _RESULTS[stage]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sup_only_changes_only_the_unsupervised_box_loss(case, stage):
+  res = _all_losses(case, stage)
+  both, sup_only = res["both"], res["sup_only"]
+  assert set(both) == set(sup_only)
+  changed = {k for k in both if k.startswith("unsup_loss_bbox")}
+  assert changed and all(both[k] != sup_only[k] for k in changed)
+  for k in both:
+    if k not in changed and k not in ("loss", "loss_unsup") and not k.startswith(
+        "unsup_metric_loss_bbox"):
+      assert both[k] == sup_only[k], k
+  # sup_only's unsupervised branch is exactly the plain-L1 criterion on the pseudo-labels.
+  for k in changed:
+    assert sup_only[k] == pytest.approx(res["plain"][k[len("unsup_"):]], rel=1e-6)
+    assert both[k] == pytest.approx(res["sized"][k[len("unsup_"):]], rel=1e-6)
+  # The supervised branch keeps Sized L1 in both variants.
+  assert both["sup_loss_bbox"] == pytest.approx(res["sup_sized"]["loss_bbox"], rel=1e-6)
+  assert sup_only["sup_loss_bbox"] == both["sup_loss_bbox"]
+  # Totals.
+  for r in (both, sup_only):
+    assert r["loss"] == pytest.approx(r["loss_sup"] + 4.0 * r["loss_unsup"], rel=1e-6)
+
+
+def test_unsupervised_denoising_only_after_the_switch(case):
+  stage1, stage2 = _all_losses(case, 1)["both"], _all_losses(case, 2)["both"]
+  assert "sup_loss_bbox_dn" in stage1 and "unsup_loss_bbox_dn" not in stage1
+  assert "unsup_loss_bbox_dn" in stage2
+
+
+def test_l1_baseline_is_l1_everywhere(case):
+  out_l, tgt_l, out_u, tgt_u = case
+  a = semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("both", "l1", 2.0), 2)
+  b = semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("sup_only", "l1", 2.0), 2)
+  assert all(float(a[k]) == float(b[k]) for k in a)
+  assert float(a["loss"]) == pytest.approx(float(a["loss_sup"]) + 2.0 * float(a["loss_unsup"]),
+                                           rel=1e-6)
+
+
+def test_bad_config(case):
+  out_l, tgt_l, out_u, tgt_u = case
+  with pytest.raises(ValueError, match="sized_l1_branches"):
+    semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("unsup_only"), 1)
+  with pytest.raises(ValueError, match="stage"):
+    semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("both"), 3)
