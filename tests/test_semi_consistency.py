@@ -99,3 +99,49 @@ def test_roi_features_feed_projector_and_no_grad_to_teacher_features(projector):
   gp, gm = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, maps)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in gm)
   assert float(jnp.abs(gp["params"]["fc2"]["kernel"]).max()) > 0.0
+
+
+def test_consistency_queries_layout_and_attention_rules():
+  from sized_detr_jax.models import denoising
+  rng = np.random.default_rng(4)
+  b, m, d, groups = 2, 3, 4, 5
+  boxes = rng.uniform(0.2, 0.8, (b, m, 4)).astype(np.float32)
+  content = rng.normal(size=(b, m, d)).astype(np.float32)
+  valid = np.array([[1, 0, 1], [0, 0, 0]], bool)
+  q = cons.consistency_queries(boxes, content, valid, groups=groups)
+  assert q["content"].shape == (b, groups * m, d) and q["valid"].shape == (b, groups * m)
+  for k in range(groups):
+    np.testing.assert_array_equal(q["valid"][:, k * m:(k + 1) * m], valid)
+    np.testing.assert_allclose(q["content"][0, k * m], content[0, 0])
+    np.testing.assert_allclose(q["boxes_unsigmoid"][0, k * m + 2],
+                               np.log(boxes[0, 2] / (1 - boxes[0, 2])), rtol=1e-5)
+  # With a denoising block after it: one mask over [consistency, denoising, matching].
+  dn = denoising.build_denoising_queries(
+      jax.random.key(0), boxes, np.zeros((b, m), np.int32), valid, num_classes=3, dn_number=4,
+      label_noise_ratio=0.5, box_noise_scale=0.4)
+  num_q = 2
+  mask = np.asarray(denoising.denoising_attention_mask(
+      jnp.concatenate([q["group"], dn["group"]], axis=1), num_q))[0]
+  c_slots = groups * m
+  total = mask.shape[0]
+  is_c = np.arange(total) < c_slots
+  is_match = np.arange(total) >= total - num_q
+  is_dn = ~is_c & ~is_match
+  c_valid = np.asarray(q["valid"][0])
+  c_group = np.arange(c_slots) // m
+  for i in np.flatnonzero(c_valid):
+    seen = ~mask[i]
+    want = np.zeros(total, bool)
+    want[:c_slots] = c_valid & (c_group == c_group[i])
+    want[i] = True
+    want[is_match] = True
+    np.testing.assert_array_equal(seen, want)
+  assert mask[np.ix_(is_dn, is_c)].all() and mask[np.ix_(is_match, is_c | is_dn)].all()
+  assert np.asarray(dn["valid"][0]).any()
+
+
+def test_consistency_set():
+  targets = {"valid": np.array([[1, 0, 0, 0]], bool),
+             "initial_valid": np.array([[1, 1, 1, 0]], bool)}
+  mined = np.array([[0, 1, 0, 1]], bool)
+  np.testing.assert_array_equal(cons.consistency_set(targets, mined), [[1, 1, 0, 0]])

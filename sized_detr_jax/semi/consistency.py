@@ -31,8 +31,14 @@ import jax
 import jax.numpy as jnp
 
 from sized_detr_jax.models import roi_align
+from sized_detr_jax.models.layers import inverse_sigmoid
 
 CONSISTENCY_COEF = 10.0
+CONSISTENCY_GROUPS = 5
+# Group ids of consistency slots, disjoint from `models.denoising`'s (valid dn groups are in
+# [0, D), invalid dn slots -1 - slot), so one `denoising_attention_mask` over the concatenated
+# [consistency, denoising] slots applies both sets of rules (for D < 2**20).
+_GROUP_BASE = 1 << 20
 _BN_EPS = 1e-5
 _NORMALIZE_EPS = 1e-12
 
@@ -119,6 +125,55 @@ def roi_features(features: Sequence[jax.Array], boxes_xyxy, *, strides=(8, 16, 3
   return roi_align.multi_level_roi_align(features, jax.lax.stop_gradient(boxes_xyxy),
                                          strides=strides, output_size=output_size,
                                          sampling_ratio=sampling_ratio)
+
+
+def consistency_set(pseudo_targets, mined):
+  """The high-recall boxes that get consistency queries: mined by cost or in the final set.
+
+  As Semi-DETR's unsup_loss (`valid_gt_inds` = GMM-mined indices U score >= 0.4 indices).
+
+  Args:
+    pseudo_targets: `pseudo_labels.pseudo_targets`' dict (`valid` = final set,
+      `initial_valid`).
+    mined: [B, M] bool from `gmm.mine_by_cost` over the initial set.
+
+  Returns:
+    [B, M] bool.
+  """
+  return pseudo_targets["valid"] | (mined & pseudo_targets["initial_valid"])
+
+
+def consistency_queries(boxes_cxcywh, content, valid, *, groups=CONSISTENCY_GROUPS):
+  """Un-noised consistency query groups, placed before the denoising slots.
+
+  As Semi-DETR's prepare_unsup_cdn (consistency part): `groups` copies of every box, the
+  reference point is the box (clamped to [0, 1], inverse-sigmoided), the content is the
+  projector output; group k holds slots [k * M, (k + 1) * M). The student gets the strong-view
+  boxes, the teacher the weak-view boxes with the same content (stop-gradient on its side).
+
+  Args:
+    boxes_cxcywh: [B, M, 4] normalised cxcywh in the view of the pass.
+    content: [B, M, D] projector output (`Projector`).
+    valid: [B, M] bool (`consistency_set`).
+    groups: number of groups (5).
+
+  Returns:
+    dict: `content [B, groups * M, D]`, `boxes_unsigmoid [B, groups * M, 4]` (0 on invalid
+    slots), `valid [B, groups * M]` (the loss mask), `group [B, groups * M]` int32 ids
+    disjoint from `models.denoising`'s, for `denoising_attention_mask` over
+    `concatenate([group, dn group], axis=1)`: a consistency group sees itself and the matching
+    queries only; denoising and matching queries do not see it.
+  """
+  b, m = valid.shape
+  tile = lambda x: jnp.concatenate([x] * groups, axis=1)
+  slot_valid = tile(valid)
+  slot = jnp.arange(groups * m, dtype=jnp.int32)[None, :]
+  group = jnp.where(slot_valid, _GROUP_BASE + slot // m, -_GROUP_BASE - slot)
+  boxes = inverse_sigmoid(jnp.clip(boxes_cxcywh.astype(jnp.float32), 0.0, 1.0))
+  return {"content": jnp.where(slot_valid[..., None], tile(content), 0.0),
+          "boxes_unsigmoid": jnp.where(slot_valid[..., None], tile(boxes), 0.0),
+          "valid": slot_valid,
+          "group": jnp.broadcast_to(group, (b, groups * m)).astype(jnp.int32)}
 
 
 def _l2_normalize(x):
