@@ -204,3 +204,42 @@ def test_no_gradient_to_teacher(outputs):
 def test_bad_method(outputs):
   with pytest.raises(ValueError, match="method"):
     pl.teacher_detections(outputs, np.array([[4, 4]] * 2), method="soft_nms")
+
+
+def test_mapping_with_planned_semi_views():
+  """Teacher boxes = the weak view's exact image of original boxes; after the mapping they
+  must equal the original boxes transformed straight into the strong view (the weak view is
+  axis aligned, so the composition is exact), for every planned strong jitter kind."""
+  from sized_detr_jax.data import transforms
+  cfg = transforms.AugmentConfig(scales=(48, 64), max_size=96)
+  h, w = 90, 120
+  orig = np.array([[10, 12, 50, 40], [60, 30, 110, 85], [5, 50, 30, 88], [40, 5, 80, 30]],
+                  np.float64)
+  g = len(orig)
+  weak_m, strong_m, weak_s, strong_s, teacher_boxes, want = [], [], [], [], [], []
+  for seed in range(8):  # covers translate, rotate and shear strong views
+    rng = np.random.default_rng(seed)
+    weak = transforms.plan_semi_view(rng, h, w, cfg, strong=False)
+    strong = transforms.plan_semi_view(rng, h, w, cfg, strong=True)
+    wb, keep = transforms.transform_boxes(orig, weak.matrix, weak.size)
+    assert keep.all()
+    wh, ww = weak.size
+    teacher_boxes.append(np.stack([(wb[:, 0] + wb[:, 2]) / 2 / ww, (wb[:, 1] + wb[:, 3]) / 2 / wh,
+                                   (wb[:, 2] - wb[:, 0]) / ww, (wb[:, 3] - wb[:, 1]) / wh], -1))
+    sb, _ = transforms.transform_boxes(orig, strong.matrix, strong.size)
+    sh, sw = strong.size
+    want.append(np.stack([(sb[:, 0] + sb[:, 2]) / 2 / sw, (sb[:, 1] + sb[:, 3]) / 2 / sh,
+                          (sb[:, 2] - sb[:, 0]) / sw, (sb[:, 3] - sb[:, 1]) / sh], -1))
+    weak_m.append(weak.matrix)
+    strong_m.append(strong.matrix)
+    weak_s.append(weak.size)
+    strong_s.append(strong.size)
+  n = len(want)
+  logits = np.full((n, g, g), -10.0, np.float32)
+  logits[:, np.arange(g), np.arange(g)] = 6.0 - np.arange(g)  # query i: class i, rank i
+  outputs = {"pred_logits": logits, "pred_boxes": np.asarray(teacher_boxes, np.float32)}
+  weak = {"size": np.asarray(weak_s, np.int32), "matrix": np.asarray(weak_m, np.float32)}
+  strong = {"size": np.asarray(strong_s, np.int32), "matrix": np.asarray(strong_m, np.float32)}
+  tgt = pl.pseudo_targets(outputs, weak, strong, method="topk", max_pseudo=g, max_detections=g)
+  np.testing.assert_array_equal(tgt["labels"], np.tile(np.arange(g), (n, 1)))
+  np.testing.assert_allclose(tgt["boxes"], np.asarray(want), atol=3e-5)
