@@ -1,6 +1,5 @@
 """Cost-based mining: the on-device 1-D GMM EM vs a float64 numpy EM written from sklearn's
 GaussianMixture(diag) equations, and Semi-DETR's threshold rule on synthetic bimodal costs."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +66,7 @@ def costs():
   return padded[:, rows], valid[:, rows], x
 
 
-_threshold = jax.jit(functools.partial(gmm_lib.gmm_cost_threshold))
+_threshold = jax.jit(gmm_lib.gmm_cost_threshold)
 
 
 def test_em_matches_numpy(costs):
