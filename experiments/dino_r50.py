@@ -39,6 +39,7 @@ def _model_config():
       dec_n_points=4,
       backbone_blocks=(3, 4, 6, 3),  # ResNet-50
       backbone_width=64,
+      backbone_norm="frozen_bn",  # "group_norm" trains the whole backbone from scratch
       pe_temperature=20.0,
       gn_groups=32,
       dn_number=100,

@@ -29,8 +29,10 @@ def get_config(arg=None):
 
   # Model: DINO-tiny, 4 classes (the pipeline gives contiguous labels 0..3).
   config.model = base.model
+  # From scratch (no ImageNet weights): a trainable GroupNorm ResNet, widened for capacity.
   config.model.update(num_classes=4, dn_labelbook_size=4, num_queries=30, num_select=30,
-                      dn_number=20)
+                      dn_number=20, backbone_norm="group_norm", backbone_width=16,
+                      hidden_dim=64, dim_feedforward=256, gn_groups=16)
 
   config.criterion = base.criterion
   if "sized_l1" in tokens or "rescale" in tokens:
@@ -46,7 +48,7 @@ def get_config(arg=None):
       eval_size=224, eval_max_size=256, buckets=[(256, 256)]))
 
   config.optimizer = ml_collections.ConfigDict(dict(
-      lr=4e-4, lr_backbone_mult=1.0, lr_linear_proj_mult=0.1, weight_decay=1e-4,
+      lr=1e-3, lr_backbone_mult=1.0, lr_linear_proj_mult=0.1, weight_decay=1e-4,
       clip_norm=0.1, lr_drop_steps=(), lr_drop_factor=0.1, warmup_steps=50,
       train_all_backbone=True))  # from scratch: no ImageNet stem/layer1 to keep frozen
   config.optimizer.lr_drop_steps = (int(config.total_steps * 0.85),)

@@ -10,7 +10,7 @@ from sized_detr_jax import convert_torch as ct
 
 CONFIG = pathlib.Path(__file__).parents[1] / "experiments" / "dino_r50.py"
 
-HIDDEN, FFN, HEADS, LEVELS, POINTS, CLASSES, QUERIES, WIDTH = 32, 64, 4, 4, 4, 5, 20, 8
+HIDDEN, FFN, HEADS, LEVELS, POINTS, CLASSES, QUERIES, WIDTH = 32, 64, 4, 4, 4, 4, 20, 8
 
 
 def _torch_state_dict(rng, enc_layers=1, dec_layers=2):
@@ -143,7 +143,7 @@ def test_errors_list_every_problem(template, state_dict):
   assert "transformer/decoder_layers_1/linear2/bias" in msg and "unfilled" in msg
   assert "transformer.enc_output.weight (3, 3)" in msg and "shape mismatch" in msg
   assert "differ" in msg and "transformer/class_embed/bias" in msg
-  # 91-class heads into a 5-class model: skipped on request, the rest still converts.
+  # 91-class heads into a 4-class model: skipped on request, the rest still converts.
   wide = dict(state_dict)
   for k in [k for k in wide if "class_embed" in k]:
     wide[k] = np.zeros((91,) + wide[k].shape[1:], np.float32)
@@ -152,8 +152,8 @@ def test_errors_list_every_problem(template, state_dict):
 
 
 def test_class_rows_reindex_category_ids(template, state_dict):
-  # Checkpoint heads with 8 "category id" rows; our 5 classes are ids (1, 2, 4, 6, 7).
-  rows = np.array([1, 2, 4, 6, 7])
+  # Checkpoint heads with 8 "category id" rows; our 4 classes are ids (1, 2, 4, 6).
+  rows = np.array([1, 2, 4, 6])
   wide = dict(state_dict)
   rng = np.random.default_rng(3)
   head_w = rng.normal(size=(8, HIDDEN)).astype(np.float32)
@@ -166,7 +166,7 @@ def test_class_rows_reindex_category_ids(template, state_dict):
   np.testing.assert_array_equal(t["class_embed"]["kernel"], head_w[rows].T)
   np.testing.assert_array_equal(t["enc_out_class_embed"]["bias"], head_b[rows])
   np.testing.assert_array_equal(out["label_enc"]["embedding"],
-                                wide["label_enc.weight"][[1, 2, 4, 6, 7, 8]])
+                                wide["label_enc.weight"][[1, 2, 4, 6, 8]])
 
 
 def test_torchvision_backbone_and_merge_roundtrip(template, state_dict, tmp_path):

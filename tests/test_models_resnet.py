@@ -1,4 +1,5 @@
 """ResNet backbone: frozen BN formula, shapes, frozen gradients, padding-invariant mode, size."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,3 +71,29 @@ def test_resnet50_conv_parameter_count():
   bn_channels = sum(int(np.prod(l.shape)) for p, l in leaves if p[-1].key == "scale")
   # torchvision resnet50: 25,557,032 params incl. fc (2048*1000 + 1000) and BN affine (2/ch).
   assert conv + 2 * bn_channels == 25_557_032 - 2_049_000
+
+
+def test_group_norm_variant_trains_everything():
+  """norm="group_norm" (from scratch): GroupNorm statistics and a gradient reaching the stem."""
+  model = resnet.ResNet(**TINY, norm="group_norm")
+  images = jax.random.normal(jax.random.PRNGKey(2), (1, 64, 64, 3))
+  params = model.init(jax.random.PRNGKey(1), images)["params"]
+  assert "mean" not in params["bn1"] and "scale" in params["bn1"]
+
+  # The stem output after its GroupNorm has per-group mean 0 and variance 1 (numpy reference).
+  def stem(p, x):
+    x = nn.Conv(8, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False).apply(
+        {"params": p["conv1"]}, x)
+    return x
+  x = np.asarray(stem(params, images), np.float64)
+  groups = x.reshape(1, 32, 32, 2, 4)  # 8 channels -> min(32, 8 // 4) = 2 groups of 4
+  ref = (groups - groups.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(
+      groups.var(axis=(1, 2, 4), keepdims=True) + 1e-6)
+  got = nn.GroupNorm(num_groups=2).apply({"params": params["bn1"]}, jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), ref.reshape(x.shape), atol=1e-4)
+
+  grads = jax.grad(lambda p: sum(jnp.sum(f ** 2) for f in model.apply({"params": p}, images)))(params)
+  assert np.abs(np.asarray(grads["conv1"]["kernel"])).sum() > 0
+  assert np.abs(np.asarray(grads["layer1_0"]["conv1"]["kernel"])).sum() > 0
+  with pytest.raises(ValueError, match="norm must be one of"):
+    resnet.ResNet(**TINY, norm="batch").init(jax.random.PRNGKey(1), images)

@@ -87,6 +87,8 @@ class DINO(nn.Module):
     hidden_dim, nheads, dim_feedforward, enc_layers, dec_layers, num_queries,
       num_feature_levels, enc_n_points, dec_n_points: transformer settings.
     backbone_blocks, backbone_width: ResNet depth/width ((3, 4, 6, 3), 64 = ResNet-50).
+    backbone_norm: "frozen_bn" (DINO) or "group_norm" (trainable, for training from scratch;
+      see resnet.py).
     pe_temperature: sine position embedding temperature (20).
     gn_groups: GroupNorm groups of the input projections (32).
     dn_number, dn_box_noise_scale, dn_label_noise_ratio, dn_labelbook_size, dn_groups:
@@ -109,6 +111,7 @@ class DINO(nn.Module):
   dec_n_points: int = 4
   backbone_blocks: Sequence[int] = (3, 4, 6, 3)
   backbone_width: int = 64
+  backbone_norm: str = "frozen_bn"
   pe_temperature: float = 20.0
   gn_groups: int = 32
   dn_number: int = 100
@@ -144,7 +147,8 @@ class DINO(nn.Module):
                        f"{images.shape} and {pixel_mask.shape}")
     pixel_mask = pixel_mask.astype(bool)
     feature_mask = pixel_mask if self.padding_invariant else None
-    backbone = ResNet(tuple(self.backbone_blocks), self.backbone_width, dt, name="backbone")
+    backbone = ResNet(tuple(self.backbone_blocks), self.backbone_width, dt,
+                      norm=self.backbone_norm, name="backbone")
     features = backbone(images, feature_mask)
     num_backbone = len(features)
     srcs = []

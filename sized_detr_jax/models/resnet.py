@@ -12,6 +12,10 @@ from weight decay.
 
 `blocks=(3, 4, 6, 3), width=64` is ResNet-50; `blocks=(1, 1, 1, 1), width=8` is the tiny
 variant used by tests and CPU runs.
+
+`norm="group_norm"` is for training from scratch (no ImageNet weights, e.g. the embedded
+synthetic dataset): every FrozenBatchNorm becomes a trainable GroupNorm and nothing is frozen;
+pair it with `optimizer.train_all_backbone=True` so the optimiser updates the stem and layer1.
 """
 from typing import Any, Optional, Sequence
 
@@ -44,6 +48,19 @@ class FrozenBatchNorm(nn.Module):
     return x * mult.astype(self.dtype) + shift.astype(self.dtype)
 
 
+NORMS = ("frozen_bn", "group_norm")
+
+
+def _norm(kind, dtype, name):
+  """FrozenBatchNorm (DINO) or a trainable GroupNorm (from-scratch training)."""
+  if kind == "frozen_bn":
+    return FrozenBatchNorm(dtype, name=name)
+  if kind == "group_norm":
+    return lambda x: nn.GroupNorm(num_groups=min(32, x.shape[-1] // 4), dtype=dtype,
+                                  param_dtype=jnp.float32, name=name)(x)
+  raise ValueError(f"ResNet: norm must be one of {NORMS}, got {kind!r}")
+
+
 def _conv(features, kernel, stride, name, dtype):
   pad = (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
@@ -65,18 +82,19 @@ class Bottleneck(nn.Module):
   stride: int
   downsample: bool
   dtype: Any = jnp.float32
+  norm: str = "frozen_bn"
 
   @nn.compact
   def __call__(self, x, mask=None):
     out = _conv(self.width, 1, 1, "conv1", self.dtype)(x)
-    out = _apply_mask(nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(out)), mask)
+    out = _apply_mask(nn.relu(_norm(self.norm, self.dtype, "bn1")(out)), mask)
     out = _conv(self.width, 3, self.stride, "conv2", self.dtype)(out)
-    out = _apply_mask(nn.relu(FrozenBatchNorm(self.dtype, name="bn2")(out)), mask)
+    out = _apply_mask(nn.relu(_norm(self.norm, self.dtype, "bn2")(out)), mask)
     out = _conv(self.width * EXPANSION, 1, 1, "conv3", self.dtype)(out)
-    out = FrozenBatchNorm(self.dtype, name="bn3")(out)
+    out = _norm(self.norm, self.dtype, "bn3")(out)
     if self.downsample:
       x = _conv(self.width * EXPANSION, 1, self.stride, "downsample_conv", self.dtype)(x)
-      x = FrozenBatchNorm(self.dtype, name="downsample_bn")(x)
+      x = _norm(self.norm, self.dtype, "downsample_bn")(x)
     return _apply_mask(nn.relu(out + x), mask)
 
 
@@ -87,10 +105,13 @@ class ResNet(nn.Module):
     blocks: bottleneck count per stage, (3, 4, 6, 3) for ResNet-50.
     width: stem / layer1 width (64 for ResNet-50); stage i has width * 2**i.
     dtype: compute dtype (parameters stay float32).
+    norm: "frozen_bn" (DINO: frozen BN, stem + layer1 frozen) or "group_norm" (trainable
+      GroupNorm everywhere, nothing frozen; for training from scratch).
   """
   blocks: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
   dtype: Any = jnp.float32
+  norm: str = "frozen_bn"
 
   @property
   def num_channels(self):
@@ -116,7 +137,7 @@ class ResNet(nn.Module):
     x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                 kernel_init=_conv_init, dtype=self.dtype, param_dtype=jnp.float32,
                 name="conv1")(x)
-    x = _apply_mask(nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(x)), pixel_mask)
+    x = _apply_mask(nn.relu(_norm(self.norm, self.dtype, "bn1")(x)), pixel_mask)
     # Activations are >= 0 after ReLU, so max-pool's -inf padding and zeroed padding agree.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     features = []
@@ -124,8 +145,9 @@ class ResNet(nn.Module):
       for block in range(num_blocks):
         stride = 2 if (stage > 0 and block == 0) else 1
         x = Bottleneck(self.width * 2 ** stage, stride, downsample=(block == 0),
-                       dtype=self.dtype, name=f"layer{stage + 1}_{block}")(x, pixel_mask)
-      if stage == 0:
+                       dtype=self.dtype, norm=self.norm,
+                       name=f"layer{stage + 1}_{block}")(x, pixel_mask)
+      if stage == 0 and self.norm == "frozen_bn":
         # Stem and layer1 are frozen in DINO (backbone.py: only layer2-4 train).
         x = jax.lax.stop_gradient(x)
       else:
