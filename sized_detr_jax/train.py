@@ -140,7 +140,7 @@ def make_train_step(model, tx, schedule, config, mesh, state_shardings):
     ema = state.ema_params
     if ema is not None:
       ema = ema_update(ema, params, state.step, ema_momentum)
-    metrics = {**losses, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    metrics = {**losses, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
     return new_state, metrics
@@ -303,27 +303,31 @@ def train_and_evaluate(config, workdir):
                                           process_count=jax.process_count())
   images_per_step = config.data.batch_size
   last_checked, last_metrics, eval_metrics = start, None, None
-  for step in range(start + 1, total + 1):
-    state, metrics = train_step(state, global_batch(next(batches), mesh))
-    is_log = step % config.log_every == 0 or step == total
-    is_ckpt = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total
-    is_eval = ((config.get("eval_every") and step % config.eval_every == 0)
-               or (step == total and config.get("eval_at_end", True)))
-    if is_log or is_ckpt or is_eval:
-      last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      _check_finite(last_metrics, step, last_checked)
-      last_checked = step
-      if is_log:
-        log.write(step, last_metrics, images_per_step=images_per_step)
-      if is_ckpt:
-        ckpt.maybe_save(step, state, {"step": step, "config": config.get("name", "")}, force=True)
-    if is_eval:
-      eval_metrics = run_evaluation(
-          predict_fn, state.params, state.model_state,
-          _eval_batches(config), mesh, data_info, workdir, step, box_loss_share=box_loss_share(last_metrics),
-          title=f"{config.get('name', '')} step {step}")
-  ckpt.close()
-  log.close()
+  try:
+    for step in range(start + 1, total + 1):
+      state, metrics = train_step(state, global_batch(next(batches), mesh))
+      is_log = step % config.log_every == 0 or step == total
+      is_ckpt = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total
+      is_eval = ((config.get("eval_every") and step % config.eval_every == 0)
+                 or (step == total and config.get("eval_at_end", True)))
+      if is_log or is_ckpt or is_eval:
+        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(last_metrics, step, last_checked)
+        last_checked = step
+        if is_log:
+          log.write(step, last_metrics, images_per_step=images_per_step)
+        if is_ckpt:
+          ckpt.maybe_save(step, state, {"step": step, "config": config.get("name", "")},
+                          force=True)
+      if is_eval:
+        eval_metrics = run_evaluation(
+            predict_fn, state.params, state.model_state, _eval_batches(config), mesh, data_info,
+            workdir, step, box_loss_share=box_loss_share(last_metrics),
+            title=f"{config.get('name', '')} step {step}")
+  finally:
+    # Also on errors (a NaN loss): let pending async saves of good steps complete.
+    ckpt.close()
+    log.close()
   if jax.process_index() == 0 and eval_metrics is not None:
     print(f"\nEvaluation ({data_info['val_gt_json']}):\n"
           f"{evaluate.format_metrics_table(eval_metrics)}\n\nFiles in {os.path.abspath(workdir)}: "

@@ -102,3 +102,65 @@ def test_kill9_resume_is_bit_identical_and_eval_files_written(data_root, tmp_pat
       assert record[key] == reference[record["step"]][key], (record["step"], key)
   a, b = _final_params(straight, 6), _final_params(killed, 6)
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):
+  from sized_detr_jax.data import pipeline
+  real = pipeline.build_train_iterator
+
+  def poisoned(*args, **kwargs):  # the batch of step 2 (the second batch) has a NaN pixel
+    for step, batch in enumerate(real(*args, **kwargs), start=kwargs.get("start_step", 0) + 1):
+      if step == 2:
+        batch = dict(batch, image=np.where(np.arange(batch["image"].size).reshape(
+            batch["image"].shape) == 0, np.nan, batch["image"]).astype(batch["image"].dtype))
+      yield batch
+
+  monkeypatch.setattr(pipeline, "build_train_iterator", poisoned)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.NonFiniteLossError, match="at step 2"):
+    train.train_and_evaluate(_config(data_root, total_steps=4, log_every=1, checkpoint_every=1,
+                                     eval_at_end=False, num_devices=1), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
+  assert [r["step"] for r in _metrics(workdir)] == [1]
+
+
+_WORKER = """
+import os, sys
+os.environ.pop("XLA_FLAGS", None)
+os.environ["JAX_NUM_CPU_DEVICES"] = "2"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+sys.argv = ["run.py"] + sys.argv[1:]
+sys.path.insert(0, {root!r})
+import runpy
+runpy.run_path({run_py!r}, run_name="__main__")
+"""
+
+
+def test_two_processes_train_like_one(data_root, tmp_path):
+  """2 processes x 2 CPU devices (jax.distributed on localhost) = 1 process x 4 devices."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  worker = tmp_path / "worker.py"
+  worker.write_text(_WORKER.format(root=ROOT, run_py=os.path.join(ROOT, "run.py")))
+  common = [f"--config={CONFIG}:smoke", f"--config.data.root={data_root}",
+            "--config.total_steps=2", "--config.log_every=1", "--config.checkpoint_every=0",
+            "--config.eval_at_end=False", "--config.distributed.enabled=True",
+            f"--config.distributed.coordinator_address=localhost:{port}",
+            "--config.distributed.num_processes=2"]
+  workdir = str(tmp_path / "multi")
+  procs = [subprocess.Popen([sys.executable, str(worker), *common, f"--workdir={workdir}",
+                             f"--config.distributed.process_id={i}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  single = str(tmp_path / "single")
+  train.train_and_evaluate(_config(data_root, total_steps=2, log_every=1, checkpoint_every=0,
+                                   eval_at_end=False), single)
+  for multi, one in zip(_metrics(workdir), _metrics(single)):
+    assert multi["step"] == one["step"]
+    np.testing.assert_allclose(multi["loss"], one["loss"], rtol=1e-5)
