@@ -11,3 +11,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # optimisation on 2 cores); without most optimisations it compiles about 2x faster and the few
 # steps the tests run are still fast. Numerics are unchanged up to float rounding.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture
+def count_host_calls(monkeypatch):
+  """Wrap the host Hungarian solver; returns the list of cost shapes it was called with."""
+  from sized_detr_jax import matching  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = matching._solve_on_host  # pylint: disable=protected-access
+
+  def counting(cost, gt_valid):
+    calls.append(np.shape(cost))
+    return real(cost, gt_valid)
+
+  monkeypatch.setattr(matching, "_solve_on_host", counting)
+  return calls

@@ -257,19 +257,6 @@ def test_sharded_normalisation_equals_unsharded(example, jitted):
   assert not np.isclose(float(jnp.mean(local(*sharded))), float(want["loss_bbox"]), rtol=1e-3)
 
 
-@pytest.fixture
-def count_host_calls(monkeypatch):
-  calls = []
-  real = matching._solve_on_host
-
-  def counting(cost, gt_valid):
-    calls.append(np.shape(cost))
-    return real(cost, gt_valid)
-
-  monkeypatch.setattr(matching, "_solve_on_host", counting)
-  return calls
-
-
 def test_compute_matches_one_host_call_and_optimal(example, jit_matches, count_host_calls):
   outputs, targets, _ = example
   matches = jit_matches(outputs, targets)

@@ -181,20 +181,6 @@ def test_hungarian_has_no_gradient_path_but_cost_grad_is_finite():
   np.testing.assert_array_equal(np.asarray(grad), want)
 
 
-@pytest.fixture
-def count_host_calls(monkeypatch):
-  """Wrap the host solver; returns the list of cost shapes it was called with."""
-  calls = []
-  real = matching._solve_on_host
-
-  def counting(cost, gt_valid):
-    calls.append(np.shape(cost))
-    return real(cost, gt_valid)
-
-  monkeypatch.setattr(matching, "_solve_on_host", counting)
-  return calls
-
-
 def test_sharded_matching_one_host_call_per_shard(count_host_calls):
   assert jax.device_count() == 4, "tests/conftest.py forces 4 CPU devices"
   mesh = jax.make_mesh((4,), ("data",))
