@@ -7,7 +7,6 @@ r"""Entry point: train, evaluate or summarise a detector from an ml_collections 
 With no --config it uses experiments/synthetic.py (the embedded synthetic dataset).
 Logic lives in the sized_detr_jax package; this file only parses flags and dispatches.
 """
-import importlib
 import logging as pylogging
 import os
 import sys
@@ -34,25 +33,14 @@ FLAGS = flags.FLAGS
 
 
 def _run_mode(mode, config, workdir):
-  """Dispatch to the library module that implements `mode`; explain what is missing if absent."""
-  module_name, fn_name = {
-      "summary": ("sized_detr_jax.summary", "summarize"),
-      "train": ("sized_detr_jax.train", "train_and_evaluate"),
-      "eval": ("sized_detr_jax.train", "evaluate_only"),
-      "predict": ("sized_detr_jax.train", "predict"),
-  }[mode]
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name != module_name:
-      raise
-    sys.exit(f"run.py: --mode={mode} needs {module_name}, which is not implemented yet.")
-  fn = getattr(module, fn_name)
+  """Dispatch to the library function that implements `mode`."""
   if mode == "summary":
-    return fn(config)
+    from sized_detr_jax import summary  # pylint: disable=g-import-not-at-top
+    return summary.summarize(config)
+  from sized_detr_jax import train  # pylint: disable=g-import-not-at-top
   if mode == "predict":
-    return fn(config, workdir, FLAGS.image, min_score=FLAGS.min_score)
-  return fn(config, workdir)
+    return train.predict(config, workdir, FLAGS.image, min_score=FLAGS.min_score)
+  return {"train": train.train_and_evaluate, "eval": train.evaluate_only}[mode](config, workdir)
 
 
 class _QuietLibraries(pylogging.Filter):

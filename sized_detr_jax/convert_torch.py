@@ -26,7 +26,7 @@ and transformer.decoder.bbox_embed.0..5): all copies must be equal and fill one 
 """
 import argparse
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 

@@ -12,8 +12,6 @@ Hungarian matcher runs inside it on the host (`criterion.dino_criterion` with th
 call per device shard). Randomness is `fold_in(rng, step)`, and the data pipeline is indexed by
 step, so a resumed run reproduces an uninterrupted one bit for bit on CPU.
 """
-import functools
-import json
 import os
 import time
 from typing import Any, Optional
