@@ -164,3 +164,15 @@ def test_two_processes_train_like_one(data_root, tmp_path):
   for multi, one in zip(_metrics(workdir), _metrics(single)):
     assert multi["step"] == one["step"]
     np.testing.assert_allclose(multi["loss"], one["loss"], rtol=1e-5)
+
+
+def test_dino_r50_smoke_runs_end_to_end(data_root, tmp_path):
+  """Every experiments config has a smoke variant; synthetic.py:smoke runs in the kill -9 test."""
+  workdir = str(tmp_path / "dino_smoke")
+  out = subprocess.run([sys.executable, "run.py", "--config=experiments/dino_r50.py:smoke",
+                        f"--workdir={workdir}", f"--config.data.root={data_root}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
+  assert out.returncode == 0, out.stderr[-3000:]
+  metrics = json.load(open(os.path.join(workdir, "eval_metrics.json")))
+  assert metrics["step"] == 4 and set(metrics) >= {"AP", "APs", "APm", "APl"}
+  assert [r["step"] for r in _metrics(workdir)] == [2, 4]
