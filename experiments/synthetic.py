@@ -25,7 +25,7 @@ def get_config(arg=None):
   base = config_lib.sibling_config(__file__, "dino_r50.py", "tiny")
   config = ml_collections.ConfigDict()
   config_lib.add_trainer_fields(config, name="synthetic" + "".join(f"_{t}" for t in tokens),
-                                total_steps=600, log_every=50, checkpoint_every=200)
+                                total_steps=1000, log_every=50, checkpoint_every=250)
 
   # Model: DINO-tiny, 4 classes (the pipeline gives contiguous labels 0..3).
   config.model = base.model
@@ -41,13 +41,15 @@ def get_config(arg=None):
     config.criterion.bbox_loss = "sized_l1"
     config.criterion.sized_l1_rescale = "rescale" in tokens
 
-  # Data: the synthetic images at their native scale, one padded shape (one compile).
+  # Data: the synthetic images (160-256 px) resized to a 160-192 px shorter side, one padded
+  # shape (one compile). Measured: 192 px learns ~3x more AP in the 10-minute budget than 256 px
+  # (AP 0.265 after 1000 steps vs 0.094 after 600), since steps are ~1.7x cheaper.
   config.data = pipeline.default_data_config()
   config.data.update(dict(
       root="data_cache/synthetic", synthetic_num_images=512, synthetic_seed=0,
       batch_size=8, eval_batch_size=16, max_boxes=16,
-      scales=(176, 192, 208, 224, 240, 256), max_size=256, random_crop=False,
-      eval_size=224, eval_max_size=256, buckets=[(256, 256)]))
+      scales=(160, 176, 192), max_size=192, random_crop=False,
+      eval_size=176, eval_max_size=192, buckets=((192, 192),)))
 
   config.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, lr_backbone_mult=1.0, lr_linear_proj_mult=0.1, weight_decay=1e-4,
