@@ -144,6 +144,43 @@ def test_eval_batches_cover_val_once_with_padding_and_exact_boxes(cfg):
   assert sorted(i for i in seen if i >= 0) == sorted(images)
 
 
+
+def test_periodic_eval_parses_annotations_once_per_file_version(cfg, tmp_path, monkeypatch):
+  # The trainer asks for the eval iterator (and dataset_info) at every periodic evaluation: the
+  # annotation jsons and the dataset marker must be parsed once, and again only when rewritten.
+  import shutil
+  pipeline.dataset_info(cfg)  # the fixture's dataset exists
+  c = cfg.copy_and_resolve_references()
+  c.root = str(tmp_path / "synthetic")
+  shutil.copytree(cfg.root, c.root)
+  loads = []
+  real_load = json.load
+
+  def counting_load(f, *args, **kwargs):
+    loads.append(os.path.basename(f.name))
+    return real_load(f, *args, **kwargs)
+
+  monkeypatch.setattr(json, "load", counting_load)
+  pipeline.dataset_info(c)
+  pipeline.build_eval_iterator(c)
+  assert sorted(set(loads)) == ["DONE.json", "instances_train.json", "instances_val.json"]
+  assert loads.count("instances_train.json") == loads.count("instances_val.json") == 1
+  loads.clear()
+  for _ in range(3):
+    _, gt_json = pipeline.build_eval_iterator(c)
+    pipeline.dataset_info(c)
+  assert loads == [] and gt_json == synthetic.dataset_paths(c.root)["val"]["ann_file"]
+  # Rewriting the val json (one image fewer) is seen on the next call, and only it is re-read.
+  gt = real_load(open(gt_json))
+  dropped = gt["images"].pop()["id"]
+  gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != dropped]
+  with open(gt_json, "w") as f:
+    json.dump(gt, f)
+  it, _ = pipeline.build_eval_iterator(c)
+  assert loads == ["instances_val.json"]
+  assert pipeline.dataset_info(c)["num_val"] == 15 and len(it) == 3  # ceil(15 / 6)
+  assert dropped not in {int(i) for batch in it for i in batch["image_id"]}
+
 def test_unlabeled_weak_strong_views_and_box_mapping(cfg):
   # The synthetic unlabeled split has no boxes: use the train json as the unlabeled role to
   # check that the recorded matrices map weak-view boxes onto strong-view boxes.

@@ -149,9 +149,48 @@ def choose_bucket(buckets, view_sizes):
 # ----------------------------------------------------------------------------- sources
 
 
+def _file_stamp(path):
+  """(absolute path, mtime ns, size) of a file, or None if it does not exist.
+
+  Cache key of everything parsed from a file: a `stat` per call instead of a parse, and a file
+  rewritten in place (a regenerated dataset, an edited json) is parsed again.
+  """
+  try:
+    st = os.stat(path)
+  except FileNotFoundError:
+    return None
+  return os.path.abspath(path), st.st_mtime_ns, st.st_size
+
+
 @functools.lru_cache(maxsize=16)
-def _coco_source(ann_file, image_dir, require_annotations):
+def _coco_source_at(ann_file, stamp, image_dir, require_annotations):
+  del stamp  # only part of the key
   return coco.CocoSource(ann_file, image_dir, require_annotations=require_annotations)
+
+
+def _coco_source(ann_file, image_dir, require_annotations):
+  """CocoSource of a json, parsed once per version of the file (periodic evaluation asks for
+  the sources at every eval)."""
+  stamp = _file_stamp(ann_file)
+  if stamp is None:  # CocoSource raises the one-line error naming the file
+    return coco.CocoSource(ann_file, image_dir, require_annotations=require_annotations)
+  return _coco_source_at(ann_file, stamp, image_dir, require_annotations)
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_synthetic(root, num_images, seed, marker_stamp):
+  del marker_stamp  # only part of the key: a regenerated dataset is checked again
+  return synthetic.ensure_synthetic_dataset(root, num_images=num_images, seed=seed)
+
+
+def _synthetic_paths(data_cfg):
+  """Paths of the synthetic dataset, generated on first use; its DONE.json marker is read
+  once per version (ensure_synthetic_dataset reads it on every call)."""
+  root, n, seed = data_cfg.root, data_cfg.synthetic_num_images, data_cfg.synthetic_seed
+  stamp = _file_stamp(os.path.join(root, "DONE.json"))
+  if stamp is None:
+    return synthetic.ensure_synthetic_dataset(root, num_images=n, seed=seed)
+  return _checked_synthetic(root, n, seed, stamp)
 
 
 @functools.lru_cache(maxsize=16)
@@ -170,8 +209,7 @@ def get_source(data_cfg, role):
     raise ValueError(f"unknown data role {role!r}")
   kind = data_cfg.source
   if kind == "synthetic":
-    paths = synthetic.ensure_synthetic_dataset(
-        data_cfg.root, num_images=data_cfg.synthetic_num_images, seed=data_cfg.synthetic_seed)
+    paths = _synthetic_paths(data_cfg)
     return _coco_source(paths[role]["ann_file"], paths[role]["image_dir"], role != "unlabeled")
   if kind == "coco":
     ann, images = data_cfg[f"{role}_ann"], data_cfg[f"{role}_images"]
@@ -190,6 +228,21 @@ def get_source(data_cfg, role):
   raise ValueError(f"config.data.source must be 'synthetic', 'coco' or 'tfds', got {kind!r}")
 
 
+def _val_gt_json(data_cfg, val):
+  """COCO ground-truth json of the val source for pycocotools (TFDS: written once)."""
+  if val.gt_json is not None:
+    return val.gt_json
+  folder = data_cfg.gt_cache_dir or tempfile.gettempdir()
+  os.makedirs(folder, exist_ok=True)
+  gt_json = os.path.join(folder, f"{data_cfg.tfds_name.replace('/', '_')}-"
+                                 f"{data_cfg.tfds_val_split}-gt.json")
+  if not os.path.exists(gt_json):
+    tmp = f"{gt_json}.{os.getpid()}.tmp"  # processes sharing a folder never collide
+    val.write_gt_json(tmp)
+    os.replace(tmp, gt_json)
+  return gt_json
+
+
 def dataset_info(data_cfg):
   """What the model, trainer and evaluator need to know about the configured data.
 
@@ -202,18 +255,9 @@ def dataset_info(data_cfg):
   if list(train.category_ids) != list(val.category_ids):
     raise ValueError("train and val sources have different category ids: "
                      f"{list(train.category_ids)} vs {list(val.category_ids)}")
-  gt_json = val.gt_json
-  if gt_json is None:  # TFDS: write one once
-    folder = data_cfg.gt_cache_dir or tempfile.gettempdir()
-    os.makedirs(folder, exist_ok=True)
-    gt_json = os.path.join(folder, f"{data_cfg.tfds_name.replace('/', '_')}-"
-                                   f"{data_cfg.tfds_val_split}-gt.json")
-    if not os.path.exists(gt_json):
-      tmp = f"{gt_json}.{os.getpid()}.tmp"  # processes sharing a folder never collide
-      val.write_gt_json(tmp)
-      os.replace(tmp, gt_json)
   return dict(num_classes=len(train.category_ids), category_ids=train.category_ids,
-              category_names=list(train.category_names), val_gt_json=gt_json,
+              category_names=list(train.category_names),
+              val_gt_json=_val_gt_json(data_cfg, val),
               num_train=len(train), num_val=len(val), buckets=buckets_from_config(data_cfg))
 
 
@@ -479,5 +523,7 @@ def build_eval_iterator(data_cfg, *, process_index=0, process_count=1):
   fn = make_eval_batch_fn(source, data_cfg, process_index=process_index,
                           process_count=process_count)
   steps = -(-len(source) // data_cfg.eval_batch_size)
+  # Only the val source: dataset_info would also open the train source, and this runs at
+  # every periodic evaluation.
   return (BatchIterator(fn, num_steps=steps, num_threads=data_cfg.num_threads,
-                        prefetch=data_cfg.prefetch), dataset_info(data_cfg)["val_gt_json"])
+                        prefetch=data_cfg.prefetch), _val_gt_json(data_cfg, source))
