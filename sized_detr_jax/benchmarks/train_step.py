@@ -1,0 +1,140 @@
+r"""Speed of the real jitted train step (forward, matching, criterion, backward, AdamW).
+
+  python -m sized_detr_jax.benchmarks.train_step            # experiments/synthetic.py, its bucket
+  python -m sized_detr_jax.benchmarks.train_step --config=experiments/dino_r50.py \
+      --size=800x1333 --batch=1 --steps=3                  # full DINO-4scale R50
+  python -m sized_detr_jax.benchmarks.train_step --set=model.dec_layers=3 --set=data.batch_size=4
+
+Builds the step exactly as training does (`train.init_state` + `train.make_train_step` on a
+1-device ("data",) mesh, or `--devices`), feeds one fixed batch of random pixels with `--boxes`
+ground-truth boxes per image, and prints the compile time, the median seconds per step over
+`--steps` steps (after one untimed step) and images per second. The image is padded to
+`--size` (default: the config's smallest bucket, i.e. the padded shape of a training batch).
+"""
+import argparse
+import ast
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sized_detr_jax import config_lib
+from sized_detr_jax import optim
+from sized_detr_jax import train
+from sized_detr_jax.benchmarks.timing import time_interleaved
+from sized_detr_jax.data import pipeline
+
+_EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments")
+
+
+def _apply_override(config, assignment):
+  """`a.b.c=value` (value a Python literal, else a string) onto a ConfigDict."""
+  key, sep, text = assignment.partition("=")
+  if not sep:
+    raise ValueError(f"--set expects key=value, got {assignment!r}")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  *parents, leaf = key.split(".")
+  node = config
+  for name in parents:
+    node = node[name]
+  if leaf not in node:
+    raise ValueError(f"--set {key}: no field {leaf!r}; known: {sorted(node.keys())}")
+  node[leaf] = value
+
+
+def random_batch(batch, height, width, max_boxes, num_boxes, seed=0):
+  """A training batch (data contract, numpy): random pixels, `num_boxes` valid random boxes.
+
+  Returns:
+    dict of image f32 [B, H, W, 3], pixel_mask bool [B, H, W] (all real), boxes f32 [B, G, 4]
+    normalised cxcywh, labels i32 [B, G] (class 0..3), valid bool [B, G], image_id i32 [B],
+    orig_size / size i32 [B, 2] = (H, W).
+  """
+  rng = np.random.default_rng(seed)
+  g, n = max_boxes, min(num_boxes, max_boxes)
+  wh = rng.uniform(0.05, 0.4, (batch, g, 2))
+  centre = rng.uniform(wh / 2, 1 - wh / 2)
+  valid = np.zeros((batch, g), bool)
+  valid[:, :n] = True
+  hw = np.tile(np.array([[height, width]], np.int32), (batch, 1))
+  return {"image": rng.normal(size=(batch, height, width, 3)).astype(np.float32),
+          "pixel_mask": np.ones((batch, height, width), bool),
+          "boxes": np.where(valid[..., None], np.concatenate([centre, wh], -1), 0.0
+                            ).astype(np.float32),
+          "labels": rng.integers(0, 4, (batch, g)).astype(np.int32), "valid": valid,
+          "image_id": np.arange(batch, dtype=np.int32), "orig_size": hw, "size": hw}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default=os.path.join(_EXPERIMENTS, "synthetic.py"))
+  parser.add_argument("--config_arg", default="")
+  parser.add_argument("--size", default="", help="HxW padded image size (default: the "
+                      "config's smallest bucket)")
+  parser.add_argument("--batch", type=int, default=0, help="default: config.data.batch_size")
+  parser.add_argument("--boxes", type=int, default=6, help="valid ground-truth boxes per image")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps")
+  parser.add_argument("--devices", type=int, default=1)
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. model.dec_layers=3 (repeatable)")
+  args = parser.parse_args(argv)
+
+  config = config_lib.load_config(args.config, args.config_arg or None)
+  for assignment in args.set:
+    _apply_override(config, assignment)
+  data_cfg = pipeline.resolve_data_config(config.data)
+  if args.size:
+    height, width = (int(v) for v in args.size.lower().split("x"))
+  else:
+    height, width = pipeline.buckets_from_config(data_cfg)[0]
+  b = args.batch or data_cfg.batch_size
+  if b % args.devices:
+    raise ValueError(f"--batch {b} is not divisible by --devices {args.devices}")
+
+  mesh = train.make_mesh(args.devices)
+  model, param_labels = train.build_model(config)
+  # Params do not depend on the image size: initialise at a small one (cheaper to compile).
+  example = {"image": jnp.zeros((1, 64, 64, 3), jnp.float32),
+             "pixel_mask": jnp.ones((1, 64, 64), bool)}
+  start = time.perf_counter()
+  abstract = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0),
+       "dn": jax.random.PRNGKey(0)}, example["image"], example["pixel_mask"], train=False))
+  tx, schedule = optim.make_optimizer(abstract["params"], param_labels(abstract["params"]),
+                                      config.optimizer)
+  state, shardings = train.init_state(model, tx, config, example, mesh)
+  init_s = time.perf_counter() - start
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+
+  step_fn = train.make_train_step(model, tx, schedule, config, mesh, shardings)
+  batch = train.global_batch(random_batch(b, height, width, data_cfg.max_boxes, args.boxes),
+                             mesh)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+
+  def one_step():  # the state is donated: carry it from step to step
+    nonlocal state
+    state, metrics = compiled(state, batch)
+    return metrics["loss"]
+
+  step_s = time_interleaved({"train_step": one_step}, reps=args.steps, warmup=1)["train_step"]
+  loss = float(one_step())
+  device = jax.devices()[0]
+  print(f"train_step: {device.platform} ({device.device_kind}) x {args.devices}, config "
+        f"{os.path.basename(args.config)}:{args.config_arg or 'default'}"
+        f"{' ' + ' '.join(args.set) if args.set else ''}")
+  print(f"model: {num_params:,} params, dtype {config.model.get('dtype', 'float32')}; batch "
+        f"{b} x {height}x{width}, {min(args.boxes, data_cfg.max_boxes)} boxes/image; "
+        f"loss after {args.steps + 2} steps {loss:.4f}")
+  print(f"init_s: {init_s:.1f}  compile_s: {compile_s:.1f}")
+  print(f"step_s: {step_s:.3f} (median of {args.steps})  img_per_s: {b / step_s:.2f}")
+
+
+if __name__ == "__main__":
+  main()
