@@ -130,6 +130,69 @@ def test_matching_queries_do_not_see_denoising_queries(tiny):
                                np.asarray(out_train["interm_outputs"][key]), atol=1e-5)
 
 
+def _extra_queries(n_groups, per_group, isolated, dim):
+  key = jax.random.PRNGKey(9)
+  n = n_groups * per_group
+  # Drawn for 2 groups and sliced, so group 0 is the same in every call.
+  content = jax.random.normal(key, (2, 2 * per_group, dim))[:, :n]
+  boxes = jax.random.uniform(jax.random.fold_in(key, 1), (2, 2 * per_group, 4), minval=0.2,
+                             maxval=0.6)[:, :n]
+  group = np.repeat(np.arange(n_groups), per_group)[None].repeat(2, 0).astype(np.int32)
+  if n_groups > 1:
+    group[1, -1] = -7  # a padded slot of the last group: sees nothing but itself
+  return {"content": content, "boxes_unsigmoid": jnp.log(boxes / (1 - boxes)),
+          "group": jnp.asarray(group), "isolated": isolated}
+
+
+def test_extra_query_groups(tiny):
+  """Extra slots never change the matching/denoising outputs; isolated groups decode exactly as
+  a separate pass of their own (Co-DETR), non-isolated ones also see the matching queries."""
+  model, dim = tiny["model"], tiny["config"].model.hidden_dim
+  args = (tiny["params"], tiny["images"], tiny["mask"], _targets(2), jax.random.PRNGKey(5))
+  outs = {}
+  for name, (groups, isolated) in {"shared": (2, False), "isolated": (2, True),
+                                   "alone": (1, True)}.items():
+    extra = _extra_queries(groups, 3, isolated, dim)
+    iso = extra.pop("isolated")
+    outs[name] = jax.jit(lambda p, x, m, t, k, e, iso=iso: model.apply(
+        {"params": p}, x, m, t, train=True, rngs={"dn": k},
+        extra_queries={**e, "isolated": iso}))(*args, extra)
+  base = tiny["out"]
+  for name in ("shared", "isolated"):
+    out = outs[name]
+    assert out["extra_outputs"]["hidden"].shape == (len(base["aux_outputs"]) + 1, 2, 6, dim)
+    for key in ("pred_logits", "pred_boxes"):
+      np.testing.assert_allclose(np.asarray(out[key]), np.asarray(base[key]), atol=1e-5)
+      np.testing.assert_allclose(np.asarray(out["dn_outputs"][key]),
+                                 np.asarray(base["dn_outputs"][key]), atol=1e-5)
+  iso, alone, shared = (outs[k]["extra_outputs"] for k in ("isolated", "alone", "shared"))
+  for key in ("hidden", "pred_logits", "pred_boxes"):
+    np.testing.assert_allclose(np.asarray(iso[key][:, :, :3]), np.asarray(alone[key]),
+                               atol=1e-5, rtol=1e-5)
+  assert np.abs(np.asarray(shared["hidden"]) - np.asarray(iso["hidden"])).max() > 1e-3
+
+
+def test_encode_decode_and_five_scales():
+  """`decode(encode(x))` is `__call__`; the 5-scale (C2-C5 + 1) variant has strides 4..64."""
+  config = dino_r50.get_config("smoke")
+  model = dino.build_dino(dict(config.model, num_backbone_levels=4, num_feature_levels=5))
+  images = jax.random.normal(jax.random.PRNGKey(0), (1, SIZE, SIZE, 3))
+  mask = jnp.ones((1, SIZE, SIZE), bool)
+  params = random_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), images, mask)["params"],
+                         seed=2)
+
+  def both(p):
+    enc = model.apply({"params": p}, images, mask, method=dino.DINO.encode)
+    split = model.apply({"params": p}, enc, method=dino.DINO.decode)
+    return enc, split, model.apply({"params": p}, images, mask)
+
+  enc, split, whole = jax.jit(both)(params)
+  assert [m.shape[1] for m in enc["memory_maps"]] == [SIZE // s for s in (4, 8, 16, 32, 64)]
+  assert [s.shape[-1] for s in enc["srcs"]] == [config.model.hidden_dim] * 5
+  for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bfloat16_compute(tiny):
   # Also the only run of the reference (not padding-invariant) code path.
   model = dino.build_dino(dict(tiny["config"].model, dtype="bfloat16", padding_invariant=False))

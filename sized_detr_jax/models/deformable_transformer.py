@@ -335,45 +335,60 @@ class DeformableTransformer(nn.Module):
     """sigmoid(box_mlp(hidden) + inverse_sigmoid(reference)), float32 [.., 4]."""
     return jax.nn.sigmoid(self.bbox_embed(hidden).astype(jnp.float32) + inverse_sigmoid(reference))
 
-  def __call__(self, srcs, masks, pos_embeds, dn_content=None, dn_reference=None,
-               self_attn_blocked=None):
-    """Runs encoder, query selection and decoder.
+  def encode(self, srcs, masks, pos_embeds):
+    """Runs the deformable encoder.
 
     Args:
       srcs: list of L maps [B, H_l, W_l, C] (projected features).
       masks: list of L [B, H_l, W_l] bool, True on real pixels.
       pos_embeds: list of L [B, H_l, W_l, C] sine position embeddings.
-      dn_content: optional [B, D, C] denoising content queries (placed before the matching
-        queries).
-      dn_reference: optional [B, D, 4] denoising reference boxes, unsigmoided cxcywh.
-      self_attn_blocked: optional [B, D + Q, D + Q] bool decoder self-attention mask.
 
     Returns:
-      dict with `logits` [n_dec, B, D + Q, C] and `boxes` [n_dec, B, D + Q, 4] (normalised
-      cxcywh) for every decoder layer, and `interm_logits` [B, Q, C], `interm_boxes` [B, Q, 4]
-      for the selected encoder proposals. All float32.
+      memory: [B, S, C] encoder output over the S = sum H_l * W_l tokens (level-major,
+      row-major), in the compute dtype.
     """
     if len(srcs) != self.n_levels:
       raise ValueError(f"DeformableTransformer: got {len(srcs)} levels, expected "
                        f"{self.n_levels}")
     b = srcs[0].shape[0]
-    spatial_shapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in srcs)
+    spatial_shapes = _spatial_shapes(masks)
+    flat = lambda x: x.reshape(b, -1, x.shape[-1])
+    src = jnp.concatenate([flat(s) for s in srcs], axis=1).astype(self.dtype)  # [B, S, C]
+    token_mask = _token_mask(masks)
+    pos = jnp.concatenate([flat(p) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)],
+                          axis=1).astype(self.dtype)
+    ref_enc = encoder_reference_points(spatial_shapes, valid_ratios(masks))
+    memory = src
+    for layer in self.encoder_layers:
+      memory = layer(memory, pos, ref_enc, spatial_shapes, token_mask)
+    return memory
+
+  def decode(self, memory, masks, prefix_content=None, prefix_reference=None,
+             self_attn_blocked=None):
+    """Mixed query selection and the refining decoder.
+
+    Args:
+      memory: [B, S, C] from `encode`.
+      masks: list of L [B, H_l, W_l] bool, True on real pixels (gives the level shapes).
+      prefix_content: optional [B, P, C] content of extra slots placed before the matching
+        queries (denoising and other query groups).
+      prefix_reference: optional [B, P, 4] their reference boxes, unsigmoided cxcywh.
+      self_attn_blocked: optional [B, P + Q, P + Q] bool decoder self-attention mask.
+
+    Returns:
+      dict with `logits` [n_dec, B, P + Q, C], `boxes` [n_dec, B, P + Q, 4] (normalised
+      cxcywh) and `hidden` [n_dec, B, P + Q, C] (decoder-normed states) for every decoder
+      layer, and `interm_logits` [B, Q, C], `interm_boxes` [B, Q, 4] for the selected encoder
+      proposals. All float32 except `hidden` (compute dtype).
+    """
+    b = memory.shape[0]
+    spatial_shapes = _spatial_shapes(masks)
     num_tokens = sum(h * w for h, w in spatial_shapes)
     if self.num_queries > num_tokens:
       raise ValueError(f"DeformableTransformer: num_queries {self.num_queries} > encoder "
                        f"tokens {num_tokens} (image too small for the config)")
-    flat = lambda x: x.reshape(b, -1, x.shape[-1])
-    src = jnp.concatenate([flat(s) for s in srcs], axis=1).astype(self.dtype)  # [B, S, C]
-    token_mask = jnp.concatenate([m.reshape(b, -1) for m in masks], axis=1)  # [B, S]
-    pos = jnp.concatenate([flat(p) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)],
-                          axis=1).astype(self.dtype)
+    token_mask = _token_mask(masks)
     ratios = valid_ratios(masks)  # [B, L, 2]
-
-    # Encoder.
-    ref_enc = encoder_reference_points(spatial_shapes, ratios)
-    memory = src
-    for layer in self.encoder_layers:
-      memory = layer(memory, pos, ref_enc, spatial_shapes, token_mask)
 
     # Mixed query selection (two_stage_type "standard").
     proposals, usable = encoder_proposals(token_mask, spatial_shapes)
@@ -392,9 +407,9 @@ class DeformableTransformer(nn.Module):
     reference_unsig = jax.lax.stop_gradient(ref_undetached)
     tgt = jnp.broadcast_to(self.tgt_embed.astype(self.dtype)[None],
                            (b, self.num_queries, self.d_model))
-    if dn_content is not None:
-      tgt = jnp.concatenate([dn_content.astype(self.dtype), tgt], axis=1)
-      reference_unsig = jnp.concatenate([dn_reference.astype(jnp.float32), reference_unsig],
+    if prefix_content is not None:
+      tgt = jnp.concatenate([prefix_content.astype(self.dtype), tgt], axis=1)
+      reference_unsig = jnp.concatenate([prefix_reference.astype(jnp.float32), reference_unsig],
                                         axis=1)
 
     # Decoder with iterative refinement and look-forward-twice.
@@ -417,5 +432,22 @@ class DeformableTransformer(nn.Module):
       normed.append(self.decoder_norm(hidden))
     logits = jnp.stack([self.class_embed(h).astype(jnp.float32) for h in normed])
     boxes = jnp.stack([self._box(h, r) for h, r in zip(normed, references[:-1])])
-    return {"logits": logits, "boxes": boxes, "interm_logits": interm_logits,
-            "interm_boxes": interm_boxes}
+    return {"logits": logits, "boxes": boxes, "hidden": jnp.stack(normed),
+            "interm_logits": interm_logits, "interm_boxes": interm_boxes}
+
+  def __call__(self, srcs, masks, pos_embeds, prefix_content=None, prefix_reference=None,
+               self_attn_blocked=None):
+    """`decode(encode(srcs, masks, pos_embeds), masks, ...)`; see both."""
+    return self.decode(self.encode(srcs, masks, pos_embeds), masks, prefix_content,
+                       prefix_reference, self_attn_blocked)
+
+
+def _spatial_shapes(masks):
+  """Static ((H_l, W_l), ...) of the level masks."""
+  return tuple((int(m.shape[1]), int(m.shape[2])) for m in masks)
+
+
+def _token_mask(masks):
+  """[B, S] bool over the flattened levels."""
+  b = masks[0].shape[0]
+  return jnp.concatenate([m.reshape(b, -1) for m in masks], axis=1)

@@ -11,6 +11,12 @@ Outputs follow the shared data contract: `pred_logits [B,Q,C]`, `pred_boxes [B,Q
 (top-Q encoder proposals) and, in training with targets, `dn_outputs` ([L,B,D,...] for all
 decoder layers) and `dn_meta` (gt_index / positive / valid, [B,D]).
 
+`DINO.encode` (backbone, projections, encoder) and `DINO.decode` (query selection, denoising,
+decoder) can be applied separately (`model.apply(vars, ..., method=DINO.encode)`): Semi-DETR
+decodes the teacher's encoding twice, Co-DINO runs its auxiliary heads on the encoder memory in
+between. `decode` also takes extra query groups (`extra_queries`): Semi-DETR's consistency
+queries and Co-DETR's customized positive queries.
+
 `postprocess` turns outputs into top-300 detections over queries x classes.
 `param_labels` tags every parameter for the optimiser: "frozen" (frozen BN, stem, layer1),
 "backbone" (lr 1e-5 in DINO), "linear_proj" (sampling offsets, lr x 0.1) or "default".
@@ -98,6 +104,8 @@ class DINO(nn.Module):
     dtype: "float32" or "bfloat16" compute (params stay float32).
     msda_implementation: `msda.IMPLEMENTATIONS` key.
     remat: rematerialise transformer layers in the backward pass (memory for compute).
+    num_backbone_levels: 3 (C3-C5, strides 8-32: DINO-4scale) or 4 (C2-C5, strides 4-32:
+      Co-DINO 5-scale with num_feature_levels=5).
   """
   num_classes: int = 91
   hidden_dim: int = 256
@@ -124,10 +132,36 @@ class DINO(nn.Module):
   msda_implementation: str = "gather"
   remat: bool = False
 
-  @nn.compact
+  num_backbone_levels: int = 3
+
+  def setup(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f"DINO: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+    if self.num_feature_levels < self.num_backbone_levels:
+      raise ValueError(f"DINO: num_feature_levels {self.num_feature_levels} < "
+                       f"num_backbone_levels {self.num_backbone_levels}")
+    dt = DTYPES[self.dtype]
+    self.backbone = ResNet(tuple(self.backbone_blocks), self.backbone_width, dt,
+                           norm=self.backbone_norm, num_levels=self.num_backbone_levels)
+    # 1x1 projections of the backbone levels, then 3x3 stride-2 convs for the extra levels
+    # (the first on C5, the next ones on the previous extra level).
+    self.input_proj = [
+        InputProjection(self.hidden_dim, 1 if lvl < self.num_backbone_levels else 3,
+                        1 if lvl < self.num_backbone_levels else 2, self.gn_groups, dt)
+        for lvl in range(self.num_feature_levels)]
+    self.label_enc = nn.Embed(self.dn_labelbook_size + 1, self.hidden_dim,
+                              embedding_init=nn.initializers.normal(1.0), param_dtype=jnp.float32)
+    self.transformer = DeformableTransformer(
+        num_classes=self.num_classes, d_model=self.hidden_dim, n_heads=self.nheads,
+        dim_feedforward=self.dim_feedforward, num_queries=self.num_queries,
+        enc_layers=self.enc_layers, dec_layers=self.dec_layers,
+        n_levels=self.num_feature_levels, enc_n_points=self.enc_n_points,
+        dec_n_points=self.dec_n_points, padding_invariant=self.padding_invariant, dtype=dt,
+        msda_implementation=self.msda_implementation, remat=self.remat)
+
   def __call__(self, images, pixel_mask, targets: Optional[Dict[str, jax.Array]] = None,
-               train: bool = False):
-    """Runs the detector.
+               train: bool = False, extra_queries: Optional[Dict[str, Any]] = None):
+    """Runs the detector: `decode(encode(images, pixel_mask), targets, train, extra_queries)`.
 
     Args:
       images: [B, H, W, 3] float32, ImageNet-normalised, padded.
@@ -135,39 +169,87 @@ class DINO(nn.Module):
       targets: optional dict with `boxes` [B, G, 4] (normalised cxcywh), `labels` [B, G] int32,
         `valid` [B, G] bool (e.g. the batch dict). Used for denoising when `train`.
       train: adds denoising queries when targets are given (needs the "dn" rng).
+      extra_queries: optional extra query groups, see `decode`.
 
     Returns:
       The outputs dict of the data contract (all float32).
     """
-    if self.dtype not in DTYPES:
-      raise ValueError(f"DINO: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-    dt = DTYPES[self.dtype]
+    outputs = self.decode(self.encode(images, pixel_mask), targets, train, extra_queries)
+    if self.is_initializing():
+      # Keep label_enc in the params tree for inference-only init (DINO has it always).
+      self.label_enc(jnp.zeros((1,), jnp.int32))
+    return outputs
+
+  def encode(self, images, pixel_mask):
+    """Backbone, input projections and the deformable encoder.
+
+    Args:
+      images: [B, H, W, 3] float32, ImageNet-normalised, padded.
+      pixel_mask: [B, H, W] bool, True on real pixels.
+
+    Returns:
+      dict of per-level lists (finest first, L = num_feature_levels): `srcs` [B, H_l, W_l, D]
+      projected input maps (the "neck" features: Semi-DETR's RoIAlign source), `masks`
+      [B, H_l, W_l] bool (True = real pixel) and `memory_maps` [B, H_l, W_l, D] the encoder
+      output reshaped back per level (Co-DINO's auxiliary-head input).
+    """
     if images.ndim != 4 or images.shape[-1] != 3 or pixel_mask.shape != images.shape[:3]:
       raise ValueError(f"DINO: images must be [B,H,W,3] and pixel_mask [B,H,W], got "
                        f"{images.shape} and {pixel_mask.shape}")
     pixel_mask = pixel_mask.astype(bool)
     feature_mask = pixel_mask if self.padding_invariant else None
-    backbone = ResNet(tuple(self.backbone_blocks), self.backbone_width, dt,
-                      norm=self.backbone_norm, name="backbone")
-    features = backbone(images, feature_mask)
-    num_backbone = len(features)
+    features = self.backbone(images, feature_mask)
     srcs = []
-    for lvl in range(self.num_feature_levels):
-      if lvl < num_backbone:
-        proj = InputProjection(self.hidden_dim, 1, 1, self.gn_groups, dt, name=f"input_proj_{lvl}")
+    for lvl, proj in enumerate(self.input_proj):
+      if lvl < len(features):
         srcs.append(proj(features[lvl], feature_mask))
       else:
-        # Extra levels: 3x3 stride-2 conv on C5 first, then on the previous extra level.
-        proj = InputProjection(self.hidden_dim, 3, 2, self.gn_groups, dt, name=f"input_proj_{lvl}")
-        srcs.append(proj(features[-1] if lvl == num_backbone else srcs[-1], feature_mask))
+        srcs.append(proj(features[-1] if lvl == len(features) else srcs[-1], feature_mask))
     masks = [downsample_mask(pixel_mask, s.shape[1:3]) for s in srcs]
     pos = [sine_position_embedding(m, num_pos_feats=self.hidden_dim // 2,
                                    temperature=self.pe_temperature) for m in masks]
+    memory = self.transformer.encode(srcs, masks, pos)
+    memory_maps, start = [], 0
+    for s in srcs:
+      b, h, w, c = s.shape
+      memory_maps.append(memory[:, start:start + h * w].reshape(b, h, w, c))
+      start += h * w
+    return {"srcs": srcs, "masks": masks, "memory_maps": memory_maps}
 
-    label_enc = nn.Embed(self.dn_labelbook_size + 1, self.hidden_dim,
-                         embedding_init=nn.initializers.normal(1.0), param_dtype=jnp.float32,
-                         name="label_enc")
+  def decode(self, encoded, targets: Optional[Dict[str, jax.Array]] = None, train: bool = False,
+             extra_queries: Optional[Dict[str, Any]] = None):
+    """Query selection, denoising and extra query groups, and the decoder.
+
+    Args:
+      encoded: `encode`'s dict (only `masks` and `memory_maps` are read).
+      targets, train: as `__call__` (denoising queries when train and targets are given).
+      extra_queries: optional dict of N extra slots decoded with the matching queries:
+        `content` [B, N, D], `boxes_unsigmoid` [B, N, 4] (inverse-sigmoid of normalised cxcywh
+        reference boxes), `group` [B, N] int32 (slots with the same id >= 0 attend to each
+        other; give padding unique negative ids) and optional `isolated` (Python bool, default
+        False). They are placed before the denoising slots (Semi-DETR's order). Nobody else
+        attends to them; with isolated=False they see the matching queries (DINO's denoising
+        rule: Semi-DETR's consistency queries), with isolated=True only their own group (one
+        Co-DETR auxiliary decoder pass per group, batched into this pass).
+
+    Returns:
+      The outputs dict of the data contract, plus `extra_outputs` when extra_queries is given:
+      `hidden` [L, B, N, D] decoder-normed states, `pred_logits` [L, B, N, C], `pred_boxes`
+      [L, B, N, 4] (normalised cxcywh) for every decoder layer.
+    """
+    masks = encoded["masks"]
+    b = masks[0].shape[0]
+    memory = jnp.concatenate([m.reshape(b, -1, m.shape[-1]) for m in encoded["memory_maps"]],
+                             axis=1)
     use_dn = train and targets is not None and self.dn_number > 0
+    contents, references, groups = [], [], []
+    if extra_queries is not None:
+      n = extra_queries["group"].shape[1]
+      contents.append(extra_queries["content"].astype(jnp.float32))
+      references.append(extra_queries["boxes_unsigmoid"].astype(jnp.float32))
+      groups.append(_disjoint_groups(extra_queries["group"]))
+    else:
+      n = 0
     dn = None
     if use_dn:
       dn = denoising.build_denoising_queries(
@@ -175,38 +257,49 @@ class DINO(nn.Module):
           num_classes=self.num_classes, dn_number=self.dn_number,
           label_noise_ratio=self.dn_label_noise_ratio,
           box_noise_scale=self.dn_box_noise_scale, dn_groups=self.dn_groups)
-      content = jnp.where(dn["valid"][..., None], label_enc(dn["labels"]), 0.0)
-      blocked = denoising.denoising_attention_mask(dn["group"], self.num_queries)
-    else:
-      # Keep label_enc in the params tree for inference-only init (DINO has it always).
-      content = None
-      blocked = None
-      if self.is_initializing():
-        label_enc(jnp.zeros((1,), jnp.int32))
-
-    transformer = DeformableTransformer(
-        num_classes=self.num_classes, d_model=self.hidden_dim, n_heads=self.nheads,
-        dim_feedforward=self.dim_feedforward, num_queries=self.num_queries,
-        enc_layers=self.enc_layers, dec_layers=self.dec_layers,
-        n_levels=self.num_feature_levels, enc_n_points=self.enc_n_points,
-        dec_n_points=self.dec_n_points, padding_invariant=self.padding_invariant, dtype=dt,
-        msda_implementation=self.msda_implementation, remat=self.remat, name="transformer")
-    out = transformer(srcs, masks, pos, content, None if dn is None else dn["boxes_unsigmoid"],
-                      blocked)
-    d = 0 if dn is None else dn["valid"].shape[1]
-    logits, boxes = out["logits"], out["boxes"]  # [L, B, D + Q, ...]
+      contents.append(jnp.where(dn["valid"][..., None], self.label_enc(dn["labels"]), 0.0))
+      references.append(dn["boxes_unsigmoid"])
+      groups.append(dn["group"])
+    content = reference = blocked = None
+    if groups:
+      content = jnp.concatenate(contents, axis=1)
+      reference = jnp.concatenate(references, axis=1)
+      blocked = denoising.denoising_attention_mask(jnp.concatenate(groups, axis=1),
+                                                   self.num_queries)
+      if extra_queries is not None and extra_queries.get("isolated", False):
+        t = blocked.shape[-1]
+        is_extra = jnp.arange(t) < n
+        blocked = blocked | (is_extra[:, None] & ~is_extra[None, :])[None]
+    out = self.transformer.decode(memory, masks, content, reference, blocked)
+    p = content.shape[1] if content is not None else 0
+    logits, boxes = out["logits"], out["boxes"]  # [L, B, P + Q, ...]
     outputs = {
-        "pred_logits": logits[-1, :, d:],
-        "pred_boxes": boxes[-1, :, d:],
-        "aux_outputs": [{"pred_logits": logits[i, :, d:], "pred_boxes": boxes[i, :, d:]}
+        "pred_logits": logits[-1, :, p:],
+        "pred_boxes": boxes[-1, :, p:],
+        "aux_outputs": [{"pred_logits": logits[i, :, p:], "pred_boxes": boxes[i, :, p:]}
                         for i in range(logits.shape[0] - 1)],
         "interm_outputs": {"pred_logits": out["interm_logits"],
                            "pred_boxes": out["interm_boxes"]},
     }
     if dn is not None:
-      outputs["dn_outputs"] = {"pred_logits": logits[:, :, :d], "pred_boxes": boxes[:, :, :d]}
+      outputs["dn_outputs"] = {"pred_logits": logits[:, :, n:p], "pred_boxes": boxes[:, :, n:p]}
       outputs["dn_meta"] = {k: dn[k] for k in ("gt_index", "positive", "valid")}
+    if extra_queries is not None:
+      outputs["extra_outputs"] = {"hidden": out["hidden"][:, :, :n].astype(jnp.float32),
+                                  "pred_logits": logits[:, :, :n], "pred_boxes": boxes[:, :, :n]}
     return outputs
+
+
+# Extra-query group ids are moved here so they never equal a denoising group id (valid dn
+# groups are in [0, 2 * dn_number), padded dn slots -1 - slot).
+_EXTRA_GROUP_BASE = 1 << 24
+
+
+def _disjoint_groups(group):
+  """[B, N] int32 extra-slot group ids -> ids disjoint from `models.denoising`'s."""
+  slot = jnp.arange(group.shape[1], dtype=jnp.int32)[None, :]
+  return jnp.where(group >= 0, _EXTRA_GROUP_BASE + (group % _EXTRA_GROUP_BASE),
+                   -_EXTRA_GROUP_BASE - slot).astype(jnp.int32)
 
 
 # config.model keys that configure loading/postprocessing, not the module.

@@ -99,7 +99,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet trunk returning the layer2/3/4 feature maps.
+  """ResNet trunk returning the layer2/3/4 (or layer1-4) feature maps.
 
   Attributes:
     blocks: bottleneck count per stage, (3, 4, 6, 3) for ResNet-50.
@@ -112,11 +112,12 @@ class ResNet(nn.Module):
   width: int = 64
   dtype: Any = jnp.float32
   norm: str = "frozen_bn"
+  num_levels: int = 3
 
   @property
   def num_channels(self):
-    """Channels of the returned maps (strides 8, 16, 32)."""
-    return tuple(self.width * 2 ** i * EXPANSION for i in (1, 2, 3))
+    """Channels of the returned maps (strides 8, 16, 32; with num_levels=4 also 4 first)."""
+    return tuple(self.width * 2 ** i * EXPANSION for i in range(4 - self.num_levels, 4))
 
   @nn.compact
   def __call__(self, images, pixel_mask: Optional[jax.Array] = None):
@@ -129,10 +130,13 @@ class ResNet(nn.Module):
         (padding-invariant mode; PyTorch DINO does not do this).
 
     Returns:
-      List of 3 maps [B, H/s, W/s, C_s] for strides s = 8, 16, 32 (ceil division).
+      List of `num_levels` maps [B, H/s, W/s, C_s] for strides s = 8, 16, 32 (ceil division),
+      preceded by s = 4 (layer1, frozen: no gradient) when num_levels = 4 (Co-DINO 5-scale).
     """
     if len(self.blocks) != 4:
       raise ValueError(f"ResNet: blocks must have 4 stages, got {self.blocks}")
+    if self.num_levels not in (3, 4):
+      raise ValueError(f"ResNet: num_levels must be 3 or 4, got {self.num_levels}")
     x = _apply_mask(images.astype(self.dtype), pixel_mask)
     x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                 kernel_init=_conv_init, dtype=self.dtype, param_dtype=jnp.float32,
@@ -150,6 +154,5 @@ class ResNet(nn.Module):
       if stage == 0 and self.norm == "frozen_bn":
         # Stem and layer1 are frozen in DINO (backbone.py: only layer2-4 train).
         x = jax.lax.stop_gradient(x)
-      else:
-        features.append(x)
-    return features
+      features.append(x)
+    return features[4 - self.num_levels:]
