@@ -57,6 +57,7 @@ def default_data_config():
       source="synthetic",          # "synthetic" | "coco" | "tfds"
       # synthetic: generated under `root` on first use
       root="data_cache/synthetic", synthetic_num_images=512, synthetic_seed=0,
+      synthetic_num_val=0, synthetic_num_unlabeled=0,  # 0: the generator's defaults
       # coco: instances json + image folder per role ("" = unused)
       train_ann="", train_images="", val_ann="", val_images="",
       unlabeled_ann="", unlabeled_images="",
@@ -178,19 +179,23 @@ def _coco_source(ann_file, image_dir, require_annotations):
 
 
 @functools.lru_cache(maxsize=16)
-def _checked_synthetic(root, num_images, seed, marker_stamp):
+def _checked_synthetic(root, num_images, seed, counts, marker_stamp):
   del marker_stamp  # only part of the key: a regenerated dataset is checked again
-  return synthetic.ensure_synthetic_dataset(root, num_images=num_images, seed=seed)
+  return synthetic.ensure_synthetic_dataset(root, num_images=num_images, seed=seed, **dict(counts))
 
 
 def _synthetic_paths(data_cfg):
   """Paths of the synthetic dataset, generated on first use; its DONE.json marker is read
   once per version (ensure_synthetic_dataset reads it on every call)."""
   root, n, seed = data_cfg.root, data_cfg.synthetic_num_images, data_cfg.synthetic_seed
+  # Only non-default counts are passed (and recorded in the marker), so datasets generated
+  # before these fields existed still match.
+  counts = tuple((k, int(data_cfg[f"synthetic_{k}"])) for k in ("num_val", "num_unlabeled")
+                 if data_cfg[f"synthetic_{k}"])
   stamp = _file_stamp(os.path.join(root, "DONE.json"))
   if stamp is None:
-    return synthetic.ensure_synthetic_dataset(root, num_images=n, seed=seed)
-  return _checked_synthetic(root, n, seed, stamp)
+    return synthetic.ensure_synthetic_dataset(root, num_images=n, seed=seed, **dict(counts))
+  return _checked_synthetic(root, n, seed, counts, stamp)
 
 
 @functools.lru_cache(maxsize=16)
