@@ -69,22 +69,72 @@ def make_mesh(num_devices=None):
 
 
 def global_batch(local_batch, mesh):
-  """Process-local numpy batch dict -> global jax arrays sharded on the batch axis."""
+  """Process-local numpy batch (a dict, possibly nested) -> global jax arrays sharded on the
+  batch axis."""
   sharding = NamedSharding(mesh, P(DATA_AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+                      local_batch)
 
 
 # ---------------------------------------------------------------------------------------------
 # Model, state and step.
 # ---------------------------------------------------------------------------------------------
+METHODS = ("dino", "semi_detr", "co_dino")
+
+
+def _method(config):
+  method = config.get("method", "dino")
+  if method not in METHODS:
+    raise ValueError(f"config.method must be one of {METHODS}, got {method!r}")
+  return method
+
+
 def build_model(config):
-  """(Flax module, param_labels function) for `config.model` (DINO; Co-DINO later)."""
+  """(Flax module, param_labels function) for `config.method` and `config.model`.
+
+  Every module is called as `model.apply(vars, images, pixel_mask, targets=None, train=False)`
+  and returns DINO outputs, so evaluation and prediction do not depend on the method.
+  """
+  method = _method(config)
+  if method == "semi_detr":
+    from sized_detr_jax.semi import model as semi_model  # pylint: disable=g-import-not-at-top
+    return semi_model.build_semi_detr(config)
+  if method == "co_dino":
+    from sized_detr_jax import co_dino  # pylint: disable=g-import-not-at-top
+    return co_dino.build_co_dino(config)
   from sized_detr_jax.models import dino  # pylint: disable=g-import-not-at-top
   return dino.build_dino(config.model), dino.param_labels
 
 
-def _images(batch):
+def make_loss_fn(model, config, mesh, stage=1):
+  """`loss_fn(params, state, batch, rng) -> (loss, metrics dict)` of `config.method`.
+
+  `stage` (static) selects Semi-DETR's one-to-many (1) or one-to-one (2) stage.
+  """
+  method = _method(config)
+  if method == "semi_detr":
+    from sized_detr_jax.semi import step as semi_step  # pylint: disable=g-import-not-at-top
+    return semi_step.make_semi_loss(model, config, mesh, stage, data_axis=DATA_AXIS)
+  if method == "co_dino":
+    from sized_detr_jax import co_dino  # pylint: disable=g-import-not-at-top
+    criterion_fn = co_dino.co_dino_criterion
+  else:
+    criterion_fn = criterion_lib.dino_criterion
+
+  def loss_fn(params, state, batch, rng):
+    dn_rng, dropout_rng = jax.random.split(rng)
+    outputs = model.apply({"params": params, **state.model_state}, model_images(batch),
+                          batch["pixel_mask"], targets=model_targets(batch), train=True,
+                          rngs={"dn": dn_rng, "dropout": dropout_rng})
+    crit_config = config if method == "co_dino" else config.criterion
+    losses = criterion_fn(outputs, model_targets(batch), crit_config, mesh=mesh,
+                          data_axis=DATA_AXIS)
+    return losses["loss"], losses
+
+  return loss_fn
+
+
+def model_images(batch):
   """Model input images: float ImageNet-normalised (uint8 batches are normalised on device)."""
   if batch["image"].dtype == jnp.uint8:
     from sized_detr_jax.data import transforms  # pylint: disable=g-import-not-at-top
@@ -92,7 +142,7 @@ def _images(batch):
   return batch["image"]
 
 
-def _targets(batch):
+def model_targets(batch):
   return {k: batch[k] for k in ("boxes", "labels", "valid", "orig_size", "size") if k in batch}
 
 
@@ -116,19 +166,14 @@ def init_state(model, tx, config, example_batch, mesh):
   return jax.jit(init_fn, out_shardings=shardings)(rng), shardings
 
 
-def make_train_step(model, tx, schedule, config, mesh, state_shardings):
-  """Jitted `(state, batch) -> (state, metrics)`; batch sharded on `data`, state donated."""
-  crit_config = config.criterion
-  ema_momentum = config.get("ema_momentum")
+def make_train_step(model, tx, schedule, config, mesh, state_shardings, *, stage=1):
+  """Jitted `(state, batch) -> (state, metrics)`; batch sharded on `data`, state donated.
 
-  def loss_fn(params, state, batch, rng):
-    dn_rng, dropout_rng = jax.random.split(rng)
-    outputs = model.apply({"params": params, **state.model_state}, _images(batch),
-                          batch["pixel_mask"], targets=_targets(batch), train=True,
-                          rngs={"dn": dn_rng, "dropout": dropout_rng})
-    losses = criterion_lib.dino_criterion(outputs, _targets(batch), crit_config, mesh=mesh,
-                                          data_axis=DATA_AXIS)
-    return losses["loss"], losses
+  The loss is `make_loss_fn(model, config, mesh, stage)`; the EMA params (Semi-DETR's teacher)
+  are updated after the optimiser step, inside the same jitted function.
+  """
+  ema_momentum = config.get("ema_momentum")
+  loss_fn = make_loss_fn(model, config, mesh, stage)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -155,8 +200,8 @@ def make_predict_fn(model, config, mesh, state_shardings):
   num_select = config.model.get("num_select", 300)
 
   def predict(params, model_state, batch):
-    outputs = model.apply({"params": params, **model_state}, _images(batch), batch["pixel_mask"],
-                          train=False)
+    outputs = model.apply({"params": params, **model_state}, model_images(batch),
+                          batch["pixel_mask"], train=False)
     detections = dino.postprocess(outputs, batch["orig_size"], num_select=num_select)
     return {**detections, "image_id": batch["image_id"]}
 
@@ -236,7 +281,11 @@ def _check_finite(metrics, step, last_checked):
 def _load_pretrained(state, shardings, model_config):
   """Fresh run: converted weights (convert_torch .npz) into params (and the EMA copy)."""
   from sized_detr_jax import convert_torch  # pylint: disable=g-import-not-at-top
-  params = convert_torch.load_pretrained(jax.device_get(state.params), model_config)
+  params = jax.device_get(state.params)
+  if "dino" in params:  # Semi-DETR / Co-DINO wrap a DINO under "dino"
+    params = {**params, "dino": convert_torch.load_pretrained(params["dino"], model_config)}
+  else:
+    params = convert_torch.load_pretrained(params, model_config)
   params = jax.device_put(params, shardings.params)
   logging.info("Loaded pretrained weights: backbone=%r full=%r",
                model_config.get("pretrained_backbone"), model_config.get("pretrained"))
@@ -281,9 +330,32 @@ def _eval_batches(config):
   return batches
 
 
+def _stage(config, step):
+  """Semi-DETR's training stage after `step` completed steps (1 for other methods)."""
+  if _method(config) != "semi_detr":
+    return 1
+  from sized_detr_jax.semi import step as semi_step  # pylint: disable=g-import-not-at-top
+  return semi_step.stage_at(step, config)
+
+
+def _train_batches(config, start):
+  """Iterator of process-local batches from step `start` on: the labeled batch dict, or for
+  Semi-DETR {"labeled": ..., "unlabeled": {"weak": ..., "strong": ...}}."""
+  from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  kwargs = dict(seed=config.seed, start_step=start, process_index=jax.process_index(),
+                process_count=jax.process_count())
+  labeled = pipeline.build_train_iterator(config.data, **kwargs)
+  if _method(config) != "semi_detr":
+    return labeled
+  unlabeled = pipeline.build_unlabeled_iterator(config.data, **kwargs)
+  if unlabeled is None:
+    raise ValueError("config.method='semi_detr' needs unlabeled data: set config.data."
+                     "unlabeled_ann/unlabeled_images (coco) or tfds_unlabeled_split (tfds)")
+  return ({"labeled": l, "unlabeled": u} for l, u in zip(labeled, unlabeled))
+
+
 def train_and_evaluate(config, workdir):
   """Train `config.total_steps` steps (resuming from the workdir), evaluate, return metrics."""
-  from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   maybe_initialize_distributed(config)
   workdir = workdir or default_workdir(config)
   os.makedirs(workdir, exist_ok=True)
@@ -291,19 +363,26 @@ def train_and_evaluate(config, workdir):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
   mesh, data_info, model, tx, schedule, state, shardings, ckpt = _setup(config, workdir)
-  train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
+  steps = {}  # stage -> jitted step (Semi-DETR compiles its second stage at the switch)
+
+  def train_step(state, batch, step):
+    stage = _stage(config, step - 1)
+    if stage not in steps:
+      steps[stage] = make_train_step(model, tx, schedule, config, mesh, shardings, stage=stage)
+    return steps[stage](state, batch)
+
   predict_fn = make_predict_fn(model, config, mesh, shardings)
   total = int(config.total_steps)
   start = int(jax.device_get(state.step))
   log = metrics_log.MetricsLog(workdir, total_steps=total)
-  batches = pipeline.build_train_iterator(config.data, seed=config.seed, start_step=start,
-                                          process_index=jax.process_index(),
-                                          process_count=jax.process_count())
+  batches = _train_batches(config, start)
   images_per_step = config.data.batch_size
+  if _method(config) == "semi_detr":
+    images_per_step += config.data.unlabeled_batch_size
   last_checked, last_metrics, eval_metrics = start, None, None
   try:
     for step in range(start + 1, total + 1):
-      state, metrics = train_step(state, global_batch(next(batches), mesh))
+      state, metrics = train_step(state, global_batch(next(batches), mesh), step)
       is_log = step % config.log_every == 0 or step == total
       is_ckpt = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total
       is_eval = ((config.get("eval_every") and step % config.eval_every == 0)

@@ -1,0 +1,137 @@
+"""Semi-DETR (DINO-4scale R50 teacher-student) with L1 or Sized L1: the paper's Tables 1, 2, 3, 5.
+
+Launch (COCO paths: README, Data; the partial splits come from `python -m
+sized_detr_jax.data.coco_partial --ann instances_train2017.json --percent 10 --fold 1 --out DIR`):
+  python run.py --config=experiments/semi_detr.py:p10,fold1,baseline --workdir=DIR \\
+      --config.data.train_ann=DIR/instances_train2017.1@10.json \\
+      --config.data.unlabeled_ann=DIR/instances_train2017.1@10-unlabeled.json ...
+  python run.py --config=experiments/semi_detr.py:synthetic,sized_both   # CPU, embedded data
+  python run.py --config=experiments/semi_detr.py:smoke                  # end to end, ~2 min
+
+`arg` tokens (comma-separated), one row of the paper's tables per combination:
+  p1 | p5 | p10 | full   COCO-partial 1/5/10% (120k iterations, 8 GPUs x 5 images at 1:4
+                         labeled:unlabeled, switch at 60k) or COCO-full (train2017 +
+                         unlabeled2017, 240k, 8 x 8 images at 1:1, unsup weight 2.0, switch at
+                         120k, lr x0.1 at 120k and 160k);
+  fold1 .. fold5         the COCO-partial fold (file names only; default fold1);
+  baseline | sized_both | sized_sup
+                         L1 everywhere / Sized L1 in both branches / Sized L1 in the supervised
+                         branch only (plain L1 on pseudo-labels); default baseline;
+  iters120k | iters300k  Table 5's schedules (switch at half of the iterations);
+  noswitch               Table 5's ablation: one-to-many assignment for the whole run;
+  synthetic              the embedded synthetic data with 10% labels (51 labeled, 461 unlabeled
+                         images, the default run's 128 validation images), the default run's tiny
+                         DINO on CPU;
+  supervised             with `synthetic`: the supervised-only baseline (DINO on the 51 labeled
+                         images, same steps and seed);
+  smoke                  a few steps end to end on CPU (tiny model, tiny data) with the switch
+                         inside the run.
+Semi-DETR's code adds extra L1 terms on the xy and wh parts to its L1 loss, so its effective box
+regression weight is 10 in every branch: the COCO variants use bbox_loss_coef = 10 (for L1 and
+for Sized L1), the synthetic ones keep the default run's 5.
+"""
+import ml_collections
+
+from sized_detr_jax import config_lib
+from sized_detr_jax.semi import step as semi_step
+
+DATASETS = ("p1", "p5", "p10", "full")
+FOLDS = tuple(f"fold{i}" for i in range(1, 6))
+BOX_LOSSES = ("baseline", "sized_both", "sized_sup")
+TOKENS = DATASETS + FOLDS + BOX_LOSSES + ("iters120k", "iters300k", "noswitch", "synthetic",
+                                          "supervised", "smoke")
+
+
+def _coco(config, dataset, fold):
+  """COCO-partial / COCO-full data and schedule (design.md section 9)."""
+  percent = dataset[1:]
+  config.data.update(dict(
+      train_ann=(f"data/coco/semi_supervised/instances_train2017.{fold}@{percent}.json"
+                 if dataset != "full" else "data/coco/annotations/instances_train2017.json"),
+      unlabeled_ann=(f"data/coco/semi_supervised/instances_train2017.{fold}@{percent}"
+                     "-unlabeled.json" if dataset != "full"
+                     else "data/coco/annotations/image_info_unlabeled2017.json"),
+      train_images="data/coco/train2017",
+      unlabeled_images="data/coco/train2017" if dataset != "full" else "data/coco/unlabeled2017",
+      val_ann="data/coco/annotations/instances_val2017.json", val_images="data/coco/val2017",
+      labeled_color_op=True))
+  if dataset == "full":
+    config.total_steps = 240_000
+    config.data.update(batch_size=32, unlabeled_batch_size=32)  # 8 GPUs x 8 images, 1:1
+    config.semi.update(unsup_weight=2.0, switch_step=120_000)
+    config.optimizer.lr_drop_steps = (120_000, 160_000)
+  else:
+    config.total_steps = 120_000
+    config.data.update(batch_size=8, unlabeled_batch_size=32)  # 8 GPUs x (1 + 4) images
+    config.semi.switch_step = 60_000
+    config.optimizer.lr_drop_steps = ()  # Semi-DETR's steps at 120k/160k are never reached
+  config.criterion.bbox_loss_coef = 10.0  # Semi-DETR's effective L1 weight (see docstring)
+
+
+def _synthetic(config, smoke):
+  """The default run's tiny DINO and schedule on a 10%-labeled synthetic split."""
+  base = config_lib.sibling_config(__file__, "synthetic.py", "smoke" if smoke else None)
+  # smoke: dino_r50.py's smallest model (compile time dominates a few CPU steps).
+  config.model = (config_lib.sibling_config(__file__, "dino_r50.py", "smoke").model if smoke
+                  else base.model)
+  config.criterion = base.criterion
+  config.optimizer = base.optimizer
+  config.data = base.data
+  config.total_steps = base.total_steps
+  config.log_every = base.log_every
+  config.checkpoint_every = base.checkpoint_every
+  config.keep_checkpoints = base.keep_checkpoints
+  if smoke:
+    config.data.update(root="data_cache/synthetic_semi_smoke", synthetic_num_images=8,
+                       synthetic_num_unlabeled=16, synthetic_num_val=8,
+                       batch_size=4, unlabeled_batch_size=4)
+    config.semi.update(switch_step=3, max_pseudo=8, nms_candidates=80, max_detections=40)
+  else:
+    config.data.update(root="data_cache/synthetic_semi10", synthetic_num_images=51,
+                       synthetic_num_unlabeled=461, synthetic_num_val=128,
+                       batch_size=4, unlabeled_batch_size=4)
+    config.semi.update(switch_step=int(config.total_steps * 0.5), max_pseudo=16,
+                       nms_candidates=120, max_detections=100)
+  config.semi.projector_fc_dim = 256
+
+
+def get_config(arg=None):
+  tokens = [t for t in (arg or "").split(",") if t]
+  unknown = [t for t in tokens if t not in TOKENS]
+  if unknown:
+    raise ValueError(f"experiments/semi_detr.py: unknown variant tokens {unknown}; "
+                     f"known: {TOKENS}")
+  pick = lambda options, default: ([t for t in tokens if t in options] or [default])[-1]
+  dataset, fold, box = pick(DATASETS, "p10"), pick(FOLDS, "fold1"), pick(BOX_LOSSES, "baseline")
+  synthetic = "synthetic" in tokens or "smoke" in tokens
+
+  base = config_lib.sibling_config(__file__, "dino_r50.py", None)
+  config = ml_collections.ConfigDict()
+  config_lib.add_trainer_fields(config, name="semi_detr_" + "_".join(tokens or ["p10"]),
+                                total_steps=120_000, log_every=100, checkpoint_every=5000)
+  config.method = "semi_detr"
+  config.ema_momentum = 0.999
+  config.eval_ema = False  # Semi-DETR evaluates the student
+  config.model = base.model
+  config.criterion = base.criterion
+  config.optimizer = base.optimizer
+  config.optimizer.update(lr=1e-4, lr_backbone_mult=0.1, weight_decay=1e-4, clip_norm=0.1,
+                          warmup_steps=0)
+  config.data = base.data
+  config.semi = semi_step.default_semi_config()
+  if synthetic:
+    _synthetic(config, smoke="smoke" in tokens)
+  else:
+    _coco(config, dataset, fold)
+  if "iters120k" in tokens or "iters300k" in tokens:
+    config.total_steps = 120_000 if "iters120k" in tokens else 300_000
+    config.semi.switch_step = config.total_steps // 2
+  if "noswitch" in tokens:
+    config.semi.switch_step = -1
+  if box != "baseline":
+    config.criterion.bbox_loss = "sized_l1"
+    config.semi.sized_l1_branches = "both" if box == "sized_both" else "sup_only"
+  if "supervised" in tokens:
+    config.method = "dino"
+    config.ema_momentum = None
+  return config
