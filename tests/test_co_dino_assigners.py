@@ -242,3 +242,48 @@ def test_random_sample_counts_and_uniformity():
   neg = idx[:, 0][valid[:, 0] & ~pos[:, 0]]
   freq = np.array([(neg == j).sum() for j in range(6, 40)]) / 2000
   np.testing.assert_allclose(freq, 10 / 34, atol=0.05)
+
+
+def _greedy_nms(boxes, scores, thr):
+  keep = []
+  for i in np.argsort(-scores, kind="stable"):
+    if all(_iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0] <= thr for j in keep):
+      keep.append(i)
+  return keep
+
+
+def test_rpn_proposals_match_numpy_reference():
+  from sized_detr_jax.co_dino import heads  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  grid = anchors_lib.anchor_grid([(6, 6), (3, 3)], [16, 32], octave_base_scale=4,
+                                 scales_per_octave=1, ratios=(0.5, 1.0))
+  a = len(grid.boxes)
+  objectness = rng.normal(size=(2, a)).astype(np.float32)
+  deltas = (0.3 * rng.normal(size=(2, a, 4))).astype(np.float32)
+  size = np.array([[96.0, 96.0], [70.0, 50.0]], np.float32)
+  boxes, scores, valid = jax.jit(lambda o, d, s: heads.rpn_proposals(
+      o, d, grid, s, nms_pre=20, max_proposals=15, nms_iou=0.5))(objectness, deltas, size)
+  for i in range(2):
+    kept_boxes, kept_scores, start = [], [], 0
+    for n in grid.level_sizes:
+      order = np.argsort(-objectness[i, start:start + n], kind="stable")[:20] + start
+      start += n
+      anc = grid.boxes[order].astype(np.float64)
+      d = deltas[i, order].astype(np.float64)
+      w, h = anc[:, 2] - anc[:, 0], anc[:, 3] - anc[:, 1]
+      cx, cy = anc[:, 0] + w / 2 + w * d[:, 0], anc[:, 1] + h / 2 + h * d[:, 1]
+      bw, bh = w * np.exp(d[:, 2]), h * np.exp(d[:, 3])
+      dec = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+      dec = np.clip(dec, 0, [size[i, 1], size[i, 0], size[i, 1], size[i, 0]])
+      ok = (dec[:, 2] > dec[:, 0]) & (dec[:, 3] > dec[:, 1])
+      dec, sc = dec[ok], objectness[i, order][ok]
+      keep = _greedy_nms(dec, sc, 0.5)
+      kept_boxes.append(dec[keep])
+      kept_scores.append(sc[keep])
+    kb, ks = np.concatenate(kept_boxes), np.concatenate(kept_scores)
+    top = np.argsort(-ks, kind="stable")[:15]
+    n_ref = len(top)
+    assert int(np.sum(valid[i])) == n_ref
+    np.testing.assert_allclose(np.asarray(boxes[i])[:n_ref], kb[top], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(scores[i])[:n_ref], 1 / (1 + np.exp(-ks[top])),
+                               rtol=1e-5)
