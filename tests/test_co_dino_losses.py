@@ -35,7 +35,8 @@ def _decode(anchors, deltas, stds):
   pw, ph = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
   px, py = anchors[..., 0] + pw / 2, anchors[..., 1] + ph / 2
   clip = abs(np.log(16 / 1000))
-  gw, gh = pw * np.exp(np.clip(d[..., 2], -clip, clip)), ph * np.exp(np.clip(d[..., 3], -clip, clip))
+  gw = pw * np.exp(np.clip(d[..., 2], -clip, clip))
+  gh = ph * np.exp(np.clip(d[..., 3], -clip, clip))
   gx, gy = px + pw * d[..., 0], py + ph * d[..., 1]
   return np.stack([gx - gw / 2, gy - gh / 2, gx + gw / 2, gy + gh / 2], -1)
 
@@ -203,8 +204,8 @@ def test_loss_weights_follow_co_dino_r50():
 def _outputs(b=2, q=8, c=3, layers=2, g=3):
   """Random model outputs with every Co-DINO branch (arrays only; no model)."""
   extra, queries = _queries(b=b, c=c, layers=layers)
-  box = lambda *s: np.concatenate([RNG.uniform(0.2, 0.8, s + (2,)), RNG.uniform(0.05, 0.3, s + (2,))],
-                                  -1).astype(np.float32)
+  box = lambda *s: np.concatenate([RNG.uniform(0.2, 0.8, s + (2,)),
+                                   RNG.uniform(0.05, 0.3, s + (2,))], -1).astype(np.float32)
   out = {"pred_logits": RNG.normal(size=(b, q, c)).astype(np.float32), "pred_boxes": box(b, q),
          "aux_outputs": [{"pred_logits": RNG.normal(size=(b, q, c)).astype(np.float32),
                           "pred_boxes": box(b, q)}],

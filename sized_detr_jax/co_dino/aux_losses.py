@@ -42,7 +42,7 @@ def _bce_with_logits(logits, target):
 
 
 def centerness_target(anchors_xyxy, gt_xyxy):
-  """FCOS/ATSS centerness of each anchor centre inside its ground truth: [..., 4] x [..., 4] -> [...].
+  """ATSS centerness of anchor centres in their ground truth: [..., 4] x [..., 4] xyxy -> [...].
 
   sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)); only meaningful for positives (whose
   centre is inside the box); clamped to [0, 1] so other pairs stay finite.

@@ -46,7 +46,7 @@ from sized_detr_jax.co_dino import assigners
 from sized_detr_jax.co_dino import heads
 from sized_detr_jax.models import dino as dino_lib
 from sized_detr_jax.models.layers import inverse_sigmoid
-from sized_detr_jax.models.position_encoding import downsample_mask, sine_embedding_of_boxes
+from sized_detr_jax.models.position_encoding import sine_embedding_of_boxes
 from sized_detr_jax.models.roi_align import multi_level_roi_align
 
 HEAD_KINDS = ("rpn_roi", "atss")
