@@ -25,7 +25,7 @@ def get_config(arg=None):
   base = config_lib.sibling_config(__file__, "dino_r50.py", "tiny")
   config = ml_collections.ConfigDict()
   config_lib.add_trainer_fields(config, name="synthetic" + "".join(f"_{t}" for t in tokens),
-                                total_steps=1000, log_every=50, checkpoint_every=250)
+                                total_steps=2000, log_every=100, checkpoint_every=500)
 
   # Model: DINO-tiny, 4 classes (the pipeline gives contiguous labels 0..3).
   config.model = base.model
@@ -43,11 +43,13 @@ def get_config(arg=None):
 
   # Data: the synthetic images (160-256 px) resized to a 160-192 px shorter side, one padded
   # shape (one compile). Measured: 192 px learns ~3x more AP in the 10-minute budget than 256 px
-  # (AP 0.265 after 1000 steps vs 0.094 after 600), since steps are ~1.7x cheaper.
+  # (AP 0.265 after 1000 steps vs 0.094 after 600), since steps are ~1.7x cheaper. For the same
+  # 8000 images (same CPU time: img/s barely depends on the batch here), 2000 steps of 4 images
+  # reach AP 0.308 against 0.265 for 1000 steps of 8 and 0.273 for 4000 steps of 2.
   config.data = pipeline.default_data_config()
   config.data.update(dict(
       root="data_cache/synthetic", synthetic_num_images=512, synthetic_seed=0,
-      batch_size=8, eval_batch_size=16, max_boxes=16,
+      batch_size=4, eval_batch_size=16, max_boxes=16,
       scales=(160, 176, 192), max_size=192, random_crop=False,
       eval_size=176, eval_max_size=192, buckets=((192, 192),)))
 
