@@ -98,9 +98,13 @@ def main(argv=None):
 
   mesh = train.make_mesh(args.devices)
   model, param_labels = train.build_model(config)
-  # Params do not depend on the image size: initialise at a small one (cheaper to compile).
-  example = {"image": jnp.zeros((1, 64, 64, 3), jnp.float32),
-             "pixel_mask": jnp.ones((1, 64, 64), bool)}
+  # Params do not depend on the image size: initialise at a small one (cheaper to compile)
+  # that still has num_queries encoder tokens for the top-Q selection (strides 8 to 64).
+  side = 64
+  while sum(-(-side // 2 ** k) ** 2 for k in range(3, 7)) < config.model.num_queries:
+    side += 64
+  example = {"image": jnp.zeros((1, side, side, 3), jnp.float32),
+             "pixel_mask": jnp.ones((1, side, side), bool)}
   start = time.perf_counter()
   abstract = jax.eval_shape(lambda: model.init(
       {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0),
