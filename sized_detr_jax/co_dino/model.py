@@ -188,11 +188,12 @@ class CoDINO(nn.Module):
 
     Returns:
       DINO's outputs dict; in training with targets also `extra_outputs` and `co_outputs`
-      (module docstring).
+      (module docstring). With `aux.heads` empty: plain DINO (the same-model baseline).
     """
-    if not (train and targets is not None):
+    if not (train and targets is not None and self.aux.heads):
+      # Inference, or no auxiliary head configured: exactly DINO.
       outputs = self.dino(images, pixel_mask, targets, train)
-      if self.is_initializing():
+      if self.is_initializing() and self.aux.heads:
         self._init_aux(images.shape[0])
       return outputs
     encoded = self.dino.encode(images, pixel_mask)
@@ -213,8 +214,6 @@ class CoDINO(nn.Module):
       co_outputs["atss"], candidates["atss"] = self._atss(maps, image_size, gt_xyxy, gt_valid,
                                                           targets["labels"])
     names = self._query_heads()
-    if not names:
-      return self.dino.decode(encoded, targets, True)
     pos, contents, refs, groups = {}, [], [], []
     n = self.aux.num_pos_queries
     for k, (name, qkey) in enumerate(zip(names, jax.random.split(k_queries, len(names)))):
