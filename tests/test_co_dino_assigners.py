@@ -287,3 +287,34 @@ def test_rpn_proposals_match_numpy_reference():
     np.testing.assert_allclose(np.asarray(boxes[i])[:n_ref], kb[top], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(np.asarray(scores[i])[:n_ref], 1 / (1 + np.exp(-ks[top])),
                                rtol=1e-5)
+
+
+def test_positive_query_selection_slots():
+  from sized_detr_jax.co_dino import model  # pylint: disable=g-import-not-at-top
+  gt_index = np.full((3, 30), assigners.NEGATIVE)
+  gt_index[0, 3:23] = 2  # 20 positives > 12 slots: a random subset of 12, no padding
+  gt_index[1, :4] = 0  # 4 positives, then negatives up to the batch's 12 used slots
+  gt_index[2, :] = assigners.IGNORE
+  gt_index[2, :2] = 1  # 2 positives, 3 negatives: fewer candidates than used slots
+  gt_index[2, 10:13] = assigners.NEGATIVE
+  boxes = np.tile(np.arange(30, dtype=np.float32)[None, :, None], (3, 1, 4))
+  sel = jax.jit(lambda k: model.select_positive_queries(
+      k, jnp.asarray(gt_index, jnp.int32), jnp.asarray(boxes), num_slots=12, min_slots=9))(
+          jax.random.PRNGKey(0))
+  sel = jax.tree.map(np.asarray, sel)
+  np.testing.assert_array_equal(sel["positive"].sum(1), [12, 4, 2])
+  np.testing.assert_array_equal(sel["valid"].sum(1), [12, 12, 5])
+  for i in range(3):
+    picked = sel["boxes_xyxy"][i, :, 0].astype(int)[sel["valid"][i]]
+    assert len(set(picked)) == len(picked)
+    np.testing.assert_array_equal(gt_index[i][picked[:sel["positive"][i].sum()]] >= 0, True)
+    np.testing.assert_array_equal(gt_index[i][picked[sel["positive"][i].sum():]],
+                                  assigners.NEGATIVE)
+    np.testing.assert_array_equal(sel["gt_index"][i][sel["positive"][i]],
+                                  gt_index[i][picked[:sel["positive"][i].sum()]])
+  assert np.all(sel["gt_index"][~sel["positive"]] == -1)
+  # Few positives everywhere: the used slot count is clipped up to min_slots (9).
+  small = np.where(gt_index == 2, assigners.NEGATIVE, gt_index)
+  sel = model.select_positive_queries(jax.random.PRNGKey(1), jnp.asarray(small, jnp.int32),
+                                      jnp.asarray(boxes), num_slots=12, min_slots=9)
+  np.testing.assert_array_equal(np.asarray(sel["valid"]).sum(1), [9, 9, 5])
