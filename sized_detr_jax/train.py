@@ -11,6 +11,12 @@ the batch is sharded on `data`, the state replicated, and the state buffer donat
 Hungarian matcher runs inside it on the host (`criterion.dino_criterion` with the mesh: one host
 call per device shard). Randomness is `fold_in(rng, step)`, and the data pipeline is indexed by
 step, so a resumed run reproduces an uninterrupted one bit for bit on CPU.
+
+`config.method` picks the model and loss (`build_model`, `make_loss_fn`): "dino" (default),
+"semi_detr" (`semi.step`: batches {"labeled", "unlabeled": {"weak", "strong"}}, the EMA params
+are the teacher, one compiled step per stage, switched at `semi.switch_step`) or "co_dino"
+(`co_dino`: auxiliary heads and positive queries, training only). Every model is called like
+DINO and returns DINO outputs, so evaluation and prediction are shared.
 """
 import os
 import time
@@ -194,16 +200,32 @@ def make_train_step(model, tx, schedule, config, mesh, state_shardings, *, stage
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
-def make_predict_fn(model, config, mesh, state_shardings):
-  """Jitted `(params, model_state, batch) -> detections` (top-K per image, original pixels)."""
+def make_predict_fn(model, config, mesh, state_shardings, *, nms=False):
+  """Jitted `(params, model_state, batch) -> detections` (top-K per image, original pixels).
+
+  `nms`: class-wise NMS (IoU `semi.nms_iou`, 0.6) instead of DINO's NMS-free top-K, as
+  Semi-DETR evaluates a model trained with one-to-many assignment (before its switch).
+  """
+  from sized_detr_jax import box_ops  # pylint: disable=g-import-not-at-top
   from sized_detr_jax.models import dino  # pylint: disable=g-import-not-at-top
+  from sized_detr_jax.semi import pseudo_labels  # pylint: disable=g-import-not-at-top
   num_select = config.model.get("num_select", 300)
 
   def predict(params, model_state, batch):
     outputs = model.apply({"params": params, **model_state}, model_images(batch),
                           batch["pixel_mask"], train=False)
-    detections = dino.postprocess(outputs, batch["orig_size"], num_select=num_select)
-    return {**detections, "image_id": batch["image_id"]}
+    if not nms:
+      detections = dino.postprocess(outputs, batch["orig_size"], num_select=num_select)
+      return {**detections, "image_id": batch["image_id"]}
+    q, c = outputs["pred_logits"].shape[1:]
+    det = pseudo_labels.teacher_detections(
+        outputs, batch["orig_size"], method="nms", score_threshold=0.001,
+        iou_threshold=float(config.semi.get("nms_iou", 0.6)), max_detections=num_select,
+        num_candidates=min(q * c, max(num_select, 1000)))
+    scores = jnp.where(det["valid"], det["scores"], 0.0)
+    return {"scores": scores, "labels": det["labels"], "boxes_xyxy": det["boxes_xyxy"],
+            "boxes_xywh": box_ops.box_xyxy_to_xywh(det["boxes_xyxy"]),
+            "image_id": batch["image_id"]}
 
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
@@ -371,7 +393,15 @@ def train_and_evaluate(config, workdir):
       steps[stage] = make_train_step(model, tx, schedule, config, mesh, shardings, stage=stage)
     return steps[stage](state, batch)
 
-  predict_fn = make_predict_fn(model, config, mesh, shardings)
+  predict_fns = {}  # stage -> jitted predict (NMS in Semi-DETR's one-to-many stage)
+
+  def predict_fn_at(step):
+    stage = _stage(config, step)
+    if stage not in predict_fns:
+      predict_fns[stage] = make_predict_fn(model, config, mesh, shardings, nms=stage == 1 and
+                                           _method(config) == "semi_detr")
+    return predict_fns[stage]
+
   total = int(config.total_steps)
   start = int(jax.device_get(state.step))
   log = metrics_log.MetricsLog(workdir, total_steps=total)
@@ -398,7 +428,8 @@ def train_and_evaluate(config, workdir):
                           force=True)
       if is_eval:
         eval_metrics = run_evaluation(
-            predict_fn, state.params, state.model_state, _eval_batches(config), mesh, data_info,
+            predict_fn_at(step), state.params, state.model_state, _eval_batches(config), mesh,
+            data_info,
             workdir, step, box_loss_share=box_loss_share(last_metrics),
             title=f"{config.get('name', '')} step {step}")
   finally:
@@ -425,7 +456,8 @@ def _restore_for_inference(config, workdir, mode):
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
   use_ema = config.get("eval_ema") and state.ema_params is not None
   params = state.ema_params if use_ema else state.params
-  predict_fn = make_predict_fn(model, config, mesh, shardings)
+  predict_fn = make_predict_fn(model, config, mesh, shardings,
+                               nms=_method(config) == "semi_detr" and _stage(config, step) == 1)
   return mesh, data_info, params, state.model_state, predict_fn, step
 
 
