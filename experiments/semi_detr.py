@@ -93,6 +93,7 @@ def _synthetic(config, smoke):
     # 300 steps of 4 labeled + 4 unlabeled images (the CPU budget of a 4-run comparison on a
     # shared 2-core machine), switch half-way, lr x0.1 at 85%.
     config.total_steps = 300
+    config.log_every, config.checkpoint_every = 25, 150
     config.optimizer.lr_drop_steps = (255,)
     config.semi.update(switch_step=150, max_pseudo=16, nms_candidates=120, max_detections=100)
   config.semi.projector_fc_dim = 256
