@@ -7,16 +7,15 @@ Compile time dominates (two stages, each a teacher + two student passes), so one
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import procs
 
 from sized_detr_jax import config_lib
 from sized_detr_jax import train
@@ -94,12 +93,7 @@ def test_kill9_resume_restores_student_and_teacher(straight, tmp_path):
   proc = _run_py(killed, straight["data_root"], extra)
   # Killed once the switch-step checkpoint exists, the resumed run compiles stage 2 only.
   done = os.path.join(killed, "checkpoints", str(SWITCH))
-  deadline = time.time() + 1200
-  while not os.path.isdir(done) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  assert proc.poll() is None, "run finished before it could be killed"
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
+  procs.kill9_when_exists(proc, done)
   proc = _run_py(killed, straight["data_root"], extra)
   out, _ = proc.communicate(timeout=1800)
   assert proc.returncode == 0, out[-3000:]

@@ -5,15 +5,14 @@ the in-process runs are few and tiny (the `smoke` variant of experiments/synthet
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import procs
 
 from sized_detr_jax import config_lib
 from sized_detr_jax import train
@@ -83,12 +82,7 @@ def test_kill9_resume_is_bit_identical_and_eval_files_written(data_root, tmp_pat
   # Kill -9 as soon as the step-3 checkpoint is complete, then restart in the same workdir.
   proc = _run_py(killed, data_root, cache, extra=("--config.eval_at_end=False",))
   done = os.path.join(killed, "checkpoints", "3")
-  deadline = time.time() + 1200
-  while not os.path.isdir(done) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  assert proc.poll() is None, "run finished before it could be killed"
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
+  procs.kill9_when_exists(proc, done)
   before = _metrics(killed)
   proc = _run_py(killed, data_root, cache, extra=("--config.eval_at_end=False",))
   out, _ = proc.communicate(timeout=1200)
@@ -151,12 +145,12 @@ def test_two_processes_train_like_one(data_root, tmp_path):
             f"--config.distributed.coordinator_address=localhost:{port}",
             "--config.distributed.num_processes=2"]
   workdir = str(tmp_path / "multi")
-  procs = [subprocess.Popen([sys.executable, str(worker), *common, f"--workdir={workdir}",
+  workers = [subprocess.Popen([sys.executable, str(worker), *common, f"--workdir={workdir}",
                              f"--config.distributed.process_id={i}"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
-  outs = [p.communicate(timeout=900)[0] for p in procs]
-  for p, out in zip(procs, outs):
+  outs = [p.communicate(timeout=900)[0] for p in workers]
+  for p, out in zip(workers, outs):
     assert p.returncode == 0, out[-3000:]
   single = str(tmp_path / "single")
   train.train_and_evaluate(_config(data_root, total_steps=2, log_every=1, checkpoint_every=0,

@@ -1,0 +1,18 @@
+"""Subprocess helpers shared by the end-to-end tests."""
+import os
+import signal
+import time
+
+
+def kill9_when_exists(proc, path, timeout=1200):
+  """SIGKILL `proc` as soon as `path` exists (e.g. a finished checkpoint folder).
+
+  Fails the test if the process ends first or `timeout` seconds pass.
+  """
+  deadline = time.time() + timeout
+  while not os.path.isdir(path) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert proc.poll() is None, "run finished before it could be killed"
+  assert os.path.isdir(path), f"{path} did not appear within {timeout} s"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
