@@ -146,9 +146,9 @@ def test_two_processes_train_like_one(data_root, tmp_path):
             "--config.distributed.num_processes=2"]
   workdir = str(tmp_path / "multi")
   workers = [subprocess.Popen([sys.executable, str(worker), *common, f"--workdir={workdir}",
-                             f"--config.distributed.process_id={i}"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+                               f"--config.distributed.process_id={i}"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
   outs = [p.communicate(timeout=900)[0] for p in workers]
   for p, out in zip(workers, outs):
     assert p.returncode == 0, out[-3000:]
