@@ -101,7 +101,7 @@ def main(argv=None):
   # Params do not depend on the image size: initialise at a small one (cheaper to compile)
   # that still has num_queries encoder tokens for the top-Q selection (strides 8 to 64).
   side = 64
-  while sum(-(-side // 2 ** k) ** 2 for k in range(3, 7)) < config.model.num_queries:
+  while sum((-(-side // 2 ** k)) ** 2 for k in range(3, 7)) < config.model.num_queries:
     side += 64
   example = {"image": jnp.zeros((1, side, side, 3), jnp.float32),
              "pixel_mask": jnp.ones((1, side, side), bool)}
@@ -122,20 +122,23 @@ def main(argv=None):
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
 
+  losses = []
+
   def one_step():  # the state is donated: carry it from step to step
     nonlocal state
     state, metrics = compiled(state, batch)
+    losses.append(metrics["loss"])
     return metrics["loss"]
 
   step_s = time_interleaved({"train_step": one_step}, reps=args.steps, warmup=1)["train_step"]
-  loss = float(one_step())
+  loss = float(losses[-1])
   device = jax.devices()[0]
   print(f"train_step: {device.platform} ({device.device_kind}) x {args.devices}, config "
         f"{os.path.basename(args.config)}:{args.config_arg or 'default'}"
         f"{' ' + ' '.join(args.set) if args.set else ''}")
   print(f"model: {num_params:,} params, dtype {config.model.get('dtype', 'float32')}; batch "
         f"{b} x {height}x{width}, {min(args.boxes, data_cfg.max_boxes)} boxes/image; "
-        f"loss after {args.steps + 2} steps {loss:.4f}")
+        f"loss after {args.steps + 1} steps {loss:.4f}")
   print(f"init_s: {init_s:.1f}  compile_s: {compile_s:.1f}")
   print(f"step_s: {step_s:.3f} (median of {args.steps})  img_per_s: {b / step_s:.2f}")
 
