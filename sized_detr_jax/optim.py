@@ -18,14 +18,25 @@ from flax import traverse_util
 
 
 def lr_schedule(opt_config):
-  """Schedule step -> lr: optional linear warm-up, then lr x factor at each `lr_drop_steps`."""
-  boundaries = {int(s): float(opt_config.get("lr_drop_factor", 0.1))
-                for s in opt_config.get("lr_drop_steps", ())}
-  schedule = optax.piecewise_constant_schedule(float(opt_config.lr), boundaries)
+  """Schedule step -> lr: lr x factor from each of `lr_drop_steps` on (step >= s), times a linear
+  warm-up step / warmup_steps while step < warmup.
+
+  The drop steps are absolute (`optax.join_schedules` would shift them by the warm-up length).
+  """
+  base = float(opt_config.lr)
+  factor = float(opt_config.get("lr_drop_factor", 0.1))
+  drops = tuple(int(s) for s in opt_config.get("lr_drop_steps", ()))
   warmup = int(opt_config.get("warmup_steps", 0))
-  if warmup > 0:
-    ramp = optax.linear_schedule(0.0, float(opt_config.lr), warmup)
-    return optax.join_schedules([ramp, schedule], [warmup])
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    lr = jnp.asarray(base, jnp.float32)
+    for s in drops:
+      lr = jnp.where(step >= s, lr * factor, lr)
+    if warmup > 0:
+      lr = lr * jnp.minimum(step / warmup, 1.0)
+    return lr
+
   return schedule
 
 

@@ -78,6 +78,9 @@ def test_clip_and_warmup():
   params = _params()
   tx, schedule = optim.make_optimizer(params, _labels(params), _opt_config(clip_norm=0.1, warmup_steps=4))
   assert float(schedule(0)) == 0.0 and float(schedule(2)) == pytest.approx(5e-3)
+  # Drop steps are absolute, also with a warm-up (optax.join_schedules would shift them).
+  late = optim.lr_schedule(_opt_config(warmup_steps=4, lr_drop_steps=(6,)))
+  assert [float(late(t)) for t in (2, 4, 5, 6, 10)] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-3, 1e-3])
   huge = jax.tree.map(lambda x: 1e6 * jnp.ones_like(x), params)
   updates, _ = tx.update(huge, tx.init(params), params)
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
