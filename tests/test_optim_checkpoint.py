@@ -77,7 +77,8 @@ def test_param_groups_match_numpy_adamw():
 def test_clip_and_warmup():
   params = _params()
   tx, schedule = optim.make_optimizer(params, _labels(params), _opt_config(clip_norm=0.1, warmup_steps=4))
-  assert float(schedule(0)) == 0.0 and float(schedule(2)) == pytest.approx(5e-3)
+  # Warm-up 4 and the drop at step 2 (absolute): 1e-2 x 0.1 x 2/4 at step 2.
+  assert float(schedule(0)) == 0.0 and float(schedule(2)) == pytest.approx(5e-4)
   # Drop steps are absolute, also with a warm-up (optax.join_schedules would shift them).
   late = optim.lr_schedule(_opt_config(warmup_steps=4, lr_drop_steps=(6,)))
   assert [float(late(t)) for t in (2, 4, 5, 6, 10)] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-3, 1e-3])
