@@ -91,10 +91,11 @@ def _synthetic(config, smoke):
                        synthetic_num_unlabeled=461, synthetic_num_val=128,
                        batch_size=4, unlabeled_batch_size=4)
     # 300 steps of 4 labeled + 4 unlabeled images (the CPU budget of a 4-run comparison on a
-    # shared 2-core machine), switch half-way, lr x0.1 at 85%.
+    # shared 2-core machine), switch half-way, constant lr after the warm-up (as measured: the
+    # configured drop at 255 fell after the run while lr_schedule shifted drops by the warm-up).
     config.total_steps = 300
     config.log_every, config.checkpoint_every = 25, 150
-    config.optimizer.lr_drop_steps = (255,)
+    config.optimizer.lr_drop_steps = ()
     config.semi.update(switch_step=150, max_pseudo=16, nms_candidates=120, max_detections=100)
   config.semi.projector_fc_dim = 256
 
