@@ -27,6 +27,7 @@ def lr_schedule(opt_config):
   factor = float(opt_config.get("lr_drop_factor", 0.1))
   drops = tuple(int(s) for s in opt_config.get("lr_drop_steps", ()))
   warmup = int(opt_config.get("warmup_steps", 0))
+  ramp = optax.linear_schedule(0.0, base, warmup) if warmup > 0 else None
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -34,7 +35,9 @@ def lr_schedule(opt_config):
     for s in drops:
       lr = jnp.where(step >= s, lr * factor, lr)
     if warmup > 0:
-      lr = lr * jnp.minimum(step / warmup, 1.0)
+      # optax's linear ramp (its float rounding, so runs measured before the drop-step fix
+      # reproduce bit for bit), then the absolute drops.
+      lr = jnp.where(step < warmup, ramp(step) * (lr / base), lr)
     return lr
 
   return schedule
