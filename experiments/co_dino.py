@@ -104,10 +104,7 @@ def _shrink_aux(co, hidden_dim, gn_groups, smoke):
 
 def get_config(arg=None):
   """Co-DINO ConfigDict: model (DINO fields), co_dino, criterion, optimizer, data, trainer."""
-  tokens = [t for t in (arg or "").split(",") if t]
-  unknown = [t for t in tokens if t not in TOKENS]
-  if unknown:
-    raise ValueError(f"experiments/co_dino.py: unknown variant tokens {unknown}; known: {TOKENS}")
+  tokens = config_lib.parse_tokens(arg, TOKENS, "experiments/co_dino.py")
   name = "co_dino" + "".join(f"_{t}" for t in tokens)
   if "smoke" in tokens:
     config = config_lib.sibling_config(__file__, "dino_r50.py", "smoke")

@@ -120,11 +120,7 @@ TOKENS = ("tiny", "smoke", "sized_l1", "rescale", "bf16", "invariant", "coco91")
 
 def get_config(arg=None):
   """ConfigDict with model, criterion and optimizer sections (data: see the lead's pipeline)."""
-  tokens = [t for t in (arg or "").split(",") if t]
-  unknown = [t for t in tokens if t not in TOKENS]
-  if unknown:
-    raise ValueError(f"experiments/dino_r50.py: unknown variant tokens {unknown}; "
-                     f"known: {TOKENS}")
+  tokens = config_lib.parse_tokens(arg, TOKENS, "experiments/dino_r50.py")
   config = ml_collections.ConfigDict()
   config_lib.add_trainer_fields(config, name="dino_r50" + "".join(f"_{t}" for t in tokens),
                                 total_steps=12 * STEPS_PER_EPOCH, log_every=100,

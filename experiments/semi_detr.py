@@ -101,11 +101,7 @@ def _synthetic(config, smoke):
 
 
 def get_config(arg=None):
-  tokens = [t for t in (arg or "").split(",") if t]
-  unknown = [t for t in tokens if t not in TOKENS]
-  if unknown:
-    raise ValueError(f"experiments/semi_detr.py: unknown variant tokens {unknown}; "
-                     f"known: {TOKENS}")
+  tokens = config_lib.parse_tokens(arg, TOKENS, "experiments/semi_detr.py")
   pick = lambda options, default: ([t for t in tokens if t in options] or [default])[-1]
   dataset, fold, box = pick(DATASETS, "p10"), pick(FOLDS, "fold1"), pick(BOX_LOSSES, "baseline")
   synthetic = "synthetic" in tokens or "smoke" in tokens

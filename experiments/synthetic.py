@@ -18,10 +18,7 @@ TOKENS = ("smoke", "sized_l1", "rescale")
 
 
 def get_config(arg=None):
-  tokens = [t for t in (arg or "").split(",") if t]
-  unknown = [t for t in tokens if t not in TOKENS]
-  if unknown:
-    raise ValueError(f"experiments/synthetic.py: unknown variant tokens {unknown}; known: {TOKENS}")
+  tokens = config_lib.parse_tokens(arg, TOKENS, "experiments/synthetic.py")
   base = config_lib.sibling_config(__file__, "dino_r50.py", "tiny")
   config = ml_collections.ConfigDict()
   config_lib.add_trainer_fields(config, name="synthetic" + "".join(f"_{t}" for t in tokens),

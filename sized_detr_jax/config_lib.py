@@ -20,6 +20,24 @@ def sibling_config(this_file, filename, arg=None):
                                          filename)).get_config(arg)
 
 
+def parse_tokens(arg, known, source):
+  """Comma-separated variant tokens of `get_config(arg)`; unknown ones raise one clear error.
+
+  Args:
+    arg: the config argument ("a,b" or None).
+    known: the tokens the config file accepts.
+    source: the config file name for the message (e.g. "experiments/synthetic.py").
+
+  Returns:
+    list of tokens in order.
+  """
+  tokens = [t for t in (arg or "").split(",") if t]
+  unknown = [t for t in tokens if t not in known]
+  if unknown:
+    raise ValueError(f"{source}: unknown variant tokens {unknown}; known: {tuple(known)}")
+  return tokens
+
+
 def load_config(path, arg=None):
   """`get_config(arg)` of the config file at `path`."""
   return load_config_module(path).get_config(arg)
