@@ -360,6 +360,11 @@ def _stage(config, step):
   return semi_step.stage_at(step, config)
 
 
+def _eval_nms(config, step):
+  """Semi-DETR evaluates with class-wise NMS while it trains one-to-many (before the switch)."""
+  return _method(config) == "semi_detr" and _stage(config, step) == 1
+
+
 def _train_batches(config, start):
   """Iterator of process-local batches from step `start` on: the labeled batch dict, or for
   Semi-DETR {"labeled": ..., "unlabeled": {"weak": ..., "strong": ...}}."""
@@ -398,8 +403,8 @@ def train_and_evaluate(config, workdir):
   def predict_fn_at(step):
     stage = _stage(config, step)
     if stage not in predict_fns:
-      predict_fns[stage] = make_predict_fn(model, config, mesh, shardings, nms=stage == 1 and
-                                           _method(config) == "semi_detr")
+      predict_fns[stage] = make_predict_fn(model, config, mesh, shardings,
+                                           nms=_eval_nms(config, step))
     return predict_fns[stage]
 
   total = int(config.total_steps)
@@ -457,7 +462,7 @@ def _restore_for_inference(config, workdir, mode):
   use_ema = config.get("eval_ema") and state.ema_params is not None
   params = state.ema_params if use_ema else state.params
   predict_fn = make_predict_fn(model, config, mesh, shardings,
-                               nms=_method(config) == "semi_detr" and _stage(config, step) == 1)
+                               nms=_eval_nms(config, step))
   return mesh, data_info, params, state.model_state, predict_fn, step
 
 
