@@ -37,10 +37,11 @@ def _run_mode(mode, config, workdir):
   if mode == "summary":
     from sized_detr_jax import summary  # pylint: disable=g-import-not-at-top
     return summary.summarize(config)
+  from sized_detr_jax import evaluate  # pylint: disable=g-import-not-at-top
   from sized_detr_jax import train  # pylint: disable=g-import-not-at-top
   if mode == "predict":
-    return train.predict(config, workdir, FLAGS.image, min_score=FLAGS.min_score)
-  return {"train": train.train_and_evaluate, "eval": train.evaluate_only}[mode](config, workdir)
+    return evaluate.predict(config, workdir, FLAGS.image, min_score=FLAGS.min_score)
+  return {"train": train.train_and_evaluate, "eval": evaluate.evaluate_only}[mode](config, workdir)
 
 
 class _QuietLibraries(pylogging.Filter):

@@ -33,7 +33,7 @@ for Sized L1), the synthetic ones keep the default run's 5.
 import ml_collections
 
 from sized_detr_jax import config_lib
-from sized_detr_jax.semi import step as semi_step
+from sized_detr_jax.semi import config as semi_config
 
 DATASETS = ("p1", "p5", "p10", "full")
 FOLDS = tuple(f"fold{i}" for i in range(1, 6))
@@ -119,7 +119,7 @@ def get_config(arg=None):
   config.optimizer.update(lr=1e-4, lr_backbone_mult=0.1, weight_decay=1e-4, clip_norm=0.1,
                           warmup_steps=0)
   config.data = base.data
-  config.semi = semi_step.default_semi_config()
+  config.semi = semi_config.default_semi_config()
   if synthetic:
     _synthetic(config, smoke="smoke" in tokens)
   else:

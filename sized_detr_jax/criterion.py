@@ -4,7 +4,7 @@ over the final decoder layer, the auxiliary decoder layers, the encoder proposal
 
 Entry points:
   * `set_criterion(outputs, targets, matches, config)`: the losses for given matches.
-  * `dino_criterion(outputs, targets, config, mesh=...)`: matches every Hungarian-matched branch
+  * `dino_criterion(outputs, targets, config)`: matches every Hungarian-matched branch
     (final + aux + interm stacked, one host call per device shard, see `compute_matches`) and
     returns `set_criterion`'s result; the trainer calls this inside its jitted step.
   * `one_to_many_criterion(outputs, targets, config)`: Semi-DETR's first stage, the same losses
@@ -36,6 +36,7 @@ Boxes are normalised cxcywh; `targets` follows the shared batch contract (`boxes
 """
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -46,9 +47,6 @@ from sized_detr_jax import matching
 # COCO's area ranges (pycocotools COCOeval Params.areaRng): small < 32^2 <= medium < 96^2 <= large.
 SIZE_THRESHOLDS = (32.0**2, 96.0**2)
 SIZE_NAMES = ("small", "medium", "large")
-
-_BOX_LOSSES = ("l1", "sized_l1")
-
 
 def default_criterion_config():
   """The criterion's settings with DINO-4scale's values (configs/DINO/DINO_4scale.py).
@@ -71,7 +69,7 @@ def default_criterion_config():
 
 @dataclasses.dataclass(frozen=True)
 class CriterionConfig:
-  """Typed, hashable form of `default_criterion_config()` (same fields and defaults)."""
+  """Typed, hashable, validated form of `default_criterion_config()` (same fields and defaults)."""
   cls_loss_coef: float = 1.0
   bbox_loss_coef: float = 5.0
   giou_loss_coef: float = 2.0
@@ -89,51 +87,51 @@ class CriterionConfig:
   o2m_alpha: float = 1.0
   o2m_beta: float = 6.0
 
+  def __post_init__(self):
+    for field in ("bbox_loss", "matcher_box_cost"):
+      value = getattr(self, field)
+      if value not in losses.BOX_LOSSES:
+        raise ValueError(f"criterion config: {field} must be one of "
+                         f"{tuple(losses.BOX_LOSSES)}, got {value!r}")
 
-def resolve_config(config=None):
-  """Any of None, a ConfigDict, a dict, a dataclass or an attribute object -> CriterionConfig.
+  def box_loss(self, pred, target, valid, *, axis_name=None):
+    """The configured box regression loss per box (`losses.box_loss` of `bbox_loss`)."""
+    return losses.box_loss(self.bbox_loss, pred, target, valid, rescale=self.sized_l1_rescale,
+                           axis_name=axis_name)
 
-  Missing fields take their defaults; fields of other names are ignored, so a wider config
-  section can be passed as is.
+  @classmethod
+  def from_config(cls, section=None, **overrides):
+    """A `config.criterion` section (ConfigDict or dict; None: defaults) -> CriterionConfig.
 
-  Raises:
-    ValueError: bbox_loss or matcher_box_cost is not "l1" / "sized_l1".
-  """
-  if isinstance(config, CriterionConfig):
-    resolved = config
-  else:
-    if config is None:
-      given = {}
-    elif isinstance(config, ml_collections.ConfigDict):
-      given = config.to_dict()
-    elif isinstance(config, dict):
-      given = dict(config)
-    elif dataclasses.is_dataclass(config):
-      given = dataclasses.asdict(config)
-    else:
-      given = {f.name: getattr(config, f.name) for f in dataclasses.fields(CriterionConfig)
-               if hasattr(config, f.name)}
-    names = {f.name for f in dataclasses.fields(CriterionConfig)}
-    resolved = CriterionConfig(**{k: v for k, v in given.items() if k in names})
-  for field in ("bbox_loss", "matcher_box_cost"):
-    value = getattr(resolved, field)
-    if value not in _BOX_LOSSES:
-      raise ValueError(f"criterion config: {field} must be one of {_BOX_LOSSES}, got {value!r}")
-  return resolved
+    Resolved once where a method is built. Unknown fields are an error naming them.
+    """
+    given = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(
+        section or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+      raise ValueError(f"config.criterion: unknown fields {unknown}; known: {sorted(names)}")
+    return cls(**{**given, **overrides})
 
 
-def _box_loss(pred, target, valid, cfg, axis_name):
-  """The configured box regression loss, per box: [..., 4] x [..., 4] -> [...]."""
-  if cfg.bbox_loss == "sized_l1":
-    return losses.sized_l1_loss(pred, target, valid, rescale=cfg.sized_l1_rescale,
-                                axis_name=axis_name)
-  return losses.l1_loss(pred, target, valid)
+def _checked(config):
+  """None -> the defaults; a CriterionConfig as is (resolve ConfigDicts once, with from_config)."""
+  if config is None:
+    return CriterionConfig()
+  if not isinstance(config, CriterionConfig):
+    raise TypeError(f"criterion: expected a CriterionConfig (CriterionConfig.from_config("
+                    f"config.criterion)), got {type(config).__name__}")
+  return config
 
 
-def _global_sum(x, axis_name):
-  """Sum of every element, `psum`-ed over `axis_name` when given (inside shard_map)."""
-  total = jnp.sum(x)
-  return total if axis_name is None else jax.lax.psum(total, axis_name)
+def check_inputs(outputs, targets):
+  """Trace-time shape checks of the criterion's public inputs (shared batch contract)."""
+  logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+  chex.assert_rank(logits, 3)
+  chex.assert_shape(boxes, logits.shape[:2] + (4,))
+  chex.assert_rank([targets["boxes"], targets["labels"], targets["valid"]], [3, 2, 2])
+  chex.assert_equal_shape([targets["labels"], targets["valid"], targets["boxes"][..., 0]])
+  chex.assert_equal_shape_prefix([logits, targets["labels"]], 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +162,7 @@ def _matched_terms(logits, boxes, targets, matches, cfg, axis_name):
   ce = losses.sigmoid_focal_loss(logits, onehot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
 
   src = jnp.take_along_axis(boxes, jnp.clip(matches, 0, num_queries - 1)[..., None], axis=1)
-  box = _box_loss(src, gt_boxes, pair_valid, cfg, axis_name)  # [B, G]
+  box = cfg.box_loss(src, gt_boxes, pair_valid, axis_name=axis_name)  # [B, G]
   giou = losses.giou_loss(src, gt_boxes, pair_valid)
   return ce, box, giou
 
@@ -174,9 +172,9 @@ def _matched_losses(output, targets, matches, num_boxes, cfg, axis_name, suffix)
   per-column box loss [B, G], per-column GIoU loss [B, G])."""
   ce, box, giou = _matched_terms(output["pred_logits"], output["pred_boxes"], targets, matches,
                                  cfg, axis_name)
-  normalised = {f"loss_ce{suffix}": _global_sum(ce, axis_name) / num_boxes,
-                f"loss_bbox{suffix}": _global_sum(box, axis_name) / num_boxes,
-                f"loss_giou{suffix}": _global_sum(giou, axis_name) / num_boxes}
+  normalised = {f"loss_ce{suffix}": losses.global_sum(ce, axis_name) / num_boxes,
+                f"loss_bbox{suffix}": losses.global_sum(box, axis_name) / num_boxes,
+                f"loss_giou{suffix}": losses.global_sum(giou, axis_name) / num_boxes}
   return normalised, box, giou
 
 
@@ -195,12 +193,12 @@ def _size_metrics(box, giou, targets, matches, axis_name):
   metrics = {}
   for index, name in enumerate(SIZE_NAMES):
     in_range = counted & (category == index)
-    count = _global_sum(in_range.astype(jnp.float32), axis_name)
+    count = losses.global_sum(in_range.astype(jnp.float32), axis_name)
     metrics[f"metric_num_boxes_{name}"] = count
     metrics[f"metric_loss_bbox_{name}"] = (
-        _global_sum(jnp.where(in_range, box, 0.0), axis_name) / jnp.maximum(count, 1.0))
+        losses.global_sum(jnp.where(in_range, box, 0.0), axis_name) / jnp.maximum(count, 1.0))
     metrics[f"metric_loss_giou_{name}"] = (
-        _global_sum(jnp.where(in_range, giou, 0.0), axis_name) / jnp.maximum(count, 1.0))
+        losses.global_sum(jnp.where(in_range, giou, 0.0), axis_name) / jnp.maximum(count, 1.0))
   return metrics
 
 
@@ -232,19 +230,19 @@ def _dn_losses(dn_outputs, dn_meta, targets, cfg, axis_name):
   labels = jnp.take_along_axis(targets["labels"], gt_index, axis=1)  # [B, D]
   box_target = jnp.take_along_axis(targets["boxes"], gt_index[..., None], axis=1)  # [B, D, 4]
   cls_target = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * positive[..., None]
-  num_dn = jnp.maximum(_global_sum(positive.astype(jnp.float32), axis_name), 1.0)
+  num_dn = jnp.maximum(losses.global_sum(positive.astype(jnp.float32), axis_name), 1.0)
 
   ce = losses.sigmoid_focal_loss(logits, cls_target[None], alpha=cfg.focal_alpha,
                                  gamma=cfg.focal_gamma)
   ce = jnp.where(dn_meta["valid"][None, ..., None], ce, 0.0)  # [L, B, D, C]
-  box = _box_loss(boxes, box_target[None], positive[None], cfg, axis_name)  # [L, B, D]
+  box = cfg.box_loss(boxes, box_target[None], positive[None], axis_name=axis_name)  # [L, B, D]
   giou = losses.giou_loss(boxes, box_target[None], positive[None])
   result = {}
   for layer in range(num_layers):
     suffix = "_dn" if layer == num_layers - 1 else f"_dn_aux_{layer}"
-    result[f"loss_ce{suffix}"] = _global_sum(ce[layer], axis_name) / num_dn
-    result[f"loss_bbox{suffix}"] = _global_sum(box[layer], axis_name) / num_dn
-    result[f"loss_giou{suffix}"] = _global_sum(giou[layer], axis_name) / num_dn
+    result[f"loss_ce{suffix}"] = losses.global_sum(ce[layer], axis_name) / num_dn
+    result[f"loss_bbox{suffix}"] = losses.global_sum(box[layer], axis_name) / num_dn
+    result[f"loss_giou{suffix}"] = losses.global_sum(giou[layer], axis_name) / num_dn
   return result
 
 
@@ -266,7 +264,7 @@ def loss_weights(names, config=None):
   Raises:
     ValueError: a name with none of the three prefixes.
   """
-  cfg = resolve_config(config)
+  cfg = _checked(config)
   prefixes = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef,
               "loss_giou": cfg.giou_loss_coef}
   weights = {}
@@ -283,7 +281,7 @@ def loss_weights(names, config=None):
 
 def num_valid_boxes(targets, axis_name=None):
   """DINO's `num_boxes`: valid ground-truth boxes in the global batch, clamped at >= 1 ([] f32)."""
-  return jnp.maximum(_global_sum(targets["valid"].astype(jnp.float32), axis_name), 1.0)
+  return jnp.maximum(losses.global_sum(targets["valid"].astype(jnp.float32), axis_name), 1.0)
 
 
 def set_criterion(outputs, targets, matches, config=None, *, axis_name=None):
@@ -298,13 +296,15 @@ def set_criterion(outputs, targets, matches, config=None, *, axis_name=None):
     matches: {"final": [B, G] int32, "aux": [L-1, B, G] int32 (or a list of [B, G]) when
       outputs has aux_outputs, "interm": [B, G] int32 when outputs has interm_outputs}; query
       index per ground-truth column, -1 for none (`hungarian_matching`'s output).
-    config: see `default_criterion_config` (ConfigDict, dict, dataclass or None).
+    config: a `CriterionConfig` (`CriterionConfig.from_config(config.criterion)`), or None for
+      DINO's defaults.
     axis_name: only inside `jax.shard_map`: the mesh axis name(s) sharding the batch.
 
   Returns:
     Flat dict of [] float32 scalars (module docstring): `loss`, the `loss_*` terms, `metric_*`.
   """
-  cfg = resolve_config(config)
+  cfg = _checked(config)
+  check_inputs(outputs, targets)
   num_boxes = num_valid_boxes(targets, axis_name)
   result, final_box, final_giou = _matched_losses(outputs, targets, matches["final"], num_boxes,
                                                   cfg, axis_name, "")
@@ -326,7 +326,7 @@ def _add_dn_and_total(result, metrics, outputs, targets, cfg, axis_name):
     result.update(_dn_losses(outputs["dn_outputs"], outputs["dn_meta"], targets, cfg, axis_name))
   weights = loss_weights(result, cfg)
   total = sum(weights[name] * value for name, value in result.items())
-  metrics["metric_num_boxes"] = _global_sum(targets["valid"].astype(jnp.float32), axis_name)
+  metrics["metric_num_boxes"] = losses.global_sum(targets["valid"].astype(jnp.float32), axis_name)
   return {"loss": total, **result, **metrics}
 
 
@@ -344,17 +344,17 @@ def _task_aligned_losses(output, targets, cfg, axis_name, suffix):
                                             topk=cfg.o2m_topk, alpha=cfg.o2m_alpha,
                                             beta=cfg.o2m_beta)
   weight = assignment.query_targets  # [B, Q]
-  norm = jnp.maximum(_global_sum(weight, axis_name), 1.0)
+  norm = jnp.maximum(losses.global_sum(weight, axis_name), 1.0)
   soft = matching.task_aligned_class_targets(assignment.query_gt, weight, labels,
                                              logits.shape[-1])
-  ce = matching.task_aligned_focal_loss(logits, soft, gamma=cfg.focal_gamma)
+  ce = losses.task_aligned_focal_loss(logits, soft, gamma=cfg.focal_gamma)
   positive = assignment.query_gt >= 0
   target = jnp.take_along_axis(gt_boxes, jnp.maximum(assignment.query_gt, 0)[..., None], axis=1)
-  box = _box_loss(boxes, target, positive, cfg, axis_name) * weight  # [B, Q]
+  box = cfg.box_loss(boxes, target, positive, axis_name=axis_name) * weight  # [B, Q]
   giou = losses.giou_loss(boxes, target, positive) * weight
-  return {f"loss_ce{suffix}": _global_sum(ce, axis_name) / norm,
-          f"loss_bbox{suffix}": _global_sum(box, axis_name) / norm,
-          f"loss_giou{suffix}": _global_sum(giou, axis_name) / norm}
+  return {f"loss_ce{suffix}": losses.global_sum(ce, axis_name) / norm,
+          f"loss_bbox{suffix}": losses.global_sum(box, axis_name) / norm,
+          f"loss_giou{suffix}": losses.global_sum(giou, axis_name) / norm}
 
 
 def one_to_many_criterion(outputs, targets, config=None, *, axis_name=None):
@@ -372,7 +372,8 @@ def one_to_many_criterion(outputs, targets, config=None, *, axis_name=None):
   Returns:
     Flat dict of [] float32 scalars: `loss`, the `loss_*` terms, `metric_num_boxes`.
   """
-  cfg = resolve_config(config)
+  cfg = _checked(config)
+  check_inputs(outputs, targets)
   result = _task_aligned_losses(outputs, targets, cfg, axis_name, "")
   for i, aux in enumerate(outputs.get("aux_outputs", ())):
     result.update(_task_aligned_losses(aux, targets, cfg, axis_name, f"_aux_{i}"))
@@ -382,8 +383,7 @@ def one_to_many_criterion(outputs, targets, config=None, *, axis_name=None):
   return _add_dn_and_total(result, {}, outputs, targets, cfg, axis_name)
 
 
-def compute_matches(outputs, targets, config=None, *, mesh=None, data_axis="data",
-                    axis_name=None):
+def compute_matches(outputs, targets, config=None, *, axis_name=None):
   """Hungarian matches of the final, auxiliary and interm branches in ONE host call.
 
   The costs of all branches are stacked into [N, B, Q, G] (N = 1 + len(aux_outputs) + interm),
@@ -394,14 +394,13 @@ def compute_matches(outputs, targets, config=None, *, mesh=None, data_axis="data
   Args:
     outputs, targets: as `set_criterion`.
     config: matching costs from `set_cost_*`, `focal_*`, `matcher_box_cost`, `sized_l1_rescale`.
-    mesh, data_axis: see `hungarian_matching` (None inside `shard_map` or on one device).
     axis_name: only inside `jax.shard_map`, for a global mean box size in the rescaled
       Sized L1 cost.
 
   Returns:
     {"final": [B, G], "aux": [L-1, B, G] (if aux_outputs), "interm": [B, G] (if interm)} int32.
   """
-  cfg = resolve_config(config)
+  cfg = _checked(config)
   aux = list(outputs.get("aux_outputs", ()))
   branches = [outputs] + aux + ([outputs["interm_outputs"]] if "interm_outputs" in outputs else [])
   costs = [matching.matching_cost(
@@ -414,8 +413,8 @@ def compute_matches(outputs, targets, config=None, *, mesh=None, data_axis="data
   max_queries = max(num_queries)
   costs = [jnp.pad(c, ((0, 0), (0, max_queries - c.shape[-2]), (0, 0)),
                    constant_values=matching.NONFINITE_COST) for c in costs]
-  stacked = matching.hungarian_matching(jnp.stack(costs), targets["valid"], mesh=mesh,
-                                        data_axis=data_axis)  # [N, B, G]
+  # One host call per device shard of the mesh entered with jax.set_mesh (one call without).
+  stacked = matching.hungarian_matching(jnp.stack(costs), targets["valid"])  # [N, B, G]
   limit = jnp.asarray(num_queries, jnp.int32)[:, None, None]
   stacked = jnp.where(stacked < limit, stacked, -1)
   result = {"final": stacked[0]}
@@ -426,19 +425,18 @@ def compute_matches(outputs, targets, config=None, *, mesh=None, data_axis="data
   return result
 
 
-def dino_criterion(outputs, targets, config=None, *, mesh=None, data_axis="data",
-                   axis_name=None):
+def dino_criterion(outputs, targets, config=None, *, axis_name=None):
   """Match (one host call per shard) and compute DINO's losses: the trainer's one call.
 
   Args:
     outputs, targets, config: as `set_criterion`.
-    mesh, data_axis: for the host matching under `jax.jit` with a sharded batch (see
-      `hungarian_matching`); leave None inside `shard_map`.
     axis_name: only inside `jax.shard_map` (see `set_criterion`).
+
+  The host matching makes one call per device shard of the mesh entered with
+  `jax.set_mesh(mesh)` (as the trainer does; `matching.hungarian_matching`), one call without.
 
   Returns:
     `set_criterion`'s dict.
   """
-  matches = compute_matches(outputs, targets, config, mesh=mesh, data_axis=data_axis,
-                            axis_name=axis_name)
+  matches = compute_matches(outputs, targets, config, axis_name=axis_name)
   return set_criterion(outputs, targets, matches, config, axis_name=axis_name)

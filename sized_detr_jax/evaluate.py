@@ -1,18 +1,35 @@
-"""COCO evaluation: detections -> COCO results json -> pycocotools -> metrics (per box size).
+"""Inference and COCO evaluation: predict, score with pycocotools, eval and predict modes.
 
-Host-side numpy/pycocotools code. The model's postprocess gives, per image, the top-K scores,
-contiguous labels and absolute boxes; this module maps labels back to COCO category ids, writes
-`detections_<step>.json`, runs `COCOeval` and returns AP, AP50, AP75, APs, APm, APl (and the
-recalls) as 0-1 floats. Size classes follow COCO: small < 32^2 px area <= medium < 96^2 <= large.
+* `Predictor`: the jitted `(params, model_state, batch) -> detections` of a method, per stage
+  (the method's postprocess: DINO's top-K, or Semi-DETR's NMS before its switch).
+* `run_evaluation`: predict every eval batch, COCO results json, `COCOeval` per box size,
+  `detections_<step>.json`, `eval_metrics.json(l)`, `per_size_<step>.png`.
+* `evaluate_only` / `predict`: `run.py --mode=eval` / `--mode=predict` on a workdir's newest
+  checkpoint.
+* Host-side helpers: `detections_to_coco`, `coco_metrics`, `write_evaluation`, `plot_per_size`.
+
+Metrics are AP, AP50, AP75, APs, APm, APl (and the recalls) as 0-1 floats. Size classes follow
+COCO: small < 32^2 px area <= medium < 96^2 <= large.
 """
 import contextlib
 import io
 import json
 import os
+from typing import Any, NamedTuple
 
+from absl import logging
+import jax
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from sized_detr_jax import criterion
+from sized_detr_jax import sharding
+from sized_detr_jax import state as state_lib
+from sized_detr_jax import visualize
+from sized_detr_jax.data import batch as batch_lib
+from sized_detr_jax.data import image_files
+from sized_detr_jax.data import pipeline
 
 # Order of COCOeval.stats for iouType="bbox".
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -144,3 +161,148 @@ def format_metrics_table(metrics):
   """Two-line text table of the metrics (names over 0-1 values)."""
   names = [n for n in METRIC_NAMES if n in metrics]
   return " ".join(f"{n:>6s}" for n in names) + "\n" + " ".join(f"{metrics[n]:6.3f}" for n in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction and the evaluation loop.
+
+
+class Predictor:
+  """Jitted `(params, model_state, batch) -> detections` of a method, one per stage.
+
+  Detections: `scores` [B, K], `labels` [B, K] contiguous, `boxes_xyxy` / `boxes_xywh`
+  [B, K, 4] in original-image pixels, `image_id` [B] (< 0 for batch padding); replicated.
+  """
+
+  def __init__(self, method, mesh):
+    # Params and model state are replicated on the mesh, the batch sharded on `data`.
+    self.method, self.mesh = method, mesh
+    self._fns = {}
+
+  def __call__(self, step):
+    """The predict function for the model after `step` completed steps."""
+    stage = self.method.stage_at(step)
+    if stage not in self._fns:
+      model, postprocess = self.method.model, self.method.postprocess(stage)
+
+      def predict(params, model_state, batch):
+        outputs = model.apply({"params": params, **model_state}, batch_lib.model_images(batch),
+                              batch["pixel_mask"], train=False)
+        return {**postprocess(outputs, batch), "image_id": batch["image_id"]}
+
+      replicated = sharding.replicated(self.mesh)
+      self._fns[stage] = jax.jit(
+          predict, in_shardings=(replicated, replicated, sharding.batch_sharding(self.mesh)),
+          out_shardings=replicated)
+    return self._fns[stage]
+
+
+def eval_batches(config):
+  """This process's evaluation batches (process-local numpy)."""
+  batches, _ = pipeline.build_eval_iterator(config.data, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+  return batches
+
+
+def box_loss_share(metrics):
+  """Share of the final layer's box loss per size class, from the criterion's metric_* terms."""
+  totals = {s: metrics.get(f"metric_loss_bbox_{s}", 0.0) * metrics.get(f"metric_num_boxes_{s}", 0.0)
+            for s in criterion.SIZE_NAMES}
+  z = sum(totals.values())
+  return {s: v / z for s, v in totals.items()} if z > 0 else None
+
+
+def run_evaluation(predictor, params, model_state, step, workdir, data_info, batches, *,
+                   box_loss_share=None, title=""):  # pylint: disable=redefined-outer-name
+  """Predict every eval batch, score with pycocotools on process 0, write files and a plot.
+
+  Each process feeds its own shard; the predictions come back replicated, so process 0 sees
+  every image. Batch padding has image_id < 0 and is dropped.
+
+  Returns:
+    metrics dict (AP, AP50, AP75, APs, APm, APl, ...) on process 0, None elsewhere.
+  """
+  predict_fn = predictor(step)
+  dets = []
+  for local in batches:
+    out = jax.device_get(predict_fn(params, model_state, sharding.global_batch(local,
+                                                                              predictor.mesh)))
+    if jax.process_index() == 0:
+      dets += detections_to_coco(out["image_id"], out["scores"], out["labels"],
+                                 out["boxes_xywh"], data_info["category_ids"], min_score=0.001)
+  if jax.process_index() != 0:
+    return None
+  metrics, _ = coco_metrics(data_info["val_gt_json"], dets)
+  write_evaluation(workdir, step, dets, metrics)
+  plot_per_size(metrics, os.path.join(workdir, f"per_size_{step}.png"),
+                box_loss_share=box_loss_share, title=title or f"step {step}")
+  logging.info("eval at step %d:\n%s", step, format_metrics_table(metrics))
+  return metrics
+
+
+class Restored(NamedTuple):
+  """The newest checkpoint of a workdir, ready for inference."""
+  mesh: Any
+  data_info: dict
+  params: Any           # the EMA params when config.eval_ema and the state has them
+  model_state: Any
+  predictor: Predictor
+  step: int
+
+
+def restore_for_inference(config, workdir, mode) -> Restored:
+  """The newest checkpoint of `workdir` with its predictor (`--mode=eval|predict`)."""
+  if not workdir:
+    raise ValueError(f"--mode={mode} needs --workdir pointing at a training run")
+  sharding.maybe_initialize_distributed(config)
+  run = state_lib.setup(config, workdir)
+  run.checkpointer.close()
+  step = int(jax.device_get(run.state.step))
+  if step == 0:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  use_ema = config.get("eval_ema") and run.state.ema_params is not None
+  params = run.state.ema_params if use_ema else run.state.params
+  return Restored(run.mesh, run.data_info, params, run.state.model_state,
+                  Predictor(run.method, run.mesh), step)
+
+
+def evaluate_only(config, workdir):
+  """Evaluate the newest checkpoint of `workdir` (EMA params if `config.eval_ema`)."""
+  r = restore_for_inference(config, workdir, "eval")
+  metrics = run_evaluation(r.predictor, r.params, r.model_state, r.step, workdir, r.data_info,
+                           eval_batches(config))
+  if metrics is not None:
+    print(format_metrics_table(metrics))
+  return metrics
+
+
+def predict(config, workdir, image_paths, *, min_score=0.3):
+  """Detect objects in image files with the newest checkpoint; PNGs to WORKDIR/predictions/."""
+  source = image_files.ImageFilesSource(image_paths)
+  r = restore_for_inference(config, workdir, "predict")
+  predict_fn = r.predictor(r.step)
+  batch_fn = pipeline.make_eval_batch_fn(source, config.data, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+  out_dir = os.path.join(workdir, "predictions")
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  num_batches = -(-len(source) // pipeline.resolve_data_config(config.data).eval_batch_size)
+  for index in range(num_batches):
+    out = jax.device_get(predict_fn(r.params, r.model_state,
+                                    sharding.global_batch(batch_fn(index), r.mesh)))
+    if jax.process_index() != 0:
+      continue
+    for k, image_id in enumerate(out["image_id"]):
+      if image_id < 0:
+        continue
+      example = source[int(image_id)]
+      drawn = visualize.draw_detections(example["image"], out["boxes_xyxy"][k], out["scores"][k],
+                                        out["labels"][k], r.data_info["category_names"],
+                                        min_score=min_score)
+      stem = os.path.splitext(os.path.basename(source.paths[int(image_id)]))[0]
+      path = os.path.join(out_dir, f"{stem}.png")
+      drawn.save(path)
+      written.append(path)
+  if written:
+    print(f"Wrote {len(written)} images with detections (score >= {min_score}) to {out_dir}")
+  return written

@@ -1,4 +1,5 @@
-"""Per-element detection losses: Sized L1, L1, GIoU and sigmoid focal loss.
+"""Per-element detection losses: Sized L1, L1, GIoU, sigmoid focal and task-aligned focal loss,
+and the box-loss registry `BOX_LOSSES` that every criterion and matching cost dispatches on.
 
 Every function is pure jnp, safe under `jit`, `vmap` and `grad`, works on any leading batch
 shape, and returns *unreduced* values: the caller picks the normaliser (DINO divides by the
@@ -19,6 +20,7 @@ the mean ground-truth height ("adjust the weight term by the average dimensions 
 to normalization"), so the loss keeps L1's overall magnitude and L1's loss weight (5.0 in DINO)
 still fits.
 """
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -35,6 +37,19 @@ def _masked(values, valid):
   return jnp.where(valid, values, jnp.zeros_like(values))
 
 
+def _check_boxes(pred, target, valid):
+  """Trace-time shape checks of a (pred, target, valid) triple; `valid` may broadcast."""
+  chex.assert_axis_dimension(pred, -1, 4)
+  chex.assert_axis_dimension(target, -1, 4)
+  chex.assert_rank(valid, {pred.ndim - 1, target.ndim - 1})
+
+
+def global_sum(x, axis_name=None):
+  """Sum of every element, `psum`-ed over `axis_name` when given (inside shard_map)."""
+  total = jnp.sum(x)
+  return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
 def l1_loss(pred, target, valid):
   """L1 box loss summed over the 4 coordinates.
 
@@ -46,6 +61,7 @@ def l1_loss(pred, target, valid):
   Returns:
     [...] `sum_j |pred_j - target_j|`, 0 where `valid` is False.
   """
+  _check_boxes(pred, target, valid)
   return _masked(jnp.sum(jnp.abs(pred - target), axis=-1), valid)
 
 
@@ -91,6 +107,7 @@ def sized_l1_loss(pred, target, valid, *, rescale=False, eps=SIZED_L1_EPS, axis_
   Returns:
     [...] per-box loss, 0 where `valid` is False.
   """
+  _check_boxes(pred, target, valid)
   abs_err = jnp.abs(pred - target)
   w_t = jnp.maximum(target[..., 2], eps)
   h_t = jnp.maximum(target[..., 3], eps)
@@ -115,6 +132,7 @@ def giou_loss(pred, target, valid):
     [...] values in [0, 2], 0 where `valid` is False; finite (values and gradients) for
     zero-area boxes.
   """
+  _check_boxes(pred, target, valid)
   giou = box_ops.elementwise_generalized_box_iou(
       box_ops.box_cxcywh_to_xyxy(pred), box_ops.box_cxcywh_to_xyxy(target))
   return _masked(1.0 - giou, valid)
@@ -137,6 +155,7 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0):
     [...] per-element loss (same shape as `logits`), unreduced. DINO sums it and divides by the
     number of boxes.
   """
+  chex.assert_rank(targets, logits.ndim)
   targets = targets.astype(logits.dtype)
   log_p = jax.nn.log_sigmoid(logits)
   log_not_p = jax.nn.log_sigmoid(-logits)
@@ -147,3 +166,54 @@ def sigmoid_focal_loss(logits, targets, *, alpha=0.25, gamma=2.0):
   if alpha >= 0:
     loss = (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * loss
   return loss
+
+
+def task_aligned_focal_loss(logits, soft_targets, *, gamma=2.0):
+  """Task-aligned focal loss `BCE(p, y) * |y - p|^gamma`, elementwise (unreduced).
+
+  Semi-DETR's detr_od/models/losses/task_aligned_focal_loss.py `task_aigned_focal_loss` (a
+  quality focal loss with the normalised alignment as the soft label); the caller sums it and
+  divides by the (global) sum of soft targets, clamped at >= 1.
+
+  Args:
+    logits: [..., C] class logits.
+    soft_targets: [..., C] in [0, 1] (see `matching.task_aligned_class_targets`).
+    gamma: modulating exponent (2).
+
+  Returns:
+    [..., C] per-element loss.
+  """
+  chex.assert_equal_shape([logits, soft_targets])
+  soft_targets = soft_targets.astype(logits.dtype)
+  bce = -(soft_targets * jax.nn.log_sigmoid(logits)
+          + (1.0 - soft_targets) * jax.nn.log_sigmoid(-logits))
+  return bce * jnp.abs(soft_targets - jax.nn.sigmoid(logits))**gamma
+
+
+# ---------------------------------------------------------------------------------------------
+# The box-loss registry: `config.criterion.bbox_loss` / `matcher_box_cost` name an entry. Every
+# entry is `fn(pred [..., 4], target [..., 4], valid [...], *, rescale, axis_name) -> [...]`.
+
+
+def _l1_entry(pred, target, valid, *, rescale=False, axis_name=None):
+  del rescale, axis_name  # L1 has no size normalisation to rescale
+  return l1_loss(pred, target, valid)
+
+
+BOX_LOSSES = {"l1": _l1_entry, "sized_l1": sized_l1_loss}
+
+
+def box_loss(name, pred, target, valid, *, rescale=False, axis_name=None):
+  """The registered box regression loss `name`, per box: [..., 4] x [..., 4] -> [...].
+
+  Args:
+    name: a `BOX_LOSSES` key ("l1" or "sized_l1").
+    pred, target, valid: as `l1_loss` (normalised cxcywh; `valid` broadcasts).
+    rescale, axis_name: Sized L1's mean-size rescaling (see `sized_l1_loss`); ignored by L1.
+
+  Raises:
+    ValueError: unknown name.
+  """
+  if name not in BOX_LOSSES:
+    raise ValueError(f"box loss must be one of {tuple(BOX_LOSSES)}, got {name!r}")
+  return BOX_LOSSES[name](pred, target, valid, rescale=rescale, axis_name=axis_name)

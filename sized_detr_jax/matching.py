@@ -18,7 +18,7 @@ device); one CPU device, or `mesh=None` (a single callback), has not hung in our
 
 One-to-many (Semi-DETR's first stage, design.md section 9): `task_aligned_assign` is TOOD's
 task-aligned assigner as Semi-DETR applies it to DETR queries, fully on device with static shapes,
-and `task_aligned_focal_loss` is the classification loss that goes with its soft targets.
+and `losses.task_aligned_focal_loss` is the classification loss that goes with its soft targets.
 
 Boxes are normalised `(cx, cy, w, h)` (cxcywh) throughout.
 
@@ -36,6 +36,7 @@ Degenerate cases (all tested in tests/test_matching.py):
 """
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +46,7 @@ from scipy import optimize
 
 from sized_detr_jax import box_ops
 from sized_detr_jax import losses
+from sized_detr_jax import sharding
 
 # Host-side replacement for NaN / +inf cost entries (NaN = the worst possible pairing) and, with
 # a minus sign, for -inf. Real DINO costs are O(10).
@@ -105,9 +107,9 @@ def matching_cost(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_valid, *, cla
     gt_valid: [..., G] bool, False for padded ground truth.
     class_weight, bbox_weight, giou_weight: weights of the three terms.
     focal_alpha, focal_gamma: focal cost parameters.
-    box_cost: "l1" (DINO: sum of absolute coordinate differences) or "sized_l1" (the Sized L1
-      distance of `losses.sized_l1_loss`, each coordinate error divided by the ground truth's
-      width or height; an option, the paper keeps the L1 cost).
+    box_cost: a `losses.BOX_LOSSES` name: "l1" (DINO: sum of absolute coordinate differences)
+      or "sized_l1" (the Sized L1 distance of `losses.sized_l1_loss`, each coordinate error
+      divided by the ground truth's width or height; an option, the paper keeps the L1 cost).
     sized_l1_rescale: with box_cost "sized_l1", multiply by the mean ground-truth width/height
       (over every valid box in `gt_boxes`) to keep L1's scale.
     axis_name: only inside `jax.shard_map` with the rescaled Sized L1 cost: the mesh axis of the
@@ -122,13 +124,11 @@ def matching_cost(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_valid, *, cla
   pred = pred_boxes[..., :, None, :]  # [..., Q, 1, 4]
   target = gt_boxes[..., None, :, :]  # [..., 1, G, 4]
   pair_valid = gt_valid[..., None, :]  # [..., 1, G]
-  if box_cost == "l1":
-    cost_box = jnp.sum(jnp.abs(pred - target), axis=-1)
-  elif box_cost == "sized_l1":
-    cost_box = losses.sized_l1_loss(pred, target, pair_valid, rescale=sized_l1_rescale,
-                                    axis_name=axis_name)
-  else:
-    raise ValueError(f"matching_cost: box_cost must be 'l1' or 'sized_l1', got {box_cost!r}")
+  if box_cost not in losses.BOX_LOSSES:
+    raise ValueError(f"matching_cost: box_cost must be one of {tuple(losses.BOX_LOSSES)}, "
+                     f"got {box_cost!r}")
+  cost_box = losses.box_loss(box_cost, pred, target, pair_valid, rescale=sized_l1_rescale,
+                             axis_name=axis_name)
   cost_giou = -box_ops.generalized_box_iou(
       box_ops.box_cxcywh_to_xyxy(pred_boxes), box_ops.box_cxcywh_to_xyxy(gt_boxes))
   cost_class = focal_class_cost(pred_logits, gt_labels, alpha=focal_alpha, gamma=focal_gamma)
@@ -168,11 +168,14 @@ def _host_matching(cost, gt_valid):
 
 
 def _lay_out(x, mesh, spec):
-  """Put `x` in the layout `spec` on `mesh`, for Explicit (jax.make_mesh's default) or Auto axes."""
-  sharding = NamedSharding(mesh, spec)
+  """Put `x` in the layout `spec` on `mesh`, for Explicit (jax.make_mesh's default) or Auto axes.
+
+  `mesh` is a concrete `Mesh` or the abstract one of `jax.set_mesh` (then the bare spec).
+  """
+  layout = NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec
   if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    return jax.sharding.reshard(x, sharding)
-  return jax.lax.with_sharding_constraint(x, sharding)
+    return jax.sharding.reshard(x, layout)
+  return jax.lax.with_sharding_constraint(x, layout)
 
 
 def hungarian_matching(cost, gt_valid, *, mesh=None, data_axis="data"):
@@ -185,10 +188,11 @@ def hungarian_matching(cost, gt_valid, *, mesh=None, data_axis="data"):
       with the decoder layers stacked so one host call solves them all.
     gt_valid: [..., G] bool, broadcastable to `cost.shape[:-2] + (G,)` (e.g. [B, G] for an
       [L, B, Q, G] cost). False marks padded columns, which may be anywhere.
-    mesh: optional `jax.sharding.Mesh`; when given, the batch axis (axis -3 of `cost`, -2 of
-      the broadcast `gt_valid`) is split over the mesh axis `data_axis` with `jax.shard_map`, so
-      every device shard makes its own host call on its own images. The batch size must be
-      divisible by that axis' size.
+    mesh: optional `jax.sharding.Mesh`; default: the mesh entered with `jax.set_mesh` (as the
+      trainer does), if it has `data_axis`. With a mesh, the batch axis (axis -3 of `cost`, -2
+      of the broadcast `gt_valid`) is split over the mesh axis `data_axis` with
+      `jax.shard_map`, so every device shard makes its own host call on its own images. The
+      batch size must be divisible by that axis' size. With neither: one host call.
     data_axis: name of the mesh axis that shards the batch.
 
   Returns:
@@ -200,8 +204,11 @@ def hungarian_matching(cost, gt_valid, *, mesh=None, data_axis="data"):
     ValueError: `cost` has fewer than 3 dims with a mesh, or the batch does not divide the
       `data_axis` size.
   """
+  chex.assert_axis_dimension(gt_valid, -1, cost.shape[-1])
   cost = jax.lax.stop_gradient(cost)
   gt_valid = jnp.broadcast_to(gt_valid, cost.shape[:-2] + cost.shape[-1:])
+  if mesh is None:
+    mesh = sharding.context_mesh(data_axis)
   if mesh is None:
     return _host_matching(cost, gt_valid)
   if cost.ndim < 3:
@@ -330,24 +337,3 @@ def task_aligned_class_targets(query_gt, query_targets, gt_labels, num_classes):
                               jnp.maximum(query_gt, 0), axis=-1)  # [..., Q]
   onehot = jax.nn.one_hot(jnp.where(query_gt >= 0, label, -1), num_classes)
   return onehot * query_targets[..., None]
-
-
-def task_aligned_focal_loss(logits, soft_targets, *, gamma=2.0):
-  """Task-aligned focal loss `BCE(p, y) * |y - p|^gamma`, elementwise (unreduced).
-
-  Semi-DETR's detr_od/models/losses/task_aligned_focal_loss.py `task_aigned_focal_loss` (a
-  quality focal loss with the normalised alignment as the soft label); the caller sums it and
-  divides by the (global) sum of soft targets, clamped at >= 1.
-
-  Args:
-    logits: [..., C] class logits.
-    soft_targets: [..., C] in [0, 1] (see `task_aligned_class_targets`).
-    gamma: modulating exponent (2).
-
-  Returns:
-    [..., C] per-element loss.
-  """
-  soft_targets = soft_targets.astype(logits.dtype)
-  bce = -(soft_targets * jax.nn.log_sigmoid(logits)
-          + (1.0 - soft_targets) * jax.nn.log_sigmoid(-logits))
-  return bce * jnp.abs(soft_targets - jax.nn.sigmoid(logits))**gamma

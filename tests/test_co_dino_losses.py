@@ -3,12 +3,12 @@ padded positive-query slots carrying no box loss, the loss weights, and the Size
 acting on the main head's terms only (criterion level, no model)."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from sized_detr_jax import criterion as criterion_lib
 from sized_detr_jax.co_dino import aux_losses
+from sized_detr_jax.co_dino import config as co_config
 from sized_detr_jax.co_dino import criterion as co_criterion
 
 RNG = np.random.default_rng(0)
@@ -185,20 +185,20 @@ def test_padded_positive_query_slots_carry_no_box_loss():
 
 
 def _config(dec_layers=6, bbox_loss="l1"):
-  return ml_collections.ConfigDict({
-      "model": {"dec_layers": dec_layers},
-      "criterion": {"bbox_loss": bbox_loss},
-      "co_dino": dict(co_criterion.DEFAULT_LOSS_WEIGHTS)})
+  """(main-head CriterionConfig, LossWeights) as the co_dino method resolves them."""
+  co = co_config.CoDINOConfig.from_config(co_config.default_co_dino_config(),
+                                          num_decoder_layers=dec_layers)
+  return criterion_lib.CriterionConfig(bbox_loss=bbox_loss), co.loss
 
 
 def test_loss_weights_follow_co_dino_r50():
   names = ["loss_rpn_cls", "loss_rpn_bbox", "loss_roi_cls", "loss_roi_giou", "loss_atss_cls",
            "loss_atss_giou", "loss_atss_centerness", "loss_ce_pos_roi", "loss_bbox_pos_atss_aux_3",
            "loss_giou_pos_roi"]
-  w = co_criterion.co_dino_loss_weights(names, _config())
+  w = co_criterion.co_dino_loss_weights(names, *_config())
   assert [w[n] for n in names] == [12, 12, 12, 120, 12, 24, 12, 1.0, 5.0, 2.0]
   with pytest.raises(ValueError, match="loss_foo"):
-    co_criterion.co_dino_loss_weights(["loss_foo"], _config())
+    co_criterion.co_dino_loss_weights(["loss_foo"], *_config())
 
 
 def _outputs(b=2, q=8, c=3, layers=2, g=3):
@@ -211,8 +211,7 @@ def _outputs(b=2, q=8, c=3, layers=2, g=3):
                           "pred_boxes": box(b, q)}],
          "interm_outputs": {"pred_logits": RNG.normal(size=(b, q, c)).astype(np.float32),
                             "pred_boxes": box(b, q)},
-         "extra_outputs": {k: np.concatenate([v, v[..., ::-1, :]], axis=2)
-                           for k, v in extra.items()}}
+         "extra_outputs": {"roi": extra, "atss": {k: v[..., ::-1, :] for k, v in extra.items()}}}
   anchors = _boxes((20,))
   s = 10
   out["co_outputs"] = {
@@ -237,10 +236,10 @@ def _outputs(b=2, q=8, c=3, layers=2, g=3):
 
 def test_sized_l1_switch_changes_main_head_box_terms_only():
   outputs, targets = _outputs()
-  crit = jax.jit(lambda o, t, config: co_criterion.co_dino_criterion(o, t, config),
-                 static_argnums=2)
-  l1 = crit(outputs, targets, _FrozenConfig(_config(2, "l1")))
-  sized = crit(outputs, targets, _FrozenConfig(_config(2, "sized_l1")))
+  # Frozen typed configs are hashable: they can be static jit arguments as they are.
+  crit = jax.jit(co_criterion.co_dino_criterion, static_argnums=(2, 3))
+  l1 = crit(outputs, targets, *_config(2, "l1"))
+  sized = crit(outputs, targets, *_config(2, "sized_l1"))
   assert set(l1) == set(sized)
   changed = {k for k in l1 if not np.isclose(l1[k], sized[k], rtol=1e-6)}
   # Every main-head box term (matching branches, denoising-free here, and positive queries)
@@ -257,26 +256,7 @@ def test_sized_l1_switch_changes_main_head_box_terms_only():
   main_w = criterion_lib.loss_weights([k for k in l1 if k.startswith("loss_") and
                                        k not in co_criterion._AUX_TERMS and "_pos_" not in k])
   co_names = [k for k in l1 if k in co_criterion._AUX_TERMS or "_pos_" in k]
-  co_w = co_criterion.co_dino_loss_weights(co_names, cfg)
+  co_w = co_criterion.co_dino_loss_weights(co_names, *cfg)
   total = sum(main_w[k] * float(l1[k]) for k in main_w) + sum(co_w[k] * float(l1[k])
                                                                for k in co_w)
   np.testing.assert_allclose(l1["loss"], total, rtol=1e-5)
-
-
-class _FrozenConfig:
-  """Hashable wrapper so a ConfigDict can be a static jit argument."""
-
-  def __init__(self, config):
-    self.config = config
-
-  def get(self, key, default=None):
-    return self.config.get(key, default)
-
-  def __getattr__(self, key):
-    return getattr(self.config, key)
-
-  def __hash__(self):
-    return hash(self.config.to_json())
-
-  def __eq__(self, other):
-    return self.config.to_json() == other.config.to_json()

@@ -11,6 +11,9 @@ import pytest
 
 from sized_detr_jax import co_dino
 from sized_detr_jax import config_lib
+from sized_detr_jax import criterion as criterion_lib
+from sized_detr_jax.co_dino import config as co_config
+from sized_detr_jax.co_dino import criterion as co_criterion
 from sized_detr_jax.models import dino as dino_lib
 from sized_detr_jax.models.testing import random_params
 
@@ -37,22 +40,25 @@ def _batch():
 @pytest.fixture(scope="module")
 def setup():
   config = config_lib.load_config(CONFIG, "smoke")
-  model, labels_fn = co_dino.build_co_dino(config)
+  method = co_dino.build(config)
+  model, labels_fn = method.model, method.param_labels
   images, mask, targets = _batch()
   shapes = jax.eval_shape(model.init, {"params": jax.random.PRNGKey(0),
                                        "dn": jax.random.PRNGKey(0)}, images, mask)["params"]
   params = random_params(shapes, seed=1)
 
-  def loss_fn(params, images, mask, targets, mesh):
+  crit = criterion_lib.CriterionConfig.from_config(config.criterion)
+  weights = co_config.CoDINOConfig.from_config(config.co_dino,
+                                               num_decoder_layers=config.model.dec_layers).loss
+
+  def loss_fn(params, images, mask, targets):
     out = model.apply({"params": params}, images, mask, targets=targets, train=True,
                       rngs={"dn": jax.random.PRNGKey(3), "dropout": jax.random.PRNGKey(4)})
-    losses = co_dino.co_dino_criterion(out, targets, config, mesh=mesh, data_axis="data")
+    losses = co_criterion.co_dino_criterion(out, targets, crit, weights)
     return losses["loss"], (losses, out)
 
-  def grad_fn(mesh):
-    return jax.jit(lambda *args: jax.grad(loss_fn, has_aux=True)(*args, mesh))
-
-  grads, (losses, outputs) = grad_fn(None)(params, images, mask, targets)
+  grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
+  grads, (losses, outputs) = grad_fn(params, images, mask, targets)
   return dict(config=config, model=model, labels_fn=labels_fn, params=params, grad_fn=grad_fn,
               batch=(images, mask, targets), grads=grads, losses=losses, outputs=outputs)
 
@@ -80,7 +86,8 @@ def test_positive_query_slots(setup):
   n = config.co_dino.num_pos_queries
   layers = config.model.dec_layers
   extra = outputs["extra_outputs"]
-  assert extra["pred_boxes"].shape == (layers, BATCH, 2 * n, 4)
+  for name in ("roi", "atss"):
+    assert extra[name]["pred_boxes"].shape == (layers, BATCH, n, 4)
   gt_boxes, gt_labels, gt_valid = (np.asarray(targets[k]) for k in ("boxes", "labels", "valid"))
   for name in ("roi", "atss"):
     q = jax.tree.map(np.asarray, outputs["co_outputs"]["pos_queries"][name])
@@ -104,8 +111,9 @@ def test_four_devices_equal_one_device(setup):
   shard = lambda x: jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))
   images, mask, targets = setup["batch"]
   params = jax.device_put(setup["params"], jax.NamedSharding(mesh, jax.P()))
-  grads, (losses, _) = setup["grad_fn"](mesh)(params, shard(images), shard(mask),
-                                              jax.tree.map(shard, targets))
+  with jax.set_mesh(mesh):  # the trainer's form: host matching per device shard
+    grads, (losses, _) = setup["grad_fn"](params, shard(images), shard(mask),
+                                          jax.tree.map(shard, targets))
   for k, v in setup["losses"].items():
     np.testing.assert_allclose(losses[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
   for (path, g1), g4 in zip(jax.tree_util.tree_leaves_with_path(setup["grads"]),
@@ -153,4 +161,4 @@ def test_configs():
   bad = config_lib.load_config(CONFIG, "smoke")
   bad.co_dino.rpn_nms_pree = 3
   with pytest.raises(ValueError, match="rpn_nms_pree"):
-    co_dino.build_co_dino(bad)
+    co_dino.build(bad)

@@ -1,7 +1,5 @@
 """Tests for sized_detr_jax.criterion against a float64 numpy re-derivation of DINO's losses,
 sharded vs unsharded normalisation, the one-host-call matching wrapper, and gradients."""
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -173,7 +171,8 @@ def jitted():
   def get(**cfg):
     key = tuple(sorted(cfg.items()))
     if key not in cache:
-      cache[key] = jax.jit(lambda o, t, m: criterion.set_criterion(o, t, m, cfg))
+      resolved = criterion.CriterionConfig(**cfg)
+      cache[key] = jax.jit(lambda o, t, m: criterion.set_criterion(o, t, m, resolved))
     return cache[key]
 
   return get
@@ -191,8 +190,8 @@ def test_criterion_matches_numpy_reference(example, jitted, bbox_loss, rescale):
 
 def test_sized_l1_without_rescale_and_interm_coef(example):
   outputs, targets, matches = example
-  cfg = ml_collections.ConfigDict({"bbox_loss": "sized_l1", "interm_loss_coef": 0.5,
-                                   "use_dn": False})
+  cfg = criterion.CriterionConfig.from_config(ml_collections.ConfigDict(
+      {"bbox_loss": "sized_l1", "interm_loss_coef": 0.5, "use_dn": False}))
   got = criterion.set_criterion(outputs, targets, matches, cfg)
   want = np_criterion(outputs, targets, matches, "sized_l1", False, interm_coef=0.5)
   assert not any("_dn" in k for k in got)
@@ -243,7 +242,7 @@ def test_sharded_normalisation_equals_unsharded(example, jitted):
   for name in want:
     np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-5, err_msg=name)
 
-  cfg = {"bbox_loss": "sized_l1", "sized_l1_rescale": True}
+  cfg = criterion.CriterionConfig(bbox_loss="sized_l1", sized_l1_rescale=True)
   per_shard = jax.shard_map(
       lambda o, t, m: criterion.set_criterion(o, t, m, cfg, axis_name="data"), mesh=mesh,
       in_specs=specs, out_specs=P())
@@ -278,7 +277,8 @@ def test_compute_matches_one_host_call_and_optimal(example, jit_matches, count_h
 
   count_host_calls.clear()
   mesh = jax.make_mesh((4,), ("data",))
-  sharded = jax.jit(lambda o, t: criterion.compute_matches(o, t, mesh=mesh))(outputs, targets)
+  with jax.set_mesh(mesh):  # the trainer's form: the mesh entered once, matching per shard
+    sharded = jax.jit(criterion.compute_matches)(outputs, targets)
   jax.block_until_ready(sharded)
   assert sorted(count_host_calls) == [(LAYERS + 1, B // 4, Q, G)] * 4
   for key in matches:
@@ -288,7 +288,7 @@ def test_compute_matches_one_host_call_and_optimal(example, jit_matches, count_h
 def test_dino_criterion_value_and_finite_gradients(example, jit_matches):
   """The trainer's one call: matches + losses, differentiable, equal to the numpy reference."""
   outputs, targets, _ = example
-  cfg = {"bbox_loss": "sized_l1", "sized_l1_rescale": True}
+  cfg = criterion.CriterionConfig(bbox_loss="sized_l1", sized_l1_rescale=True)
   meta = outputs["dn_meta"]
   floats = {k: v for k, v in outputs.items() if k != "dn_meta"}
   loss = lambda o: criterion.dino_criterion(dict(o, dn_meta=meta), targets, cfg)["loss"]
@@ -302,9 +302,8 @@ def test_dino_criterion_value_and_finite_gradients(example, jit_matches):
   assert np.all(np.asarray(grads["dn_outputs"]["pred_logits"])[:, 2] == 0)
   # The trainer's form: host matching per device shard (shard_map) inside jax.grad.
   mesh = jax.make_mesh((4,), ("data",))
-  loss_mesh = lambda o: criterion.dino_criterion(dict(o, dn_meta=meta), targets, cfg,
-                                                 mesh=mesh)["loss"]
-  value_mesh, grads_mesh = jax.jit(jax.value_and_grad(loss_mesh))(floats)
+  with jax.set_mesh(mesh):
+    value_mesh, grads_mesh = jax.jit(jax.value_and_grad(loss))(floats)
   np.testing.assert_allclose(float(value_mesh), float(value), rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads_mesh, grads)
@@ -322,7 +321,7 @@ def test_compute_matches_pads_shorter_interm_branch(example):
 
 def test_one_to_many_criterion_matches_numpy(example):
   outputs, targets, _ = example
-  cfg = {"cls_loss_coef": 2.0, "use_dn": False, "o2m_topk": 3}
+  cfg = criterion.CriterionConfig(cls_loss_coef=2.0, use_dn=False, o2m_topk=3)
   got = jax.jit(lambda o, t: criterion.one_to_many_criterion(o, t, cfg))(outputs, targets)
   branches = [("", outputs)] + [(f"_aux_{i}", a) for i, a in enumerate(outputs["aux_outputs"])]
   branches += [("_interm", outputs["interm_outputs"])]
@@ -351,21 +350,19 @@ def test_one_to_many_criterion_matches_numpy(example):
   assert_losses_close(got, want)
 
 
-def test_config_forms_and_errors():
-  @dataclasses.dataclass
-  class Cfg:
-    bbox_loss: str = "sized_l1"
-    lr: float = 1e-4  # unrelated fields are ignored
-
-  assert criterion.resolve_config(Cfg()).bbox_loss == "sized_l1"
-  assert criterion.resolve_config({"giou_loss_coef": 3.0}).giou_loss_coef == 3.0
+def test_config_resolution_and_errors():
+  assert criterion.CriterionConfig.from_config({"giou_loss_coef": 3.0}).giou_loss_coef == 3.0
   default = criterion.default_criterion_config()
-  assert criterion.resolve_config(default) == criterion.CriterionConfig()
+  assert criterion.CriterionConfig.from_config(default) == criterion.CriterionConfig()
   assert (default.cls_loss_coef, default.bbox_loss_coef, default.giou_loss_coef) == (1.0, 5.0, 2.0)
-  with pytest.raises(ValueError, match="bbox_loss"):
-    criterion.resolve_config({"bbox_loss": "smooth_l1"})
+  with pytest.raises(ValueError, match="bbox_loss must be one of"):
+    criterion.CriterionConfig.from_config({"bbox_loss": "smooth_l1"})
+  with pytest.raises(ValueError, match=r"unknown fields \['lr'\]"):
+    criterion.CriterionConfig.from_config({"bbox_loss": "l1", "lr": 1e-4})
+  with pytest.raises(TypeError, match="CriterionConfig"):  # resolved once, not per call
+    criterion.set_criterion({}, {}, {}, {"bbox_loss": "l1"})
   with pytest.raises(ValueError, match="unknown loss name"):
     criterion.loss_weights(["loss_mask"])
   w = criterion.loss_weights(["loss_ce_interm", "loss_bbox_dn_aux_0", "loss_giou"],
-                             {"interm_loss_coef": 0.5})
+                             criterion.CriterionConfig(interm_loss_coef=0.5))
   assert w == {"loss_ce_interm": 0.5, "loss_bbox_dn_aux_0": 5.0, "loss_giou": 2.0}

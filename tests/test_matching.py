@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy import optimize
 
+from sized_detr_jax import losses
 from sized_detr_jax import matching
 
 _jit_match = jax.jit(matching.hungarian_matching)
@@ -299,7 +300,7 @@ def test_task_aligned_focal_loss_matches_numpy():
   p = np_sigmoid(logits)
   y = want_targets
   want = -(y * np.log(p) + (1 - y) * np.log(1 - p)) * np.abs(y - p)**2
-  got = np.asarray(matching.task_aligned_focal_loss(logits, targets))
+  got = np.asarray(losses.task_aligned_focal_loss(logits, targets))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-  grad = jax.grad(lambda x: jnp.sum(matching.task_aligned_focal_loss(x, targets)))(logits)
+  grad = jax.grad(lambda x: jnp.sum(losses.task_aligned_focal_loss(x, targets)))(logits)
   assert np.all(np.isfinite(np.asarray(grad)))

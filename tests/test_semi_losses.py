@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from sized_detr_jax import criterion
-from sized_detr_jax import semi
+from sized_detr_jax.semi import config as semi_config
+from sized_detr_jax.semi import losses as semi_losses
 
 
 def _outputs(rng, b=2, q=6, c=3, dn=4, layers=2):
@@ -33,9 +34,12 @@ def _targets(rng, b=2, g=3, c=3):
 
 
 def _config(branches, bbox_loss="sized_l1", weight=4.0):
-  return ml_collections.ConfigDict({
+  """(CriterionConfig, SemiConfig) as the semi_detr method resolves them from a ConfigDict."""
+  config = ml_collections.ConfigDict({
       "criterion": {"bbox_loss": bbox_loss, "cls_loss_coef": 2.0},
       "semi": {"sized_l1_branches": branches, "unsup_weight": weight}})
+  return (criterion.CriterionConfig.from_config(config.criterion),
+          semi_config.SemiConfig.from_config(config.semi))
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +58,17 @@ def _all_losses(case, stage):
     return _RESULTS[stage]
   run = criterion.one_to_many_criterion if stage == 1 else criterion.dino_criterion
 
+  cfg = lambda **kw: criterion.CriterionConfig(cls_loss_coef=2.0, **kw)
+
   def fn(out_l, tgt_l, out_u, tgt_u):
+    semi = lambda branches: semi_losses.semi_losses(out_l, tgt_l, out_u, tgt_u,
+                                                    *_config(branches), stage)
     return {
-        "both": semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("both"), stage),
-        "sup_only": semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("sup_only"), stage),
-        "plain": run(out_u, tgt_u, {"bbox_loss": "l1", "cls_loss_coef": 2.0,
-                                    "use_dn": stage == 2}),
-        "sized": run(out_u, tgt_u, {"bbox_loss": "sized_l1", "cls_loss_coef": 2.0,
-                                    "use_dn": stage == 2}),
-        "sup_sized": run(out_l, tgt_l, {"bbox_loss": "sized_l1", "cls_loss_coef": 2.0}),
+        "both": semi("both"),
+        "sup_only": semi("sup_only"),
+        "plain": run(out_u, tgt_u, cfg(bbox_loss="l1", use_dn=stage == 2)),
+        "sized": run(out_u, tgt_u, cfg(bbox_loss="sized_l1", use_dn=stage == 2)),
+        "sup_sized": run(out_l, tgt_l, cfg(bbox_loss="sized_l1")),
     }
 
   _RESULTS[stage] = jax.tree.map(float, (jax.jit(fn) if stage == 1 else fn)(*case))
@@ -100,8 +106,8 @@ def test_unsupervised_denoising_only_after_the_switch(case):
 
 def test_l1_baseline_is_l1_everywhere(case):
   out_l, tgt_l, out_u, tgt_u = case
-  a = semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("both", "l1", 2.0), 2)
-  b = semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("sup_only", "l1", 2.0), 2)
+  a = semi_losses.semi_losses(out_l, tgt_l, out_u, tgt_u, *_config("both", "l1", 2.0), 2)
+  b = semi_losses.semi_losses(out_l, tgt_l, out_u, tgt_u, *_config("sup_only", "l1", 2.0), 2)
   assert all(float(a[k]) == float(b[k]) for k in a)
   assert float(a["loss"]) == pytest.approx(float(a["loss_sup"]) + 2.0 * float(a["loss_unsup"]),
                                            rel=1e-6)
@@ -110,6 +116,6 @@ def test_l1_baseline_is_l1_everywhere(case):
 def test_bad_config(case):
   out_l, tgt_l, out_u, tgt_u = case
   with pytest.raises(ValueError, match="sized_l1_branches"):
-    semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("unsup_only"), 1)
+    semi_losses.semi_losses(out_l, tgt_l, out_u, tgt_u, *_config("unsup_only"), 1)
   with pytest.raises(ValueError, match="stage"):
-    semi.semi_losses(out_l, tgt_l, out_u, tgt_u, _config("both"), 3)
+    semi_losses.semi_losses(out_l, tgt_l, out_u, tgt_u, *_config("both"), 3)

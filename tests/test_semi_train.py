@@ -18,7 +18,8 @@ import pytest
 import procs
 
 from sized_detr_jax import config_lib
-from sized_detr_jax import train
+from sized_detr_jax import sharding
+from sized_detr_jax import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "semi_detr.py")
@@ -72,18 +73,20 @@ def test_teacher_is_the_ema_of_the_student(straight):
   """ema_t = m ema_{t-1} + (1 - m) params_t with m = min(0.999, s / (s + 1)), s = t - 1."""
   for step in (1, STEPS):
     now = _state(straight["workdir"], step)
+    assert set(now["ema_params"]) == {"dino"}  # the projector is not EMA'd (Semi-DETR)
     if step == 1:  # m = 0: the teacher starts as a copy of the updated student
-      jax.tree.map(np.testing.assert_array_equal, now["ema_params"], now["params"])
+      jax.tree.map(np.testing.assert_array_equal, now["ema_params"]["dino"],
+                   now["params"]["dino"])
       continue
     prev = _state(straight["workdir"], step - 1)
     m = min(0.999, (step - 1) / step)
     expected = jax.tree.map(
         lambda e, p: m * np.asarray(e, np.float64) + (1 - m) * np.asarray(p, np.float64),
-        prev["ema_params"], now["params"])
+        prev["ema_params"]["dino"], now["params"]["dino"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 now["ema_params"], expected)
-    diff = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), now["ema_params"],
-                                        now["params"]))
+                 now["ema_params"]["dino"], expected)
+    diff = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
+                                        now["ema_params"]["dino"], now["params"]["dino"]))
     assert max(diff) > 0  # teacher and student differ after a few steps
 
 
@@ -114,21 +117,26 @@ def test_one_device_loss_equals_four_and_teacher_gets_no_gradient(straight, tmp_
   config.data.root = straight["data_root"]
   config.num_devices = 1
   config.semi.switch_step = SWITCH
-  mesh, _, model, _, _, state, _, ckpt = train._setup(config, str(tmp_path / "one"))
-  ckpt.close()
-  batch = train.global_batch(next(train._train_batches(config, 0)), mesh)
-  loss_fn = train.make_loss_fn(model, config, mesh, stage=1)
+  run = state_lib.setup(config, str(tmp_path / "one"))
+  run.checkpointer.close()
+  state = run.state
+  batch = sharding.global_batch(next(run.method.train_batches(
+      config.data, seed=config.seed, start_step=0)), run.mesh)
+  loss_fn = run.method.loss_fn(1)
 
   def loss_of(params, ema):
     return loss_fn(params, state.replace(ema_params=ema), batch,
                    jax.random.fold_in(state.rng, state.step))
 
-  (loss, metrics), (g_params, g_ema) = jax.jit(
-      jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True))(state.params, state.ema_params)
+  with jax.set_mesh(run.mesh):
+    (loss, metrics), (g_params, g_ema) = jax.jit(
+        jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True))(state.params,
+                                                                    state.ema_params)
   step1 = straight["metrics"][0]
   np.testing.assert_allclose(float(loss), step1["loss"], rtol=1e-5)
   np.testing.assert_allclose(float(metrics["loss_consistency"]), step1["loss_consistency"],
                              rtol=1e-4, atol=1e-7)
+  assert set(state.ema_params) == {"dino"}  # the teacher tracks the detector only
   assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(g_ema))
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(g_params))
   assert np.any(np.asarray(g_params["projector"]["fc2"]["kernel"]))

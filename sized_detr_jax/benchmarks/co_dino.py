@@ -20,6 +20,7 @@ import numpy as np
 
 from sized_detr_jax import co_dino
 from sized_detr_jax import config_lib
+from sized_detr_jax import state as state_lib
 from sized_detr_jax.benchmarks.timing import time_interleaved
 from sized_detr_jax.models.testing import random_params
 
@@ -40,17 +41,16 @@ def _batch(batch, size, boxes, seed=0):
 
 def _step_fn(config, images, mask, targets):
   """(jitted loss+grad closure, params) for one config."""
-  model, _ = co_dino.build_co_dino(config)
+  method = co_dino.build(config)
+  model = method.model
   shapes = jax.eval_shape(model.init, {"params": jax.random.PRNGKey(0),
                                        "dn": jax.random.PRNGKey(0)}, images, mask)["params"]
   params = random_params(shapes, seed=0)
 
-  def loss_fn(params, key):
-    out = model.apply({"params": params}, images, mask, targets=targets, train=True,
-                      rngs={"dn": key, "dropout": key})
-    return co_dino.co_dino_criterion(out, targets, config)["loss"]
-
-  grad = jax.jit(jax.value_and_grad(loss_fn))
+  batch = {"image": images, "pixel_mask": mask, **targets}
+  loss_fn = method.loss_fn(1)
+  state = state_lib.TrainState(step=0, params=None, model_state={}, opt_state=None, rng=None)
+  grad = jax.jit(jax.value_and_grad(lambda p, key: loss_fn(p, state, batch, key)[0]))
   return grad, params
 
 

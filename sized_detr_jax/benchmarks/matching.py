@@ -71,7 +71,7 @@ def main():
   cost_host, valid_host = np.asarray(cost), np.asarray(targets["valid"])
 
   def criterion_grad(bbox_loss):
-    cfg = {"bbox_loss": bbox_loss}
+    cfg = criterion.CriterionConfig(bbox_loss=bbox_loss)
     loss = lambda o: criterion.dino_criterion(o, targets, cfg)["loss"]
     return functools.partial(jax.jit(jax.value_and_grad(loss)), outputs)
 

@@ -5,7 +5,7 @@ r"""Speed of the real jitted train step (forward, matching, criterion, backward,
       --size=800x1333 --batch=1 --steps=3                  # full DINO-4scale R50
   python -m sized_detr_jax.benchmarks.train_step --set=model.dec_layers=3 --set=data.batch_size=4
 
-Builds the step exactly as training does (`train.init_state` + `train.make_train_step` on a
+Builds the step exactly as training does (`state.init_state` + `train.make_train_step` on a
 1-device ("data",) mesh, or `--devices`), feeds one fixed batch of random pixels with `--boxes`
 ground-truth boxes per image, and prints the compile time, the median seconds per step over
 `--steps` steps (after one untimed step) and images per second. The image is padded to
@@ -22,6 +22,9 @@ import numpy as np
 
 from sized_detr_jax import config_lib
 from sized_detr_jax import optim
+from sized_detr_jax import methods
+from sized_detr_jax import sharding
+from sized_detr_jax import state as state_lib
 from sized_detr_jax import train
 from sized_detr_jax.benchmarks.timing import time_interleaved
 from sized_detr_jax.data import pipeline
@@ -96,8 +99,9 @@ def main(argv=None):
   if b % args.devices:
     raise ValueError(f"--batch {b} is not divisible by --devices {args.devices}")
 
-  mesh = train.make_mesh(args.devices)
-  model, param_labels = train.build_model(config)
+  mesh = sharding.make_mesh(args.devices)
+  method = methods.build(config)
+  model, param_labels = method.model, method.param_labels
   # Params do not depend on the image size: initialise at a small one (cheaper to compile)
   # that still has num_queries encoder tokens for the top-Q selection (strides 8 to 64).
   side = 64
@@ -111,15 +115,18 @@ def main(argv=None):
        "dn": jax.random.PRNGKey(0)}, example["image"], example["pixel_mask"], train=False))
   tx, schedule = optim.make_optimizer(abstract["params"], param_labels(abstract["params"]),
                                       config.optimizer)
-  state, shardings = train.init_state(model, tx, config, example, mesh)
+  state, shardings = state_lib.init_state(method, tx, config, example, mesh)
   init_s = time.perf_counter() - start
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
-  step_fn = train.make_train_step(model, tx, schedule, config, mesh, shardings)
-  batch = train.global_batch(random_batch(b, height, width, data_cfg.max_boxes, args.boxes),
-                             mesh)
+  step_fn = train.make_train_step(method.loss_fn(method.stage_at(0)), tx, schedule, mesh,
+                                  shardings, ema_momentum=config.get("ema_momentum"),
+                                  ema_subtree=method.ema_subtree)
+  batch = sharding.global_batch(random_batch(b, height, width, data_cfg.max_boxes, args.boxes),
+                                mesh)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  with jax.set_mesh(mesh):  # as the trainer: host matching per device shard
+    compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
 
   losses = []

@@ -31,12 +31,6 @@ from sized_detr_jax.co_dino import anchors as anchors_lib
 DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
 
 
-def global_sum(x, axis_name=None):
-  """Sum of every element, `psum`-ed over `axis_name` inside shard_map."""
-  total = jnp.sum(x)
-  return total if axis_name is None else jax.lax.psum(total, axis_name)
-
-
 def _bce_with_logits(logits, target):
   return -(target * jax.nn.log_sigmoid(logits) + (1 - target) * jax.nn.log_sigmoid(-logits))
 
@@ -73,7 +67,7 @@ def atss_losses(head, *, focal_alpha=0.25, focal_gamma=2.0, axis_name=None):
   focal = losses.sigmoid_focal_loss(logits, onehot, alpha=focal_alpha, gamma=focal_gamma)
   focal = jnp.where(valid[..., None], focal, 0.0)
   per_image_pos = jnp.sum(positive, axis=1).astype(jnp.float32)
-  num_samples = jnp.maximum(global_sum(jnp.maximum(per_image_pos, 1.0), axis_name), 1.0)
+  num_samples = jnp.maximum(losses.global_sum(jnp.maximum(per_image_pos, 1.0), axis_name), 1.0)
 
   anchors = jnp.broadcast_to(head["anchors"], head["deltas"].shape)
   pred = anchors_lib.decode_deltas(anchors, head["deltas"], DELTA_STDS)
@@ -81,11 +75,11 @@ def atss_losses(head, *, focal_alpha=0.25, focal_gamma=2.0, axis_name=None):
   ctr = jnp.where(positive, centerness_target(anchors, target), 0.0)
   giou = 1.0 - box_ops.elementwise_generalized_box_iou(pred, target)
   giou = jnp.where(positive, giou * ctr, 0.0)
-  ctr_norm = jnp.maximum(global_sum(ctr, axis_name), 1.0)
+  ctr_norm = jnp.maximum(losses.global_sum(ctr, axis_name), 1.0)
   bce = jnp.where(positive, _bce_with_logits(head["centerness"], ctr), 0.0)
-  return {"loss_atss_cls": global_sum(focal, axis_name) / num_samples,
-          "loss_atss_giou": global_sum(giou, axis_name) / ctr_norm,
-          "loss_atss_centerness": global_sum(bce, axis_name) / num_samples}
+  return {"loss_atss_cls": losses.global_sum(focal, axis_name) / num_samples,
+          "loss_atss_giou": losses.global_sum(giou, axis_name) / ctr_norm,
+          "loss_atss_centerness": losses.global_sum(bce, axis_name) / num_samples}
 
 
 def rpn_losses(head, *, axis_name=None):
@@ -99,12 +93,12 @@ def rpn_losses(head, *, axis_name=None):
     {"loss_rpn_cls", "loss_rpn_bbox"} [] float32.
   """
   valid, positive = head["valid"], head["positive"] & head["valid"]
-  count = jnp.maximum(global_sum(valid.astype(jnp.float32), axis_name), 1.0)
+  count = jnp.maximum(losses.global_sum(valid.astype(jnp.float32), axis_name), 1.0)
   bce = jnp.where(valid, _bce_with_logits(head["logits"], positive.astype(jnp.float32)), 0.0)
   target = anchors_lib.encode_deltas(head["anchors"], head["gt_boxes_xyxy"])
   l1 = jnp.where(positive[..., None], jnp.abs(head["deltas"] - target), 0.0)
-  return {"loss_rpn_cls": global_sum(bce, axis_name) / count,
-          "loss_rpn_bbox": global_sum(l1, axis_name) / count}
+  return {"loss_rpn_cls": losses.global_sum(bce, axis_name) / count,
+          "loss_rpn_bbox": losses.global_sum(l1, axis_name) / count}
 
 
 def roi_losses(head, *, axis_name=None):
@@ -122,7 +116,7 @@ def roi_losses(head, *, axis_name=None):
   num_classes = logits.shape[-1] - 1
   valid, positive = head["valid"], head["positive"] & head["valid"]
   labels = jnp.where(positive, head["labels"], num_classes)  # background = last column
-  count = jnp.maximum(global_sum(valid.astype(jnp.float32), axis_name), 1.0)
+  count = jnp.maximum(losses.global_sum(valid.astype(jnp.float32), axis_name), 1.0)
   ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[..., None], axis=-1)
   ce = jnp.where(valid, ce[..., 0], 0.0)
   cls_index = jnp.clip(labels, 0, num_classes - 1)
@@ -130,5 +124,5 @@ def roi_losses(head, *, axis_name=None):
   pred = anchors_lib.decode_deltas(head["rois"], deltas, DELTA_STDS)
   giou = 1.0 - box_ops.elementwise_generalized_box_iou(pred, head["gt_boxes_xyxy"])
   giou = jnp.where(positive, giou, 0.0)
-  return {"loss_roi_cls": global_sum(ce, axis_name) / count,
-          "loss_roi_giou": global_sum(giou, axis_name) / count}
+  return {"loss_roi_cls": losses.global_sum(ce, axis_name) / count,
+          "loss_roi_giou": losses.global_sum(giou, axis_name) / count}

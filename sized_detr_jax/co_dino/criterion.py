@@ -26,37 +26,15 @@ import jax.numpy as jnp
 from sized_detr_jax import criterion as criterion_lib
 from sized_detr_jax import losses
 from sized_detr_jax.co_dino import aux_losses
-from sized_detr_jax.co_dino.model import QUERY_HEADS
+from sized_detr_jax.co_dino import config as co_config
 
-# Base loss weights of the auxiliary heads (co_dino_5scale_r50_1x_coco.py, before the
-# num_decoder_layers x lambda_2 factor) and the factors.
-DEFAULT_LOSS_WEIGHTS = {
-    "lambda_1": 1.0,
-    "lambda_2": 2.0,
-    "rpn_cls_weight": 1.0,
-    "rpn_bbox_weight": 1.0,
-    "roi_cls_weight": 1.0,
-    "roi_giou_weight": 10.0,
-    "atss_cls_weight": 1.0,
-    "atss_giou_weight": 2.0,
-    "atss_centerness_weight": 1.0,
-}
-LOSS_FIELDS = tuple(DEFAULT_LOSS_WEIGHTS)
-
+# Auxiliary loss name -> its `co_config.LossWeights` field.
 _AUX_TERMS = {
     "loss_rpn_cls": "rpn_cls_weight", "loss_rpn_bbox": "rpn_bbox_weight",
     "loss_roi_cls": "roi_cls_weight", "loss_roi_giou": "roi_giou_weight",
     "loss_atss_cls": "atss_cls_weight", "loss_atss_giou": "atss_giou_weight",
     "loss_atss_centerness": "atss_centerness_weight",
 }
-
-
-def _box_loss(pred, target, valid, cfg, axis_name):
-  """The main head's box loss (criterion.CriterionConfig.bbox_loss), per box."""
-  if cfg.bbox_loss == "sized_l1":
-    return losses.sized_l1_loss(pred, target, valid, rescale=cfg.sized_l1_rescale,
-                                axis_name=axis_name)
-  return losses.l1_loss(pred, target, valid)
 
 
 def positive_query_losses(extra, queries, cfg, *, name, axis_name=None):
@@ -66,7 +44,7 @@ def positive_query_losses(extra, queries, cfg, *, name, axis_name=None):
     extra: {"pred_logits": [L, B, N, C], "pred_boxes": [L, B, N, 4]} this head's slots.
     queries: {"labels": [B, N] int32 (-1 background), "boxes": [B, N, 4] normalised cxcywh
       targets, "positive": [B, N] bool, "valid": [B, N] bool}.
-    cfg: criterion.CriterionConfig (focal parameters, bbox_loss).
+    cfg: `criterion.CriterionConfig` of the main head (focal parameters, bbox_loss).
     name: the head's name in the loss keys.
 
   Returns:
@@ -83,73 +61,67 @@ def positive_query_losses(extra, queries, cfg, *, name, axis_name=None):
   ce = jnp.where(valid[None, ..., None], ce, 0.0)
   target = jnp.broadcast_to(queries["boxes"][None], boxes.shape)
   pos = jnp.broadcast_to(positive[None], boxes.shape[:-1])
-  box = _box_loss(boxes, target, pos, cfg, axis_name)
+  box = cfg.box_loss(boxes, target, pos, axis_name=axis_name)
   giou = losses.giou_loss(boxes, target, pos)
-  num = jnp.maximum(aux_losses.global_sum(positive.astype(jnp.float32), axis_name), 1.0)
+  num = jnp.maximum(losses.global_sum(positive.astype(jnp.float32), axis_name), 1.0)
   result = {}
   num_layers = logits.shape[0]
   for layer in range(num_layers):
     suffix = f"_pos_{name}" + ("" if layer == num_layers - 1 else f"_aux_{layer}")
-    result[f"loss_ce{suffix}"] = aux_losses.global_sum(ce[layer], axis_name) / num
-    result[f"loss_bbox{suffix}"] = aux_losses.global_sum(box[layer], axis_name) / num
-    result[f"loss_giou{suffix}"] = aux_losses.global_sum(giou[layer], axis_name) / num
+    result[f"loss_ce{suffix}"] = losses.global_sum(ce[layer], axis_name) / num
+    result[f"loss_bbox{suffix}"] = losses.global_sum(box[layer], axis_name) / num
+    result[f"loss_giou{suffix}"] = losses.global_sum(giou[layer], axis_name) / num
   return result
 
 
-def _weights_config(config):
-  given = dict(config.get("co_dino") or {}) if hasattr(config, "get") else {}
-  weights = {k: float(given.get(k, v)) for k, v in DEFAULT_LOSS_WEIGHTS.items()}
-  return weights
-
-
-def co_dino_loss_weights(names, config):
+def co_dino_loss_weights(names, crit, weights):
   """Weight of every Co-DINO loss name (auxiliary and positive-query terms).
 
   Args:
     names: loss names from `co_dino_criterion` other than the main head's.
-    config: the experiment config (`co_dino` loss fields, `model.dec_layers`, `criterion`).
+    crit: the main head's `criterion.CriterionConfig` (positive-query coefficients).
+    weights: `co_dino.config.LossWeights`.
 
   Returns:
     dict name -> float.
   """
-  weights = _weights_config(config)
-  cfg = criterion_lib.resolve_config(config.get("criterion"))
-  scale = float(config.model.dec_layers) * weights["lambda_2"]
-  per_prefix = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef,
-                "loss_giou": cfg.giou_loss_coef}
+  scale = float(weights.num_decoder_layers) * weights.lambda_2
+  per_prefix = {"loss_ce": crit.cls_loss_coef, "loss_bbox": crit.bbox_loss_coef,
+                "loss_giou": crit.giou_loss_coef}
   result = {}
   for name in names:
     if name in _AUX_TERMS:
-      result[name] = weights[_AUX_TERMS[name]] * scale
+      result[name] = getattr(weights, _AUX_TERMS[name]) * scale
     elif "_pos_" in name:
-      result[name] = per_prefix[name.split("_pos_")[0]] * weights["lambda_1"]
+      result[name] = per_prefix[name.split("_pos_")[0]] * weights.lambda_1
     else:
       raise ValueError(f"co_dino_loss_weights: unknown loss name {name!r}")
   return result
 
 
-def co_dino_criterion(outputs, targets, config, *, mesh=None, data_axis="data", axis_name=None):
-  """The Co-DINO training loss (the trainer's one call for method "co_dino").
+def co_dino_criterion(outputs, targets, crit=None, weights=None, *, axis_name=None):
+  """The Co-DINO training loss (`Method.loss_fn` of "co_dino").
 
   Args:
-    outputs: `CoDINO` training outputs (DINO's dict plus `co_outputs` and `extra_outputs`);
-      plain DINO outputs give DINO's criterion alone.
+    outputs: `CoDINO` training outputs (DINO's dict plus `co_outputs` and `extra_outputs`
+      {head name: {"pred_logits": [L, B, N, C], "pred_boxes": [L, B, N, 4]}}); plain DINO
+      outputs give DINO's criterion alone.
     targets: the batch's `boxes` [B, G, 4] normalised cxcywh, `labels` [B, G], `valid`
       [B, G], optionally `orig_size` / `size` (per-size metrics).
-    config: experiment config with `criterion`, `co_dino` and `model` sections.
-    mesh, data_axis: host Hungarian matching under jit with a sharded batch (criterion.py).
+    crit: the main head's `criterion.CriterionConfig` (None: DINO's defaults).
+    weights: `co_dino.config.LossWeights` (None: Co-DINO R50 1x's).
     axis_name: only inside `jax.shard_map`: the batch's mesh axis.
 
   Returns:
     Flat dict of [] float32: `loss` (weighted total), every unweighted `loss_*` term,
     `metric_*` diagnostics (the main head's, plus `metric_loss_main`).
   """
-  main = criterion_lib.dino_criterion(outputs, targets, config.get("criterion"), mesh=mesh,
-                                      data_axis=data_axis, axis_name=axis_name)
+  crit = crit or criterion_lib.CriterionConfig()
+  weights = weights or co_config.LossWeights()
+  main = criterion_lib.dino_criterion(outputs, targets, crit, axis_name=axis_name)
   co = outputs.get("co_outputs")
   if co is None:
     return main
-  cfg = criterion_lib.resolve_config(config.get("criterion"))
   extra_terms = {}
   if "atss" in co:
     extra_terms.update(aux_losses.atss_losses(co["atss"], axis_name=axis_name))
@@ -157,17 +129,9 @@ def co_dino_criterion(outputs, targets, config, *, mesh=None, data_axis="data", 
     extra_terms.update(aux_losses.rpn_losses(co["rpn"], axis_name=axis_name))
   if "roi" in co:
     extra_terms.update(aux_losses.roi_losses(co["roi"], axis_name=axis_name))
-  start = 0
-  for name in QUERY_HEADS:
-    if name not in co.get("pos_queries", {}):
-      continue
-    queries = co["pos_queries"][name]
-    n = queries["valid"].shape[1]
-    extra = {k: outputs["extra_outputs"][k][:, :, start:start + n]
-             for k in ("pred_logits", "pred_boxes")}
-    start += n
-    extra_terms.update(positive_query_losses(extra, queries, cfg, name=name,
-                                             axis_name=axis_name))
-  weights = co_dino_loss_weights(extra_terms, config)
-  total = main["loss"] + sum(weights[k] * v for k, v in extra_terms.items())
+  for name, queries in co.get("pos_queries", {}).items():
+    extra_terms.update(positive_query_losses(outputs["extra_outputs"][name], queries, crit,
+                                             name=name, axis_name=axis_name))
+  weights_by_name = co_dino_loss_weights(extra_terms, crit, weights)
+  total = main["loss"] + sum(weights_by_name[k] * v for k, v in extra_terms.items())
   return {**main, **extra_terms, "loss": total, "metric_loss_main": main["loss"]}

@@ -24,8 +24,8 @@ co_dino_5scale_r50_1x_coco.py config (design.md section 8):
    form one isolated group of `DINO.decode`'s `extra_queries`: one decoder pass with the
    matching and denoising queries, equivalent to Co-DETR's separate pass per head (they see
    only their own head's slots; nobody sees them).
-4. Outputs: DINO's outputs dict plus `extra_outputs` (decoder predictions of the positive
-   queries on every layer) and `co_outputs` (each auxiliary head's predictions with their
+4. Outputs: DINO's outputs dict plus `extra_outputs` ({head name: decoder predictions of its
+   positive queries on every layer, [L, B, N, .]}) and `co_outputs` (each auxiliary head's predictions with their
    assigned targets, and the positive queries' targets) for `co_dino.criterion`.
 
 With `train=False` (or without targets) the module returns plain DINO outputs: inference and
@@ -34,8 +34,7 @@ evaluation use only `params["dino"]`, which is a DINO params tree.
 Randomness (sampling of RPN anchors, RoIs and positive-query subsets) draws from the "dn" rng
 stream, the trainer's per-step training noise.
 """
-import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -43,60 +42,15 @@ import jax.numpy as jnp
 
 from sized_detr_jax.co_dino import anchors as anchors_lib
 from sized_detr_jax.co_dino import assigners
+from sized_detr_jax.co_dino import config as co_config
 from sized_detr_jax.co_dino import heads
 from sized_detr_jax.models import dino as dino_lib
 from sized_detr_jax.models.layers import inverse_sigmoid
 from sized_detr_jax.models.position_encoding import sine_embedding_of_boxes
 from sized_detr_jax.models.roi_align import multi_level_roi_align
 
-HEAD_KINDS = ("rpn_roi", "atss")
-# Positive-query groups in Co-DETR's order (roi_head before bbox_head): slot blocks of
-# `extra_outputs` follow it.
-QUERY_HEADS = ("roi", "atss")
 
 
-@dataclasses.dataclass(frozen=True)
-class AuxConfig:
-  """Settings of the auxiliary heads and positive queries (Co-DINO R50 1x values).
-
-  heads: subset of HEAD_KINDS ("rpn_roi": RPN + RoI head; "atss").
-  num_pos_queries: static positive-query slots per head and image (Co-DETR max_pos_coords 300).
-  min_pos_queries: least slots used per head (9 in Co-DETR).
-  feat_channels, gn_groups: ATSS/RPN conv width and ATSS GroupNorm groups (256, 32).
-  atss_*: ATSS assigner topk (9) and anchor scale (8 x stride).
-  rpn_*: anchors (octave base 4, 3 scales, ratios 0.5/1/2), assigner (0.7 / 0.3 / 0.3, low
-    quality matches), sampler (256 @ 0.5), proposals (per-level top `rpn_nms_pre`, NMS IoU
-    0.7, `rpn_max_proposals` kept; mmdet's nms_pre is 4000, see experiments/co_dino.py).
-  roi_*: assigner (0.5 / 0.5), sampler (512 @ 0.25), RoIAlign (7x7, fixed sampling ratio,
-    mmdet finest_scale 56), fc width (1024).
-  """
-  heads: Tuple[str, ...] = HEAD_KINDS
-  num_pos_queries: int = 300
-  min_pos_queries: int = 9
-  feat_channels: int = 256
-  gn_groups: int = 32
-  atss_topk: int = 9
-  atss_octave_base_scale: float = 8.0
-  rpn_octave_base_scale: float = 4.0
-  rpn_scales_per_octave: int = 3
-  rpn_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
-  rpn_pos_iou: float = 0.7
-  rpn_neg_iou: float = 0.3
-  rpn_min_pos_iou: float = 0.3
-  rpn_num_samples: int = 256
-  rpn_pos_fraction: float = 0.5
-  rpn_nms_pre: int = 1000
-  rpn_max_proposals: int = 1000
-  rpn_nms_iou: float = 0.7
-  rpn_use_nms: bool = True
-  roi_pos_iou: float = 0.5
-  roi_neg_iou: float = 0.5
-  roi_num_samples: int = 512
-  roi_pos_fraction: float = 0.25
-  roi_output_size: int = 7
-  roi_sampling_ratio: int = 2
-  roi_finest_scale: float = 56.0
-  roi_fc_dim: int = 1024
 
 
 def select_positive_queries(key, gt_index, boxes_xyxy, *, num_slots, min_slots):
@@ -134,18 +88,17 @@ class CoDINO(nn.Module):
   """DINO + Co-DETR auxiliary heads and positive queries (training only).
 
   Attributes:
-    dino_fields: `DINO` constructor fields as a tuple of (name, value) pairs (hashable).
-    aux: AuxConfig.
+    dino: the DINO detector (its params are `params["dino"]`).
+    aux: `co_dino.config.AuxConfig` (the `heads` section of CoDINOConfig).
   """
-  dino_fields: Tuple[Tuple[str, Any], ...]
-  aux: AuxConfig = AuxConfig()
+  dino: dino_lib.DINO
+  aux: co_config.AuxConfig = co_config.AuxConfig()
 
   def setup(self):
-    fields = dict(self.dino_fields)
-    self.dino = dino_lib.DINO(**fields)
-    unknown = sorted(set(self.aux.heads) - set(HEAD_KINDS))
+    unknown = sorted(set(self.aux.heads) - set(co_config.HEAD_KINDS))
     if unknown:
-      raise ValueError(f"CoDINO: unknown auxiliary heads {unknown}; known: {HEAD_KINDS}")
+      raise ValueError(f"CoDINO: unknown auxiliary heads {unknown}; known: "
+                       f"{co_config.HEAD_KINDS}")
     dt = dino_lib.DTYPES[self.dino.dtype]
     d = self.dino.hidden_dim
     self.downsample = dino_lib.InputProjection(d, 3, 2, self.aux.gn_groups, dt)
@@ -159,7 +112,7 @@ class CoDINO(nn.Module):
       self.roi_head = heads.RoIBoxHead(self.dino.num_classes, self.aux.roi_fc_dim, dt)
     names = self._query_heads()
     # One Linear + LayerNorm per query-producing head (CoDinoTransformer aux_pos_trans[_norm]),
-    # named query_proj_{k} / query_norm_{k} in QUERY_HEADS order.
+    # named query_proj_{k} / query_norm_{k} in co_config.QUERY_HEADS order.
     self.query_proj = [nn.Dense(d, kernel_init=nn.initializers.xavier_uniform(), dtype=dt,
                                 param_dtype=jnp.float32) for _ in names]
     self.query_norm = [nn.LayerNorm(epsilon=1e-5, dtype=dt, param_dtype=jnp.float32)
@@ -167,7 +120,7 @@ class CoDINO(nn.Module):
 
   def _query_heads(self):
     present = {"roi": "rpn_roi" in self.aux.heads, "atss": "atss" in self.aux.heads}
-    return tuple(n for n in QUERY_HEADS if present[n])
+    return tuple(n for n in co_config.QUERY_HEADS if present[n])
 
   def _strides(self):
     """Strides of the 6 auxiliary maps (the C2 level has stride 4)."""
@@ -240,6 +193,12 @@ class CoDINO(nn.Module):
                      "group": jnp.concatenate(groups, axis=1).astype(jnp.int32),
                      "isolated": True}
     outputs = self.dino.decode(encoded, targets, True, extra_queries)
+    # The decoder returns every head's slots in one block; hand them out per head name.
+    block = outputs.pop("extra_outputs")
+    outputs["extra_outputs"] = {
+        name: {k: block[k][:, :, k_head * n:(k_head + 1) * n] for k in ("pred_logits",
+                                                                       "pred_boxes")}
+        for k_head, name in enumerate(names)}
     co_outputs["pos_queries"] = pos
     outputs["co_outputs"] = co_outputs
     return outputs
@@ -334,26 +293,6 @@ class CoDINO(nn.Module):
 # Building from a config.
 
 
-def aux_config(co_config) -> AuxConfig:
-  """`config.co_dino` (ConfigDict / dict) -> AuxConfig; loss-weight keys are skipped.
-
-  Raises:
-    ValueError: unknown keys (neither AuxConfig fields nor `criterion.LOSS_FIELDS`).
-  """
-  from sized_detr_jax.co_dino import criterion  # pylint: disable=g-import-not-at-top
-  given = dict(co_config or {})
-  fields = {f.name for f in dataclasses.fields(AuxConfig)}
-  unknown = sorted(set(given) - fields - set(criterion.LOSS_FIELDS))
-  if unknown:
-    raise ValueError(f"config.co_dino: unknown fields {unknown}; known: "
-                     f"{sorted(fields | set(criterion.LOSS_FIELDS))}")
-  kwargs = {k: v for k, v in given.items() if k in fields}
-  for k in ("heads", "rpn_ratios"):
-    if k in kwargs:
-      kwargs[k] = tuple(kwargs[k])
-  return AuxConfig(**kwargs)
-
-
 def param_labels(params):
   """Optimiser groups: `dino.param_labels` on params["dino"], "default" for the auxiliary
   heads and positive-query projections."""
@@ -361,13 +300,7 @@ def param_labels(params):
               else jax.tree.map(lambda _: "default", v)) for k, v in params.items()}
 
 
-def build_co_dino(config):
-  """(CoDINO module, param_labels function) from a config with `model` and `co_dino` sections.
-
-  `config.model` holds DINO's fields (as for `models.dino.build_dino`); `config.co_dino` the
-  AuxConfig fields and the loss weights read by `co_dino.criterion`.
-  """
-  dino_module = dino_lib.build_dino(config.model)  # validates the DINO fields
-  fields = tuple((f, getattr(dino_module, f)) for f in dino_module.__dataclass_fields__
-                 if f not in ("parent", "name"))
-  return CoDINO(fields, aux_config(config.get("co_dino"))), param_labels
+def build_co_dino(model_config, heads: co_config.AuxConfig):
+  """(CoDINO module, param_labels function) from `config.model` (DINO's fields, as for
+  `models.dino.build_dino`) and the resolved `heads` section of `config.co_dino`."""
+  return CoDINO(dino_lib.build_dino(model_config), heads), param_labels

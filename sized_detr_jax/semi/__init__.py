@@ -1,98 +1,10 @@
-"""Semi-DETR pieces (design.md section 9): pseudo-labels from the EMA teacher
-(pseudo_labels.py), cost-based pseudo-label mining with a 1-D GMM (gmm.py), the cross-view
-consistency loss and its RoIAlign projector (consistency.py), and `semi_losses` below, which
-combines the supervised and unsupervised detection criteria with the per-branch box loss choice
-(`bbox_loss` x `sized_l1_branches`, the paper's Tables 1-3).
+"""Semi-DETR (design.md section 9) with the Sized L1 loss: `build(config) -> method.Method`.
+
+Modules: config (SemiConfig), model (DINO student + consistency projector), pseudo_labels
+(teacher detections -> pseudo targets in the strong view), gmm (cost-based mining), consistency
+(RoIAlign projector, consistency queries and loss), losses (supervised + unsupervised criteria,
+per-branch box loss), step (the loss of one training step), method (the Method).
 """
-import dataclasses
+from sized_detr_jax.semi.method import build
 
-from sized_detr_jax import criterion as criterion_lib
-
-SIZED_L1_BRANCHES = ("both", "sup_only")
-STAGES = (1, 2)
-
-
-def _field(section, name, default):
-  """section.name or section[name], else default (ConfigDict, dict or attribute object)."""
-  if section is None:
-    return default
-  if isinstance(section, dict):
-    return section.get(name, default)
-  try:
-    return section[name] if name in section else default
-  except TypeError:
-    return getattr(section, name, default)
-
-
-def branch_criterion_configs(config, stage):
-  """Criterion configs of the supervised and unsupervised branches.
-
-  Args:
-    config: experiment config with a `criterion` section (criterion.CriterionConfig fields,
-      including `bbox_loss` = "l1" | "sized_l1") and a `semi` section with
-      `sized_l1_branches` = "both" (the configured bbox_loss in both branches) | "sup_only"
-      (the configured loss in the supervised branch, plain L1 for pseudo-labels).
-    stage: 1 (one-to-many, before the switch) or 2 (one-to-one, after it).
-
-  Returns:
-    (sup CriterionConfig, unsup CriterionConfig). The unsupervised branch has no denoising loss
-    in stage 1 (Semi-DETR: "the unsupervised denoising loss is active only after the switch").
-
-  Raises:
-    ValueError: unknown sized_l1_branches or stage (or a bad criterion field).
-  """
-  if stage not in STAGES:
-    raise ValueError(f"semi_losses: stage must be one of {STAGES}, got {stage!r}")
-  branches = _field(_field(config, "semi", None), "sized_l1_branches", "both")
-  if branches not in SIZED_L1_BRANCHES:
-    raise ValueError(f"config.semi.sized_l1_branches must be one of {SIZED_L1_BRANCHES}, "
-                     f"got {branches!r}")
-  sup = criterion_lib.resolve_config(_field(config, "criterion", None))
-  unsup = sup
-  if branches == "sup_only":
-    unsup = dataclasses.replace(unsup, bbox_loss="l1")
-  if stage == 1:
-    unsup = dataclasses.replace(unsup, use_dn=False)
-  return sup, unsup
-
-
-def semi_losses(student_outputs_l, targets_l, student_outputs_u, pseudo_targets, config, stage,
-                *, mesh=None, data_axis="data", axis_name=None):
-  """Supervised + weighted unsupervised detection losses of one Semi-DETR step.
-
-  Stage 1 uses `criterion.one_to_many_criterion` (task-aligned one-to-many assignment) in both
-  branches, stage 2 `criterion.dino_criterion` (Hungarian); the switch covers every decoder
-  layer and the encoder proposals (design.md section 9). `stage` is static: compile one step per
-  stage (the switch happens once) or select with `jax.lax.cond`.
-
-  Args:
-    student_outputs_l: the student's outputs on the labeled batch (shared contract).
-    targets_l: the labeled batch's targets (`boxes`, `labels`, `valid`, `orig_size`/`size`).
-    student_outputs_u: the student's outputs on the strong view of the unlabeled batch
-      (denoising outputs built from the pseudo-labels, if any).
-    pseudo_targets: `pseudo_labels.pseudo_targets`' dict (`boxes`, `labels`, `valid`, `size`).
-    config: `criterion` and `semi` sections (see `branch_criterion_configs`); `semi.unsup_weight`
-      (Semi-DETR: 4.0; 2.0 on COCO-full) scales every unsupervised term.
-    stage: 1 or 2 (static Python int).
-    mesh, data_axis, axis_name: passed to the criterion functions.
-
-  Returns:
-    Flat dict of [] f32: `loss` = sup loss + unsup_weight * unsup loss; `loss_sup`,
-    `loss_unsup` (unweighted totals); every term of both criteria prefixed `sup_` / `unsup_`.
-  """
-  sup_cfg, unsup_cfg = branch_criterion_configs(config, stage)
-  unsup_weight = float(_field(_field(config, "semi", None), "unsup_weight", 4.0))
-
-  def run(outputs, targets, cfg):
-    if stage == 1:
-      return criterion_lib.one_to_many_criterion(outputs, targets, cfg, axis_name=axis_name)
-    return criterion_lib.dino_criterion(outputs, targets, cfg, mesh=mesh, data_axis=data_axis,
-                                        axis_name=axis_name)
-
-  sup = run(student_outputs_l, targets_l, sup_cfg)
-  unsup = run(student_outputs_u, pseudo_targets, unsup_cfg)
-  result = {"loss": sup["loss"] + unsup_weight * unsup["loss"], "loss_sup": sup["loss"],
-            "loss_unsup": unsup["loss"]}
-  result.update({f"sup_{k}": v for k, v in sup.items() if k != "loss"})
-  result.update({f"unsup_{k}": v for k, v in unsup.items() if k != "loss"})
-  return result
+__all__ = ["build"]

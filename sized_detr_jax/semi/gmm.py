@@ -134,7 +134,7 @@ def mine_by_cost(costs, valid, **gmm_kwargs):
   return valid & (costs <= threshold), threshold
 
 
-def matched_costs(outputs, targets, valid, config=None, *, mesh=None, data_axis="data"):
+def matched_costs(outputs, targets, valid, config=None):
   """Hungarian-match the last decoder layer to pseudo boxes; the cost of every matched pair.
 
   As Semi-DETR's unsup_loss (the `assigner2` costs: focal 2 / L1 5 / GIoU 2 by default, taken
@@ -144,13 +144,13 @@ def matched_costs(outputs, targets, valid, config=None, *, mesh=None, data_axis=
     outputs: the student's strong-view outputs (`pred_logits [B, Q, C]`, `pred_boxes [B, Q, 4]`).
     targets: pseudo targets (`boxes [B, G, 4]` normalised cxcywh, `labels [B, G]`).
     valid: [B, G] bool, the pseudo boxes to match (the initial set).
-    config: criterion config (see `criterion.resolve_config`).
-    mesh, data_axis: see `matching.hungarian_matching`.
+    config: `criterion.CriterionConfig` (None: DINO's defaults). The host matching follows the
+      mesh entered with `jax.set_mesh` (`matching.hungarian_matching`).
 
   Returns:
     (cost [B, G] float32 of each matched column, matched [B, G] bool), without gradient.
   """
-  cfg = criterion.resolve_config(config)
+  cfg = config or criterion.CriterionConfig()
   logits = jax.lax.stop_gradient(outputs["pred_logits"])
   boxes = jax.lax.stop_gradient(outputs["pred_boxes"])
   cost = matching.matching_cost(
@@ -158,7 +158,7 @@ def matched_costs(outputs, targets, valid, config=None, *, mesh=None, data_axis=
       class_weight=cfg.set_cost_class, bbox_weight=cfg.set_cost_bbox,
       giou_weight=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,
       box_cost=cfg.matcher_box_cost, sized_l1_rescale=cfg.sized_l1_rescale)  # [B, Q, G]
-  matches = matching.hungarian_matching(cost, valid, mesh=mesh, data_axis=data_axis)
+  matches = matching.hungarian_matching(cost, valid)
   picked = jnp.take_along_axis(cost, jnp.maximum(matches, 0)[:, None, :], axis=1)[:, 0, :]
   matched = valid & (matches >= 0)
   return jnp.where(matched, picked, 0.0), matched

@@ -1,8 +1,8 @@
 """The Semi-DETR student: a DINO detector plus the trainable consistency projector, one module.
 
 Params are `{"dino": <a DINO params tree>, "projector": <Projector params>}`, so one
-TrainState holds both, the EMA teacher is `ema_params["dino"]` (the projector is not EMA'd:
-Semi-DETR feeds the student's projector output to both views), and a checkpoint's
+TrainState holds both, the EMA teacher is `ema_params = {"dino": ...}` (the projector is not
+EMA'd: Semi-DETR feeds the student's projector output to both views), and a checkpoint's
 `params["dino"]` is a plain DINO for evaluation and export. Calling the module runs the
 student detector, so the trainer's evaluation and prediction code works unchanged.
 """
@@ -56,11 +56,10 @@ def param_labels(params):
           "projector": jax.tree.map(lambda _: "default", params["projector"])}
 
 
-def build_semi_detr(config):
-  """(SemiDETR module, param_labels) from `config.model` (DINO fields) and `config.semi`."""
-  detector = dino_lib.build_dino(config.model)
-  semi = config.get("semi") or {}
+def build_semi_detr(model_config, semi):
+  """(SemiDETR module, param_labels) from `config.model` (DINO fields) and a `SemiConfig`."""
+  detector = dino_lib.build_dino(model_config)
   projector = consistency.Projector(conv_dim=detector.hidden_dim,
-                                    fc_dim=int(semi.get("projector_fc_dim", 1024)),
+                                    fc_dim=int(semi.projector_fc_dim),
                                     out_dim=detector.hidden_dim)
   return SemiDETR(dino=detector, projector=projector), param_labels

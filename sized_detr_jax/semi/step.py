@@ -1,9 +1,9 @@
 """The Semi-DETR loss of one training step: teacher on the weak view, student on the labeled
 batch and the strong view, pseudo-labels, cost-based mining and the cross-view consistency.
 
-`make_semi_loss(model, config, mesh, stage)` returns `loss_fn(params, state, batch, rng) ->
-(loss, metrics)` for `train.make_train_step`, which differentiates it, applies the optimiser and
-updates the EMA teacher (`state.ema_params`) inside the same jitted step. `batch` is
+`make_semi_loss(model, crit, semi, stage)` returns `loss_fn(params, state, batch, rng) ->
+(loss, metrics)` (`Method.loss_fn(stage)`); the trainer differentiates it, applies the optimiser
+and updates the EMA teacher (`state.ema_params` = EMA of `params["dino"]`) in the same step. `batch` is
 `{"labeled": <labeled batch>, "unlabeled": {"weak": <view>, "strong": <view>}}`, both sharded on
 the batch axis. `stage` is static (1: one-to-many, 2: one-to-one after `semi.switch_step`): the
 trainer compiles one step per stage and switches once.
@@ -19,7 +19,7 @@ Per step (design.md section 9, Semi-DETR's detr_ssod/models/dino_detr_ssod.py):
    in each view), decoded in the student's strong-view pass and in a second decode of the
    teacher's weak-view encoding; the loss counts the boxes in the final set or mined by the GMM
    over the student's matched costs (gathered over the whole global batch by jit);
-4. `semi.semi_losses` (supervised + unsup_weight x unsupervised, per-branch box loss) plus
+4. `semi.losses.semi_losses` (supervised + unsup_weight x unsupervised, per-branch box loss) plus
    unsup_weight x the consistency loss.
 
 Queries are built for the whole initial set and the mined subset only masks the loss, because
@@ -28,54 +28,29 @@ mining needs the student's predictions of the same pass that carries the consist
 import jax
 import jax.numpy as jnp
 
-from sized_detr_jax import semi as semi_lib
-from sized_detr_jax import train as train_lib
+from sized_detr_jax.data import batch as batch_lib
 from sized_detr_jax.semi import consistency
 from sized_detr_jax.semi import gmm
+from sized_detr_jax.semi import losses as semi_losses_lib
 from sized_detr_jax.semi import model as semi_model
 from sized_detr_jax.semi import pseudo_labels
 
 
-def default_semi_config():
-  """config.semi defaults (Semi-DETR's COCO-partial values)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(
-      sized_l1_branches="both",   # "both" | "sup_only" (plain L1 for the pseudo-labels)
-      unsup_weight=4.0,           # 2.0 on COCO-full
-      switch_step=60000,          # one-to-many -> one-to-one; < 0: never switch (Table 5)
-      consistency=True,           # cross-view query consistency (stage 1 only)
-      mining=True,                # GMM cost-based mining (feeds the consistency set)
-      pseudo_method="nms",        # teacher detections: "nms" (Semi-DETR) | "topk"
-      max_pseudo=30,              # static pseudo-label slots per image
-      final_threshold=0.4,
-      nms_iou=0.6,
-      nms_candidates=1000,        # (query, class) pairs entering NMS
-      max_detections=300,         # teacher detections kept after NMS
-      projector_fc_dim=1024,
-  ))
-
-
-def stage_at(step, config):
-  """1 before the configured switch, 2 from `semi.switch_step` on (never if it is < 0)."""
-  switch = int(config.semi.switch_step)
-  return 2 if 0 <= switch <= step else 1
-
-
-def make_semi_loss(model, config, mesh, stage, data_axis="data"):
+def make_semi_loss(model, crit, cfg, stage):
   """Semi-DETR's `loss_fn(params, state, batch, rng) -> (loss, metrics)` for one stage.
 
   Args:
     model: `semi.model.SemiDETR`.
-    config: experiment config (`criterion`, `semi`, `model`).
-    mesh: the device mesh (host matching per shard).
+    crit: `criterion.CriterionConfig` of the supervised branch (also the mining costs).
+    cfg: `semi.config.SemiConfig`.
     stage: 1 or 2 (static).
-    data_axis: the mesh's batch axis.
 
   Returns:
-    loss_fn; its metrics are `semi.semi_losses`' dict plus `loss_consistency*`,
+    loss_fn; its metrics are `semi.losses.semi_losses`' dict plus `loss_consistency*`,
     `metric_pseudo_{initial,final,mined}` (mean boxes per image), `metric_gmm_threshold`.
+    The teacher is `state.ema_params` ({"dino": ...}); host matching follows the mesh entered
+    with `jax.set_mesh`.
   """
-  cfg = config.semi
   unsup_weight = float(cfg.unsup_weight)
   use_consistency = bool(cfg.consistency) and stage == 1
 
@@ -87,7 +62,7 @@ def make_semi_loss(model, config, mesh, stage, data_axis="data"):
     rng_l, rng_u, rng_drop = jax.random.split(rng, 3)
 
     # 1. Teacher on the weak view -> pseudo-labels in the strong view.
-    enc_t = model.apply(teacher, train_lib.model_images(weak), weak["pixel_mask"],
+    enc_t = model.apply(teacher, batch_lib.model_images(weak), weak["pixel_mask"],
                         method=semi_model.encode)
     out_t = model.apply(teacher, enc_t, method=semi_model.decode)
     pseudo = pseudo_labels.pseudo_targets(
@@ -97,8 +72,8 @@ def make_semi_loss(model, config, mesh, stage, data_axis="data"):
 
     # 2. Student: labeled batch, strong view (+ consistency queries in stage 1).
     student = variables(params)
-    out_l = model.apply(student, train_lib.model_images(labeled), labeled["pixel_mask"],
-                        train_lib.model_targets(labeled), train=True,
+    out_l = model.apply(student, batch_lib.model_images(labeled), labeled["pixel_mask"],
+                        batch_lib.model_targets(labeled), train=True,
                         rngs={"dn": rng_l, "dropout": rng_drop})
     extra_s = extra_t = None
     if use_consistency:
@@ -108,20 +83,19 @@ def make_semi_loss(model, config, mesh, stage, data_axis="data"):
       extra_s = consistency.consistency_queries(pseudo["boxes"], content, initial)
       extra_t = consistency.consistency_queries(pseudo["weak_boxes"],
                                                 jax.lax.stop_gradient(content), initial)
-    out_u = model.apply(student, train_lib.model_images(strong), strong["pixel_mask"],
+    out_u = model.apply(student, batch_lib.model_images(strong), strong["pixel_mask"],
                         pseudo if stage == 2 else None, train=True,
                         extra_queries=extra_s, rngs={"dn": rng_u, "dropout": rng_drop})
 
     # 3. Losses.
-    losses = semi_lib.semi_losses(out_l, train_lib.model_targets(labeled), out_u, pseudo, config,
-                                  stage, mesh=mesh, data_axis=data_axis)
+    losses = semi_losses_lib.semi_losses(out_l, batch_lib.model_targets(labeled), out_u, pseudo,
+                                         crit, cfg, stage)
     metrics = {"metric_pseudo_initial": jnp.mean(jnp.sum(pseudo["initial_valid"], -1)),
                "metric_pseudo_final": jnp.mean(jnp.sum(pseudo["valid"], -1))}
     if use_consistency:
       mined = jnp.zeros_like(pseudo["valid"])
       if cfg.mining:
-        costs, matched = gmm.matched_costs(out_u, pseudo, pseudo["initial_valid"],
-                                           config.criterion, mesh=mesh, data_axis=data_axis)
+        costs, matched = gmm.matched_costs(out_u, pseudo, pseudo["initial_valid"], crit)
         mined, threshold = gmm.mine_by_cost(costs, matched)
         metrics["metric_gmm_threshold"] = threshold
       metrics["metric_pseudo_mined"] = jnp.mean(jnp.sum(mined, -1))

@@ -1,0 +1,29 @@
+"""Co-DINO as a `method.Method` (`config.method = "co_dino"`)."""
+import functools
+
+from sized_detr_jax import criterion
+from sized_detr_jax import method as method_lib
+from sized_detr_jax.co_dino import config as co_config
+from sized_detr_jax.co_dino import criterion as co_criterion
+from sized_detr_jax.co_dino import model as co_model
+from sized_detr_jax.models import dino
+
+
+def build(config) -> method_lib.Method:
+  """Co-DINO from `config.model` (DINO fields), `config.criterion` (the main head's),
+  `config.co_dino` (heads and loss weights, one flat section) and `config.data`.
+
+  Training adds the auxiliary heads and positive queries; evaluation is the DINO inside
+  (`params["dino"]`), with DINO's top-K postprocess.
+  """
+  co = co_config.CoDINOConfig.from_config(config.get("co_dino"),
+                                          num_decoder_layers=config.model.dec_layers)
+  crit = criterion.CriterionConfig.from_config(config.get("criterion"))
+  model, param_labels = co_model.build_co_dino(config.model, co.heads)
+  loss = method_lib.detector_loss(
+      model, functools.partial(co_criterion.co_dino_criterion, crit=crit, weights=co.loss))
+  postprocess_fn = dino.topk_postprocess(int(config.model.get("num_select", 300)))
+  return method_lib.Method(
+      name="co_dino", model=model, param_labels=param_labels, loss_fn=lambda stage: loss,
+      stage_at=method_lib.single_stage, train_batches=method_lib.labeled_batches,
+      images_per_step=int(config.data.batch_size), postprocess=lambda stage: postprocess_fn)

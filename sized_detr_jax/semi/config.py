@@ -1,0 +1,68 @@
+"""Semi-DETR's settings (`config.semi`), resolved once into a frozen `SemiConfig`."""
+import dataclasses
+
+import ml_collections
+
+SIZED_L1_BRANCHES = ("both", "sup_only")
+PSEUDO_METHODS = ("nms", "topk")
+
+
+@dataclasses.dataclass(frozen=True)
+class SemiConfig:
+  """Typed `config.semi` (Semi-DETR's COCO-partial values as defaults).
+
+  Attributes:
+    sized_l1_branches: "both" (the criterion's bbox_loss in both branches) | "sup_only" (plain
+      L1 on the pseudo-labels).
+    unsup_weight: weight of every unsupervised term (4.0; 2.0 on COCO-full).
+    switch_step: one-to-many -> one-to-one switch; < 0: never (Table 5).
+    consistency: cross-view query consistency (stage 1 only).
+    mining: GMM cost-based mining (feeds the consistency set).
+    pseudo_method: teacher detections: "nms" (Semi-DETR) | "topk".
+    max_pseudo: static pseudo-label slots per image.
+    final_threshold: score of the final pseudo-label set (0.4).
+    nms_iou: class-wise NMS IoU of the teacher's detections and of stage-1 evaluation (0.6).
+    nms_candidates: (query, class) pairs entering NMS.
+    max_detections: teacher detections kept after NMS.
+    projector_fc_dim: hidden width of the consistency projector.
+  """
+  sized_l1_branches: str = "both"
+  unsup_weight: float = 4.0
+  switch_step: int = 60000
+  consistency: bool = True
+  mining: bool = True
+  pseudo_method: str = "nms"
+  max_pseudo: int = 30
+  final_threshold: float = 0.4
+  nms_iou: float = 0.6
+  nms_candidates: int = 1000
+  max_detections: int = 300
+  projector_fc_dim: int = 1024
+
+  def __post_init__(self):
+    if self.sized_l1_branches not in SIZED_L1_BRANCHES:
+      raise ValueError(f"config.semi.sized_l1_branches must be one of {SIZED_L1_BRANCHES}, "
+                       f"got {self.sized_l1_branches!r}")
+    if self.pseudo_method not in PSEUDO_METHODS:
+      raise ValueError(f"config.semi.pseudo_method must be one of {PSEUDO_METHODS}, "
+                       f"got {self.pseudo_method!r}")
+
+  @classmethod
+  def from_config(cls, section=None):
+    """`config.semi` (ConfigDict or dict; None: defaults) -> SemiConfig; unknown fields raise."""
+    given = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(
+        section or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+      raise ValueError(f"config.semi: unknown fields {unknown}; known: {sorted(names)}")
+    return cls(**given)
+
+  def stage_at(self, step):
+    """1 before the switch, 2 from `switch_step` completed steps on (never if it is < 0)."""
+    return 2 if 0 <= self.switch_step <= step else 1
+
+
+def default_semi_config():
+  """`config.semi` defaults as a ConfigDict (the fields of `SemiConfig`)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(SemiConfig()))

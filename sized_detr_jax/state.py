@@ -1,0 +1,121 @@
+"""The train state and how a run gets one: built from the config, restored from the workdir.
+
+Shared by the training loop (`train.py`) and inference (`evaluate.py`), so neither imports the
+other. `TrainState` is one pytree (checkpointed whole): params, frozen model variables,
+optimiser state, step, a raw PRNG key, and optional EMA ("teacher") params.
+"""
+from typing import Any, NamedTuple, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+
+from sized_detr_jax import checkpointing
+from sized_detr_jax import convert_torch
+from sized_detr_jax import method as method_lib
+from sized_detr_jax import methods
+from sized_detr_jax import optim
+from sized_detr_jax import sharding
+from sized_detr_jax.data import pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; a pytree (checkpointed whole)."""
+  step: jax.Array                 # [] int32
+  params: Any                     # trainable params
+  model_state: Any                # other model variables (e.g. frozen BN statistics), constant
+  opt_state: Any
+  rng: jax.Array                  # [2] uint32 raw key; per-step keys are fold_in(rng, step)
+  ema_params: Optional[Any] = None  # EMA ("teacher") params (Method.ema_subtree), or None
+
+
+def ema_update(ema_params, params, step, momentum):
+  """Semi-DETR's EMA: m = min(momentum, step / (step + 1)); ema = m * ema + (1 - m) * params.
+
+  At step 0 m is 0, so the teacher starts as a copy of the student.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  m = jnp.minimum(momentum, step / (step + 1.0))
+  return jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema_params, params)
+
+
+def init_state(method, tx, config, example_batch, mesh):
+  """Initialise the TrainState directly with replicated shardings (never on one device first).
+
+  Returns:
+    (state, state shardings pytree).
+  """
+  def init_fn(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    variables = method.model.init({"params": init_rng, "dropout": init_rng, "dn": init_rng},
+                                  example_batch["image"], example_batch["pixel_mask"],
+                                  train=False)
+    variables = flax.core.unfreeze(variables)
+    params = variables.pop("params")
+    ema = method.ema_subtree(params) if config.get("ema_momentum") else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                      opt_state=tx.init(params), rng=state_rng, ema_params=ema)
+
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  return jax.jit(init_fn, out_shardings=shardings)(rng), shardings
+
+
+def load_pretrained(state, shardings, model_config, ema_subtree):
+  """Fresh run: converted weights (convert_torch .npz) into the detector's params (and the EMA
+  copy). Methods that wrap a DINO keep it under params["dino"]."""
+  params = jax.device_get(state.params)
+  if "dino" in params:
+    params = {**params, "dino": convert_torch.load_pretrained(params["dino"], model_config)}
+  else:
+    params = convert_torch.load_pretrained(params, model_config)
+  params = jax.device_put(params, shardings.params)
+  logging.info("Loaded pretrained weights: backbone=%r full=%r",
+               model_config.get("pretrained_backbone"), model_config.get("pretrained"))
+  ema = None if state.ema_params is None else ema_subtree(params)
+  return state.replace(params=params, ema_params=ema)
+
+
+class RunSetup(NamedTuple):
+  """What a run (training or inference) works with."""
+  mesh: Any                       # jax.sharding.Mesh, axis DATA_AXIS
+  data_info: dict                 # pipeline.dataset_info
+  method: method_lib.Method
+  tx: Any                         # optax.GradientTransformation
+  schedule: Any                   # step -> lr
+  state: TrainState               # restored from the workdir, or freshly initialised
+  shardings: Any                  # TrainState of NamedShardings
+  checkpointer: checkpointing.Checkpointer
+
+
+def setup(config, workdir) -> RunSetup:
+  """Mesh, data info, method, optimiser and state (restored when the workdir has a checkpoint)."""
+  mesh = sharding.make_mesh(config.get("num_devices"))
+  data_info = pipeline.dataset_info(config.data)
+  if config.model.num_classes != data_info["num_classes"]:
+    raise ValueError(f"config.model.num_classes={config.model.num_classes} but the data has "
+                     f"{data_info['num_classes']} categories ({data_info['category_names'][:5]}...)")
+  method = methods.build(config)
+  height, width = data_info["buckets"][0]
+  example = {"image": jnp.zeros((1, height, width, 3), jnp.float32),
+             "pixel_mask": jnp.ones((1, height, width), bool)}
+  abstract_vars = jax.eval_shape(
+      lambda: method.model.init({"params": jax.random.PRNGKey(0),
+                                 "dropout": jax.random.PRNGKey(0), "dn": jax.random.PRNGKey(0)},
+                                example["image"], example["pixel_mask"], train=False))
+  tx, schedule = optim.make_optimizer(abstract_vars["params"],
+                                      method.param_labels(abstract_vars["params"]),
+                                      config.optimizer)
+  state, shardings = init_state(method, tx, config, example, mesh)
+  ckpt = checkpointing.Checkpointer(workdir, every=config.checkpoint_every,
+                                    keep=config.get("keep_checkpoints", 3))
+  restored = ckpt.restore_latest(checkpointing.abstract_like(state))
+  if restored is not None:
+    step, state, _ = restored
+    logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+  elif config.model.get("pretrained") or config.model.get("pretrained_backbone"):
+    state = load_pretrained(state, shardings, config.model, method.ema_subtree)
+  return RunSetup(mesh, data_info, method, tx, schedule, state, shardings, ckpt)
