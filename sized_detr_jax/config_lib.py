@@ -38,6 +38,26 @@ def parse_tokens(arg, known, source):
   return tokens
 
 
+def section_fields(section, known, name):
+  """A config section (ConfigDict, dict or None) as a plain dict, its keys checked.
+
+  Args:
+    section: e.g. `config.criterion`; None is empty.
+    known: the accepted field names.
+    name: the section's name for the message (e.g. "config.criterion").
+
+  Raises:
+    ValueError: unknown fields, named with the known ones.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  given = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(
+      section or {})
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    raise ValueError(f"{name}: unknown fields {unknown}; known: {sorted(known)}")
+  return given
+
+
 def load_config(path, arg=None):
   """`get_config(arg)` of the config file at `path`."""
   return load_config_module(path).get_config(arg)

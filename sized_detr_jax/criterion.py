@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sized_detr_jax import config_lib
 from sized_detr_jax import losses
 from sized_detr_jax import matching
 
@@ -105,12 +106,8 @@ class CriterionConfig:
 
     Resolved once where a method is built. Unknown fields are an error naming them.
     """
-    given = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(
-        section or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - names)
-    if unknown:
-      raise ValueError(f"config.criterion: unknown fields {unknown}; known: {sorted(names)}")
+    given = config_lib.section_fields(section, [f.name for f in dataclasses.fields(cls)],
+                                      "config.criterion")
     return cls(**{**given, **overrides})
 
 

@@ -366,3 +366,10 @@ def test_config_resolution_and_errors():
   w = criterion.loss_weights(["loss_ce_interm", "loss_bbox_dn_aux_0", "loss_giou"],
                              criterion.CriterionConfig(interm_loss_coef=0.5))
   assert w == {"loss_ce_interm": 0.5, "loss_bbox_dn_aux_0": 5.0, "loss_giou": 2.0}
+
+
+def test_criterion_rejects_mismatched_shapes(example):
+  outputs, targets, matches = example
+  bad = dict(targets, labels=targets["labels"][:, :-1])  # labels [B, G-1] vs valid [B, G]
+  with pytest.raises(AssertionError):
+    criterion.set_criterion(outputs, bad, matches)

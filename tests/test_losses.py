@@ -205,3 +205,17 @@ def test_sigmoid_focal_loss_extreme_logits_finite():
     val, grad = jax.value_and_grad(
         lambda x: jnp.sum(losses.sigmoid_focal_loss(x, jnp.full_like(x, t))))(logits)
     assert np.isfinite(val) and np.all(np.isfinite(grad))
+
+
+def test_wrong_shapes_fail_at_the_boundary_with_a_clear_message():
+  pred = jnp.zeros((2, 5, 4))
+  with pytest.raises(AssertionError, match="4"):  # boxes must end in 4 coordinates
+    losses.sized_l1_loss(pred[..., :3], pred[..., :3], jnp.ones((2, 5), bool))
+  with pytest.raises(AssertionError, match="rank"):  # a valid mask of the wrong rank
+    losses.l1_loss(pred, pred, jnp.ones((2,), bool))
+  with pytest.raises(ValueError, match="box loss must be one of"):
+    losses.box_loss("smooth_l1", pred, pred, jnp.ones((2, 5), bool))
+  # The registry's entries are the public losses.
+  valid = jnp.ones((2, 5), bool)
+  np.testing.assert_array_equal(losses.box_loss("l1", pred + 0.1, pred + 0.2, valid),
+                                losses.l1_loss(pred + 0.1, pred + 0.2, valid))

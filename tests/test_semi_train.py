@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,16 +76,14 @@ def test_teacher_is_the_ema_of_the_student(straight):
     now = _state(straight["workdir"], step)
     assert set(now["ema_params"]) == {"dino"}  # the projector is not EMA'd (Semi-DETR)
     if step == 1:  # m = 0: the teacher starts as a copy of the updated student
-      jax.tree.map(np.testing.assert_array_equal, now["ema_params"]["dino"],
-                   now["params"]["dino"])
+      chex.assert_trees_all_equal(now["ema_params"]["dino"], now["params"]["dino"])
       continue
     prev = _state(straight["workdir"], step - 1)
     m = min(0.999, (step - 1) / step)
     expected = jax.tree.map(
         lambda e, p: m * np.asarray(e, np.float64) + (1 - m) * np.asarray(p, np.float64),
         prev["ema_params"]["dino"], now["params"]["dino"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 now["ema_params"]["dino"], expected)
+    chex.assert_trees_all_close(now["ema_params"]["dino"], expected, rtol=1e-6, atol=1e-7)
     diff = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
                                         now["ema_params"]["dino"], now["params"]["dino"]))
     assert max(diff) > 0  # teacher and student differ after a few steps
@@ -107,8 +106,8 @@ def test_kill9_resume_restores_student_and_teacher(straight, tmp_path):
     assert r["loss"] == reference[r["step"]]["loss"], r["step"]
     assert r["loss_unsup"] == reference[r["step"]]["loss_unsup"], r["step"]
   a, b = _state(straight["workdir"], STEPS), _state(killed, STEPS)
-  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
-  jax.tree.map(np.testing.assert_array_equal, a["ema_params"], b["ema_params"])
+  chex.assert_trees_all_equal(a["params"], b["params"])
+  chex.assert_trees_all_equal(a["ema_params"], b["ema_params"])
 
 
 def test_one_device_loss_equals_four_and_teacher_gets_no_gradient(straight, tmp_path):

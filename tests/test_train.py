@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -95,7 +96,7 @@ def test_kill9_resume_is_bit_identical_and_eval_files_written(data_root, tmp_pat
     for key in ("loss", "loss_bbox", "loss_ce", "loss_giou", "grad_norm"):
       assert record[key] == reference[record["step"]][key], (record["step"], key)
   a, b = _final_params(straight, 6), _final_params(killed, 6)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex.assert_trees_all_equal(a, b)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):

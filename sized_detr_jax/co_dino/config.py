@@ -8,6 +8,8 @@ from typing import Tuple
 
 import ml_collections
 
+from sized_detr_jax import config_lib
+
 HEAD_KINDS = ("rpn_roi", "atss")
 # Positive-query groups in Co-DETR's order (roi_head before bbox_head).
 QUERY_HEADS = ("roi", "atss")
@@ -94,14 +96,9 @@ class CoDINOConfig:
     Raises:
       ValueError: unknown fields (named, with the known ones) or unknown head kinds.
     """
-    given = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(
-        section or {})
     head_fields = {f.name for f in dataclasses.fields(AuxConfig)}
     loss_fields = {f.name for f in dataclasses.fields(LossWeights)} - {"num_decoder_layers"}
-    unknown = sorted(set(given) - head_fields - loss_fields)
-    if unknown:
-      raise ValueError(f"config.co_dino: unknown fields {unknown}; known: "
-                       f"{sorted(head_fields | loss_fields)}")
+    given = config_lib.section_fields(section, head_fields | loss_fields, "config.co_dino")
     heads = {k: v for k, v in given.items() if k in head_fields}
     for k in ("heads", "rpn_ratios"):
       if k in heads:

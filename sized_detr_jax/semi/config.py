@@ -3,6 +3,8 @@ import dataclasses
 
 import ml_collections
 
+from sized_detr_jax import config_lib
+
 SIZED_L1_BRANCHES = ("both", "sup_only")
 PSEUDO_METHODS = ("nms", "topk")
 
@@ -50,13 +52,8 @@ class SemiConfig:
   @classmethod
   def from_config(cls, section=None):
     """`config.semi` (ConfigDict or dict; None: defaults) -> SemiConfig; unknown fields raise."""
-    given = section.to_dict() if isinstance(section, ml_collections.ConfigDict) else dict(
-        section or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - names)
-    if unknown:
-      raise ValueError(f"config.semi: unknown fields {unknown}; known: {sorted(names)}")
-    return cls(**given)
+    return cls(**config_lib.section_fields(section, [f.name for f in dataclasses.fields(cls)],
+                                           "config.semi"))
 
   def stage_at(self, step):
     """1 before the switch, 2 from `switch_step` completed steps on (never if it is < 0)."""
