@@ -16,7 +16,8 @@ All three return one flat dict of scalars:
     `_aux_{i}` for decoder layer i (0 .. L-2), `_interm` for the encoder proposals, `_dn` for the
     last layer's denoising queries and `_dn_aux_{i}` for layer i's denoising queries. These are
     unweighted (as DINO's loss dict); `loss_weights` gives each one's weight;
-  * `metric_*`: diagnostics that are not part of `loss`: `metric_num_boxes` and, per COCO size
+  * `metric_*`: diagnostics that are not part of `loss`: `metric_num_boxes`,
+    `metric_weighted_{ce,bbox,giou}` (each kind's weighted sum in `loss`) and, per COCO size
     (small / medium / large: area < 32^2, < 96^2, >= 96^2 pixels of the original image), the
     final layer's mean box loss `metric_loss_bbox_{size}`, mean GIoU loss
     `metric_loss_giou_{size}` and count `metric_num_boxes_{size}`.
@@ -324,6 +325,11 @@ def _add_dn_and_total(result, metrics, outputs, targets, cfg, axis_name):
   weights = loss_weights(result, cfg)
   total = sum(weights[name] * value for name, value in result.items())
   metrics["metric_num_boxes"] = losses.global_sum(targets["valid"].astype(jnp.float32), axis_name)
+  # The weighted share of each kind of term in `loss` (the trainer's gradient split reads them).
+  for kind in ("ce", "bbox", "giou"):
+    metrics[f"metric_weighted_{kind}"] = sum(
+        weights[name] * value for name, value in result.items()
+        if name == f"loss_{kind}" or name.startswith(f"loss_{kind}_"))
   return {"loss": total, **result, **metrics}
 
 

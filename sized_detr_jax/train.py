@@ -17,6 +17,7 @@ import time
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -26,8 +27,37 @@ from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
 
 
+# Loss kinds whose gradient norms `grad_split_every` reports (the criterion's
+# `metric_weighted_{kind}`: their weighted share of the loss).
+GRAD_SPLIT_KINDS = ("ce", "bbox", "giou")
+
+
+def _grads_with_split(loss_fn, params, state, batch, rng, every):
+  """Gradients of the loss and, every `every` steps, the norms of each kind's gradient.
+
+  One forward pass and `jax.vjp`; the extra backward passes run only on the steps that log
+  (`lax.cond`). Kinds the loss does not report (`metric_weighted_{kind}`) are skipped.
+  """
+  def vector_loss(p):
+    loss, metrics = loss_fn(p, state, batch, rng)
+    kinds = [k for k in GRAD_SPLIT_KINDS if f"metric_weighted_{k}" in metrics]
+    return jnp.stack([loss] + [metrics[f"metric_weighted_{k}"] for k in kinds]), (metrics,
+                                                                                   kinds)
+
+  values, vjp_fn, (metrics, kinds) = jax.vjp(vector_loss, params, has_aux=True)
+  unit = lambda i: jnp.zeros_like(values).at[i].set(1.0)
+  grads = vjp_fn(unit(0))[0]
+  if kinds:
+    norms = jax.lax.cond(
+        (state.step + 1) % every == 0,
+        lambda: jnp.stack([optax.tree.norm(vjp_fn(unit(i + 1))[0]) for i in range(len(kinds))]),
+        lambda: jnp.full((len(kinds),), jnp.nan, values.dtype))
+    metrics = {**metrics, **{f"grad_norm_{k}": norms[i] for i, k in enumerate(kinds)}}
+  return grads, metrics
+
+
 def make_train_step(loss_fn, tx, schedule, mesh, state_shardings, *, ema_momentum=None,
-                    ema_subtree=lambda params: params):
+                    ema_subtree=lambda params: params, grad_split_every=0):
   """Jitted `(state, batch) -> (state, metrics)`; batch sharded on `data`, state donated.
 
   Args:
@@ -36,11 +66,18 @@ def make_train_step(loss_fn, tx, schedule, mesh, state_shardings, *, ema_momentu
     mesh, state_shardings: the mesh and the TrainState's shardings.
     ema_momentum: when set, `state.ema_params` (the teacher) follows `ema_subtree(params)` by
       `state.ema_update` after the optimiser step, inside the same jitted function.
+    ema_subtree: the params the teacher tracks (`Method.ema_subtree`).
+    grad_split_every: > 0: every that many steps also report `grad_norm_{ce,bbox,giou}`, the
+      global norm (before clipping) of each kind's weighted gradient (NaN on other steps).
   """
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
+    if grad_split_every:
+      grads, metrics = _grads_with_split(loss_fn, state.params, state, batch, rng,
+                                         grad_split_every)
+    else:
+      grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
@@ -87,9 +124,10 @@ def train_and_evaluate(config, workdir):
   def train_step(state, batch, step):
     stage = method.stage_at(step - 1)
     if stage not in steps:
-      steps[stage] = make_train_step(method.loss_fn(stage), run.tx, run.schedule, mesh,
-                                     run.shardings, ema_momentum=config.get("ema_momentum"),
-                                     ema_subtree=method.ema_subtree)
+      steps[stage] = make_train_step(
+          method.loss_fn(stage), run.tx, run.schedule, mesh, run.shardings,
+          ema_momentum=config.get("ema_momentum"), ema_subtree=method.ema_subtree,
+          grad_split_every=config.log_every if config.get("log_grad_split") else 0)
     return steps[stage](state, batch)
 
   predictor = evaluate.Predictor(method, mesh)
@@ -100,10 +138,16 @@ def train_and_evaluate(config, workdir):
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
   last_checked, last_metrics, eval_metrics = start, None, None
+  # With config.log_grad_split, also the share of steps whose gradient was clipped (fetches
+  # the gradient norm every step: a diagnostic mode).
+  clip_norm = float(config.optimizer.get("clip_norm") or 0.0)
+  clipped = [] if config.get("log_grad_split") and clip_norm > 0 else None
   try:
     with jax.set_mesh(mesh):
       for step in range(start + 1, total + 1):
         state, metrics = train_step(state, sharding.global_batch(next(batches), mesh), step)
+        if clipped is not None:
+          clipped.append(float(metrics["grad_norm"]) > clip_norm)
         is_log = step % config.log_every == 0 or step == total
         is_ckpt = ((config.checkpoint_every and step % config.checkpoint_every == 0)
                    or step == total)
@@ -114,6 +158,9 @@ def train_and_evaluate(config, workdir):
           _check_finite(last_metrics, step, last_checked)
           last_checked = step
           if is_log:
+            if clipped:
+              last_metrics["clip_fraction"] = float(np.mean(clipped))
+              clipped.clear()
             log.write(step, last_metrics, images_per_step=method.images_per_step)
           if is_ckpt:
             ckpt.maybe_save(step, state, {"step": step, "config": config.get("name", "")},

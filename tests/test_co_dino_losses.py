@@ -245,7 +245,8 @@ def test_sized_l1_switch_changes_main_head_box_terms_only():
   # Every main-head box term (matching branches, denoising-free here, and positive queries)
   # moves, and the totals with them; nothing else does (metric_loss_bbox_* are diagnostics of
   # the same box loss).
-  expected = {k for k in l1 if k.startswith("loss_bbox")} | {"loss", "metric_loss_main"}
+  expected = ({k for k in l1 if k.startswith("loss_bbox")}
+              | {"loss", "metric_loss_main", "metric_weighted_bbox"})
   assert {k for k in changed if not k.startswith("metric_loss_bbox_")} == expected
   assert any(k.startswith("loss_bbox_pos_") for k in changed)
   for k in l1:

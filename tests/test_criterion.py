@@ -221,6 +221,11 @@ def test_per_size_metrics(example, jitted):
     np.testing.assert_allclose(float(got[f"metric_loss_bbox_{name}"]), want_box, rtol=2e-5)
     np.testing.assert_allclose(float(got[f"metric_loss_giou_{name}"]), want_giou, rtol=2e-5)
   assert float(got["metric_num_boxes"]) == targets["valid"].sum()
+  # The per-kind weighted sums partition the total.
+  parts = [float(got[f"metric_weighted_{k}"]) for k in ("ce", "bbox", "giou")]
+  np.testing.assert_allclose(sum(parts), float(got["loss"]), rtol=1e-6)
+  np.testing.assert_allclose(parts[1], sum(5.0 * float(v) for k, v in got.items()
+                                           if k.startswith("loss_bbox")), rtol=1e-6)
 
 
 def test_sharded_normalisation_equals_unsharded(example, jitted):

@@ -45,12 +45,50 @@ def test_four_devices_give_the_single_device_loss(data_root, tmp_path):
   for n in (1, 4):
     workdir = str(tmp_path / f"dev{n}")
     train.train_and_evaluate(_config(data_root, total_steps=2, log_every=1, checkpoint_every=0,
-                                     eval_at_end=False, num_devices=n), workdir)
+                                     eval_at_end=False, num_devices=n, log_grad_split=True),
+                             workdir)
     runs[n] = _metrics(workdir)
   assert [r["step"] for r in runs[1]] == [1, 2]
   for one, four in zip(runs[1], runs[4]):
-    np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
-    np.testing.assert_allclose(four["loss_bbox"], one["loss_bbox"], rtol=1e-5)
+    for key in ("loss", "loss_bbox", "grad_norm", "grad_norm_ce", "grad_norm_bbox",
+                "grad_norm_giou"):
+      np.testing.assert_allclose(four[key], one[key], rtol=1e-4, err_msg=key)
+    # The kinds' gradients add up to the gradient: its norm is at most the sum of theirs.
+    parts = [one[f"grad_norm_{k}"] for k in ("ce", "bbox", "giou")]
+    assert all(p > 0 for p in parts) and one["grad_norm"] <= sum(parts) * (1 + 1e-5)
+    assert one["clip_fraction"] == float(one["grad_norm"] > 0.1)  # one step per log line
+
+
+def test_gradient_split_equals_analytic_gradients():
+  """`make_train_step(grad_split_every=2)` on a loss with known per-kind gradients."""
+  import jax.numpy as jnp
+  import optax
+  from sized_detr_jax import sharding
+  from sized_detr_jax import state as state_lib
+  mesh = sharding.make_mesh(1)
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+
+  def loss_fn(p, state, batch, rng):
+    del state, rng
+    ce = 0.5 * jnp.sum(p["w"] ** 2)               # gradient w
+    bbox = 3.0 * jnp.sum(p["w"] * batch["x"])     # gradient 3 x
+    metrics = {"metric_weighted_ce": ce, "metric_weighted_bbox": bbox}
+    return ce + bbox, {"loss": ce + bbox, **metrics}
+
+  tx = optax.sgd(0.0)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
+                               opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+  step = train.make_train_step(loss_fn, tx, lambda s: 0.0, mesh, shardings, grad_split_every=2)
+  x = jnp.array([[0.5, 0.0, -1.0]])
+  state, m1 = step(state, {"x": x})
+  state, m2 = step(state, {"x": x})
+  w, xv = np.array([1.0, -2.0, 3.0]), np.array([0.5, 0.0, -1.0])
+  assert np.isnan(float(m1["grad_norm_ce"]))  # step 1 does not log
+  np.testing.assert_allclose(float(m2["grad_norm_ce"]), np.linalg.norm(w), rtol=1e-6)
+  np.testing.assert_allclose(float(m2["grad_norm_bbox"]), np.linalg.norm(3 * xv), rtol=1e-6)
+  np.testing.assert_allclose(float(m2["grad_norm"]), np.linalg.norm(w + 3 * xv), rtol=1e-6)
+  assert "grad_norm_giou" not in m2  # a kind the loss does not report
 
 
 def _run_py(workdir, data_root, cache_dir, extra=()):
