@@ -124,14 +124,16 @@ def write_evaluation(workdir, step, detections, metrics):
   return record
 
 
-def plot_per_size(metrics, path, *, box_loss_share=None, title=""):
-  """PNG bar chart of AP per size class, with the share of the box loss per class if given.
+def plot_per_size(metrics, path, *, box_loss_share=None, title="", share_title=""):
+  """PNG bar chart of AP per size class (values on the bars), with the share of the box loss per
+  class if given.
 
   Args:
     metrics: dict with APs, APm, APl (0-1).
     path: output PNG path.
     box_loss_share: optional dict small/medium/large -> fraction of the box regression loss.
     title: figure title (e.g. config name and step).
+    share_title: what the share was computed over (e.g. "last 10 logged steps").
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -140,15 +142,18 @@ def plot_per_size(metrics, path, *, box_loss_share=None, title=""):
   ap = [max(metrics[k], 0.0) for k in ("APs", "APm", "APl")]
   ncols = 2 if box_loss_share else 1
   fig, axes = plt.subplots(1, ncols, figsize=(4 * ncols, 3.2), squeeze=False)
-  axes[0, 0].bar(SIZE_CLASSES, ap, color=["#d95f02", "#7570b3", "#1b9e77"])
+  bars = axes[0, 0].bar(SIZE_CLASSES, ap, color=["#d95f02", "#7570b3", "#1b9e77"])
+  axes[0, 0].bar_label(bars, fmt="%.3f")
   axes[0, 0].set_ylim(0, 1)
   axes[0, 0].set_ylabel("AP")
   axes[0, 0].set_title(f"AP by size (AP={metrics['AP']:.3f})")
   if box_loss_share:
     share = [box_loss_share.get(k, 0.0) for k in SIZE_CLASSES]
-    axes[0, 1].bar(SIZE_CLASSES, share, color="#666666")
+    bars = axes[0, 1].bar(SIZE_CLASSES, share, color="#666666")
+    axes[0, 1].bar_label(bars, fmt="%.2f")
     axes[0, 1].set_ylim(0, 1)
-    axes[0, 1].set_title("box-loss share by size")
+    axes[0, 1].set_title("box-loss share by size" + (f"\n({share_title})" if share_title
+                                                      else ""), fontsize=9)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
@@ -204,16 +209,25 @@ def eval_batches(config):
   return batches
 
 
-def box_loss_share(metrics):
-  """Share of the final layer's box loss per size class, from the criterion's metric_* terms."""
-  totals = {s: metrics.get(f"metric_loss_bbox_{s}", 0.0) * metrics.get(f"metric_num_boxes_{s}", 0.0)
-            for s in criterion.SIZE_NAMES}
+def box_loss_share(records):
+  """Share of the final layer's box loss per size class, summed over logged metric records.
+
+  Args:
+    records: one metrics dict or a sequence of them (e.g. the last K logged steps), each with
+      the criterion's `metric_loss_bbox_{size}` (mean) and `metric_num_boxes_{size}` (count).
+
+  Returns:
+    {size: share} summing to 1, or None when no record has a box.
+  """
+  records = [records] if isinstance(records, dict) else list(records)
+  totals = {s: sum(r.get(f"metric_loss_bbox_{s}", 0.0) * r.get(f"metric_num_boxes_{s}", 0.0)
+                   for r in records) for s in criterion.SIZE_NAMES}
   z = sum(totals.values())
   return {s: v / z for s, v in totals.items()} if z > 0 else None
 
 
 def run_evaluation(predictor, params, model_state, step, workdir, data_info, batches, *,
-                   box_loss_share=None, title=""):  # pylint: disable=redefined-outer-name
+                   loss_share=None, share_title="", title=""):
   """Predict every eval batch, score with pycocotools on process 0, write files and a plot.
 
   Each process feeds its own shard; the predictions come back replicated, so process 0 sees
@@ -235,7 +249,7 @@ def run_evaluation(predictor, params, model_state, step, workdir, data_info, bat
   metrics, _ = coco_metrics(data_info["val_gt_json"], dets)
   write_evaluation(workdir, step, dets, metrics)
   plot_per_size(metrics, os.path.join(workdir, f"per_size_{step}.png"),
-                box_loss_share=box_loss_share, title=title or f"step {step}")
+                box_loss_share=loss_share, share_title=share_title, title=title or f"step {step}")
   logging.info("eval at step %d:\n%s", step, format_metrics_table(metrics))
   return metrics
 

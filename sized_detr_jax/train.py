@@ -12,6 +12,7 @@ loop runs inside `jax.set_mesh(mesh)`, so the host Hungarian matching makes one 
 shard. Randomness is `fold_in(rng, step)` and the data pipeline is indexed by step, so a resumed
 run reproduces an uninterrupted one bit for bit on CPU.
 """
+import collections
 import os
 import time
 
@@ -92,6 +93,18 @@ def make_train_step(loss_fn, tx, schedule, mesh, state_shardings, *, ema_momentu
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
+def _describe_images(batch):
+  """'4 x 192x192' for every image array of a (possibly nested) batch, with its path."""
+  parts = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+    keys = [getattr(k, "key", str(k)) for k in path]
+    if keys[-1] == "image":
+      where = "/".join(keys[:-1])
+      parts.append(f"{leaf.shape[0]} x {leaf.shape[1]}x{leaf.shape[2]}"
+                   + (f" ({where})" if where else ""))
+  return "images " + ", ".join(parts)
+
+
 def default_workdir(config):
   name = config.get("name", "run")
   return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -124,10 +137,15 @@ def train_and_evaluate(config, workdir):
   def train_step(state, batch, step):
     stage = method.stage_at(step - 1)
     if stage not in steps:
+      logging.info("Compiling the train step%s for %s (the first step waits for it) ...",
+                   f" of stage {stage}" if stage != 1 else "", _describe_images(batch))
+      start_compile = time.perf_counter()
       steps[stage] = make_train_step(
           method.loss_fn(stage), run.tx, run.schedule, mesh, run.shardings,
           ema_momentum=config.get("ema_momentum"), ema_subtree=method.ema_subtree,
-          grad_split_every=config.log_every if config.get("log_grad_split") else 0)
+          grad_split_every=config.log_every if config.get("log_grad_split") else 0
+      ).lower(state, batch).compile()
+      logging.info("Compiled in %.1f s.", time.perf_counter() - start_compile)
     return steps[stage](state, batch)
 
   predictor = evaluate.Predictor(method, mesh)
@@ -138,6 +156,8 @@ def train_and_evaluate(config, workdir):
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
   last_checked, last_metrics, eval_metrics = start, None, None
+  start_time = time.perf_counter()
+  recent = collections.deque(maxlen=10)  # metrics of the last logged steps (eval plot's loss share)
   # With config.log_grad_split, also the share of steps whose gradient was clipped (fetches
   # the gradient norm every step: a diagnostic mode).
   clip_norm = float(config.optimizer.get("clip_norm") or 0.0)
@@ -157,6 +177,7 @@ def train_and_evaluate(config, workdir):
           last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           _check_finite(last_metrics, step, last_checked)
           last_checked = step
+          recent.append(last_metrics)
           if is_log:
             if clipped:
               last_metrics["clip_fraction"] = float(np.mean(clipped))
@@ -168,12 +189,16 @@ def train_and_evaluate(config, workdir):
         if is_eval:
           eval_metrics = evaluate.run_evaluation(
               predictor, state.params, state.model_state, step, workdir, run.data_info,
-              evaluate.eval_batches(config), box_loss_share=evaluate.box_loss_share(last_metrics),
+              evaluate.eval_batches(config), loss_share=evaluate.box_loss_share(recent),
+              share_title=f"last {len(recent)} logged steps",
               title=f"{config.get('name', '')} step {step}")
   finally:
     # Also on errors (a NaN loss): let pending async saves of good steps complete.
     ckpt.close()
     log.close()
+  elapsed = time.perf_counter() - start_time
+  logging.info("Trained steps %d-%d in %.1f min (compile and evaluation included).", start + 1,
+               total, elapsed / 60)
   if jax.process_index() == 0 and eval_metrics is not None:
     print(f"\nEvaluation ({run.data_info['val_gt_json']}):\n"
           f"{evaluate.format_metrics_table(eval_metrics)}\n\nFiles in {os.path.abspath(workdir)}: "

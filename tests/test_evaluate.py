@@ -86,3 +86,18 @@ def test_empty_detections_and_writing(gt_dict, tmp_path):
                                box_loss_share={"small": 0.5, "medium": 0.3, "large": 0.2})
   assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   assert "AP50" in evaluate.format_metrics_table(metrics)
+
+
+def test_box_loss_share_sums_the_records():
+  records = [{"metric_loss_bbox_small": 0.5, "metric_num_boxes_small": 4.0,
+              "metric_loss_bbox_medium": 0.2, "metric_num_boxes_medium": 2.0,
+              "metric_loss_bbox_large": 0.1, "metric_num_boxes_large": 0.0},
+             {"metric_loss_bbox_small": 0.3, "metric_num_boxes_small": 2.0,
+              "metric_loss_bbox_medium": 0.4, "metric_num_boxes_medium": 1.0,
+              "metric_loss_bbox_large": 0.6, "metric_num_boxes_large": 5.0}]
+  totals = np.array([0.5 * 4 + 0.3 * 2, 0.2 * 2 + 0.4 * 1, 0.1 * 0 + 0.6 * 5])
+  got = evaluate.box_loss_share(records)
+  np.testing.assert_allclose([got[s] for s in ("small", "medium", "large")],
+                             totals / totals.sum(), rtol=1e-12)
+  assert evaluate.box_loss_share(records[0]) == evaluate.box_loss_share(records[:1])
+  assert evaluate.box_loss_share([{}]) is None
