@@ -69,19 +69,47 @@ def _unknown_override(argv):
   return None
 
 
+def _fail(message):
+  """Exit with one line on stderr (status 1), or re-raise with SIZED_DETR_TRACEBACK=1."""
+  if os.environ.get("SIZED_DETR_TRACEBACK"):
+    raise  # pylint: disable=misplaced-bare-raise
+  sys.exit(f"run.py: {' '.join(str(message).split())}  (SIZED_DETR_TRACEBACK=1 shows the "
+           "traceback)")
+
+
 def _parse_flags(argv):
-  """absl parsing with experiments/synthetic.py as the default config; an unknown --config.x
-  override gives one line listing the valid keys instead of a traceback."""
+  """absl parsing with experiments/synthetic.py as the default config. Bad flags give one line:
+  an unknown --config.x override lists the valid keys; a bad value, mode, config file or config
+  argument names the flag and the value."""
   if not any(a.startswith("--config=") for a in argv[1:]):
     argv = argv[:1] + [f"--config={_DEFAULT_CONFIG}"] + argv[1:]
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
+    FLAGS.config.keys()  # a config file that failed to load raises only when first read
+    return rest
   except (KeyError, AttributeError):
     bad = _unknown_override(argv)
     if bad is None:
-      raise
+      _fail(f"cannot parse the flags {argv[1:]}")
     sys.exit(f"run.py: unknown config field --config.{bad[0]}; valid keys at that level: "
              f"{', '.join(bad[1])}")
+  except (flags.Error, ValueError, OSError, SyntaxError) as e:
+    # A bad value (--config.total_steps=abc, --mode=bogus), or the config file failed to load;
+    # absl wraps the latter in a message holding a traceback: say it again without.
+    _fail(_config_file_error(argv) or e)
+
+
+def _config_file_error(argv):
+  """One-line reason the --config file or its ':arg' fails to load, or None if it loads."""
+  spec = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    return f"--config={spec}: config file {path} not found"
+  try:
+    config_lib.load_config(path, arg or None)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"--config={spec}: {type(e).__name__}: {e}"
+  return None
 
 
 def main(argv):
@@ -89,13 +117,19 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
+    _check_workdir(FLAGS.workdir)
+    if FLAGS.mode != "summary":
+      config_lib.validate_config(FLAGS.config)  # before anything is built or compiled
     _run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    if os.environ.get("SIZED_DETR_TRACEBACK"):
-      raise
-    # Bad input (config values, files, data) and a diverged run: one clear line, no traceback.
-    sys.exit(f"run.py: {type(e).__name__}: {e}  (SIZED_DETR_TRACEBACK=1 shows the traceback)")
+  except (ValueError, OSError, FloatingPointError) as e:
+    # Bad input (config values, files, data), a full disk, a diverged run: one clear line.
+    _fail(f"{type(e).__name__}: {e}")
   return 0
+
+
+def _check_workdir(workdir):
+  if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise FileExistsError(f"--workdir={workdir} exists and is not a folder")
 
 
 if __name__ == "__main__":

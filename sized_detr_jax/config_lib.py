@@ -1,6 +1,9 @@
 """Loading `experiments/*.py` configs by path (as ml_collections' config_flags does)."""
 import importlib.util
+import math
 import os
+
+import numpy as np
 
 
 def load_config_module(path):
@@ -91,4 +94,124 @@ def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_e
       coordinator_address=config_dict.placeholder(str),
       num_processes=config_dict.placeholder(int),
       process_id=config_dict.placeholder(int)))
+  return config
+
+
+# ----------------------------------------------------------------------------- validation
+# float32 is what the jitted step computes in: a config float beyond its range (e.g. lr=1e39)
+# becomes inf on the device although it is finite in Python.
+_F32_MAX = float(np.finfo(np.float32).max)
+# AdamW moves every weight by about `lr` per step whatever the gradient scale, and DETR weights
+# are O(0.01-1): an lr above 1 destroys the model in a step (DINO uses 1e-4, the synthetic
+# default 1e-3). Rejecting it up front costs nothing; a smaller but still too large lr is caught
+# by the trainer's non-finite loss check.
+MAX_LR = 1.0
+
+
+def _leaves(tree, prefix=""):
+  """(dotted field, value) of every leaf of a ConfigDict / dict; tuples and lists are leaves."""
+  items = tree.items() if hasattr(tree, "items") else ()
+  for key, value in items:
+    name = f"{prefix}{key}"
+    if hasattr(value, "items"):
+      yield from _leaves(value, name + ".")
+    else:
+      yield name, value
+
+
+def _floats(value):
+  if isinstance(value, bool):
+    return []
+  if isinstance(value, (float, np.floating)):
+    return [float(value)]
+  if isinstance(value, (list, tuple)):
+    return [f for v in value for f in _floats(v)]
+  return []
+
+
+def check_finite_config(config):
+  """Every float field is finite in float32, and 0 < optimizer.lr <= MAX_LR.
+
+  Raises:
+    ValueError: naming the first bad field (config.x.y=value) and the reason.
+  """
+  for name, value in _leaves(config):
+    for f in _floats(value):
+      if not (math.isfinite(f) and abs(f) <= _F32_MAX):
+        raise ValueError(f"config.{name}={value!r} is not a finite float32 number (|x| <= "
+                         f"{_F32_MAX:.3g}); the device would compute with inf/nan")
+  opt = config.get("optimizer") if hasattr(config, "get") else None
+  if opt is not None and opt.get("lr") is not None:
+    lr = opt["lr"]
+    if not 0 < lr <= MAX_LR:
+      raise ValueError(f"config.optimizer.lr={lr!r} must be in (0, {MAX_LR:g}]: AdamW moves each "
+                       "weight by about lr per step, so a larger lr destroys the model at once")
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    if not (hasattr(node, "keys") and part in node):
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
+
+
+def _is_int(v):
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+# (field, minimum) of integer fields, checked where the config has them.
+_INT_FIELDS = (
+    ("seed", 0), ("total_steps", 0), ("log_every", 1), ("checkpoint_every", 0),
+    ("keep_checkpoints", 1), ("eval_every", 0), ("num_devices", 0),
+    ("data.batch_size", 1), ("data.eval_batch_size", 1), ("data.unlabeled_batch_size", 1),
+    ("data.max_boxes", 1), ("data.synthetic_num_images", 1), ("data.synthetic_seed", 0),
+    ("data.synthetic_num_val", 0), ("data.synthetic_num_unlabeled", 0),
+    ("data.pad_multiple", 1), ("data.num_threads", 0), ("data.prefetch", 0),
+    ("data.max_size", 1), ("data.eval_size", 1), ("data.eval_max_size", 1),
+    ("optimizer.warmup_steps", 0),
+)
+# Float fields that must be >= 0.
+_NONNEGATIVE = ("optimizer.weight_decay", "optimizer.clip_norm", "optimizer.lr_drop_factor")
+
+
+def validate_config(config):
+  """Checks a trainer config before anything is built or compiled; one clear error per field.
+
+  Checks `check_finite_config`, non-negative / positive integer fields (batch sizes, steps,
+  seeds...), `data.buckets` (None or (h, w) pairs of positive integers) and `data.scales`
+  (positive integers). Fields a config does not have are skipped.
+
+  Raises:
+    ValueError: "config.<field>=<value> ..." naming the field, the value and what is allowed.
+  """
+  check_finite_config(config)
+  for field, minimum in _INT_FIELDS:
+    value = _get(config, field)
+    if value is _MISSING or value is None:
+      continue
+    if not _is_int(value) or value < minimum:
+      raise ValueError(f"config.{field}={value!r} must be an integer >= {minimum}")
+  for field in _NONNEGATIVE:
+    value = _get(config, field)
+    if value is not _MISSING and value is not None and not value >= 0:
+      raise ValueError(f"config.{field}={value!r} must be >= 0")
+  buckets = _get(config, "data.buckets")
+  if buckets is not _MISSING and buckets:
+    ok = isinstance(buckets, (list, tuple)) and all(
+        isinstance(b, (list, tuple)) and len(b) == 2 and all(_is_int(v) and v > 0 for v in b)
+        for b in buckets)
+    if not ok:
+      raise ValueError(f"config.data.buckets={buckets!r} must be None or a list of (height, "
+                       "width) pairs of positive integers, e.g. ((192, 192),)")
+  scales = _get(config, "data.scales")
+  if scales is not _MISSING:
+    if (not isinstance(scales, (list, tuple)) or not scales
+        or not all(_is_int(v) and v > 0 for v in scales)):
+      raise ValueError(f"config.data.scales={scales!r} must be a non-empty list of positive "
+                       "integers (shorter-side sizes in pixels)")
   return config

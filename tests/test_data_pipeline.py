@@ -10,7 +10,8 @@ from sized_detr_jax.data import synthetic
 from sized_detr_jax.data import transforms as T
 
 _KEYS = {"image": np.float32, "pixel_mask": np.bool_, "boxes": np.float32, "labels": np.int32,
-         "valid": np.bool_, "image_id": np.int32, "orig_size": np.int32, "size": np.int32}
+         "valid": np.bool_, "image_id": np.int32, "image_index": np.int32, "orig_size": np.int32,
+         "size": np.int32}
 
 
 @pytest.fixture(scope="module")

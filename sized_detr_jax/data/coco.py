@@ -216,8 +216,39 @@ def load_coco(ann_file, image_dir, *, require_annotations=True, check_files=True
                    category_names=[categories[int(c)] for c in category_ids], stats=stats)
 
 
+def _high_bit_depth_to_uint8(pil):
+  """uint8 [H, W] of a 16-bit / 32-bit integer or float single-channel PIL image, or None for
+  other modes (which `convert("RGB")` handles; for these it clips every value above 255).
+
+  I;16*: 16-bit data, reduced by keeping the high byte (v >> 8), as Pillow's and libpng's
+    decoders do for 16-bit colour PNGs, so a 16-bit scene gives the same 8-bit values whether
+    it is stored as grayscale or colour (v / 257 would differ from those by up to 1).
+  I, F: no bit depth is recorded, so the smallest standard range holding every pixel is taken
+    as full scale: [0, 1] (F only: float images in [0, 1]) -> x 255 rounded; [0, 255] -> as is
+    (rounded); otherwise 16-bit [0, 65535] -> >> 8 (values outside are clipped). NaN -> 0.
+  """
+  mode = pil.mode
+  if mode.startswith("I;16"):
+    return (np.asarray(pil).astype(np.uint32) >> 8).astype(np.uint8)
+  if mode not in ("I", "F"):
+    return None
+  values = np.nan_to_num(np.asarray(pil, np.float64), nan=0.0, posinf=65535.0, neginf=0.0)
+  values = np.clip(values, 0.0, 65535.0)
+  top = values.max(initial=0.0)
+  if mode == "F" and top <= 1.0:
+    return np.round(values * 255.0).astype(np.uint8)
+  if top <= 255.0:
+    return np.round(values).astype(np.uint8)
+  return (np.round(values).astype(np.uint32) >> 8).astype(np.uint8)
+
+
 def decode_image(path, image_id=None, expected_size=None):
   """Decodes an image file to uint8 RGB [H, W, 3].
+
+  The one image decoder of training, evaluation and prediction (CocoSource, ImageFilesSource).
+  Grayscale, palette, RGBA, CMYK... are converted by Pillow; 16-bit and 32-bit single-channel
+  images (modes I;16, I, F) are scaled to 8 bits by `_high_bit_depth_to_uint8` (Pillow's
+  convert would clip them to white).
 
   Args:
     path: image file.
@@ -230,7 +261,9 @@ def decode_image(path, image_id=None, expected_size=None):
   try:
     with Image.open(path) as pil:
       pil.load()
-      image = np.asarray(pil.convert("RGB"))
+      gray = _high_bit_depth_to_uint8(pil)
+      image = (np.repeat(gray[..., None], 3, axis=-1) if gray is not None
+               else np.asarray(pil.convert("RGB")))
   except (OSError, SyntaxError, ValueError) as e:
     raise CocoFormatError(f"{path}: cannot decode image (id {image_id}): {e}") from None
   if expected_size is not None and tuple(image.shape[:2]) != tuple(expected_size):

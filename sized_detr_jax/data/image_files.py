@@ -23,6 +23,7 @@ class ImageFilesSource:
       except (OSError, SyntaxError, ValueError) as e:
         raise coco.CocoFormatError(f"{path}: cannot read image: {e}") from None
     self._sizes = np.asarray(sizes, np.int32)
+    self.image_ids = np.arange(len(self.paths), dtype=np.int64)
 
   def __len__(self):
     return len(self.paths)

@@ -9,7 +9,10 @@ with `jax.make_array_from_process_local_data`):
     pixel_mask [b, H, W] bool, True on real pixels
     boxes [b, G, 4] f32 normalised (cx, cy, w, h) relative to the unpadded view
     labels [b, G] i32 contiguous, valid [b, G] bool (G = max_boxes; crowd boxes excluded)
-    image_id [b] i32 (eval: -1 marks padding examples added to fill the last batch)
+    image_id [b] i32 the COCO image id (eval: -1 marks padding examples added to fill the last
+      batch). Absent with with_image_id=False: ids >= 2**31 (int64 on the host) do not fit the
+      int32 device batch, so the trainer maps image_index back with `image_ids_of` instead.
+    image_index [b] i32 the example's position in its source (-1: eval padding)
     orig_size [b, 2] i32 (h, w) of the original image, size [b, 2] i32 (h, w) of the view
   unlabeled batch: {"weak": view, "strong": view}, each view the keys above plus
     matrix [b, 3, 3] f32 mapping original-image pixels (x, y, 1) to view pixels; boxes map
@@ -303,20 +306,27 @@ def _targets(boxes_xyxy, labels, size, max_boxes):
   return out, lab, valid
 
 
-def _empty_view_batch(b, bucket, max_boxes, with_matrix, host_normalize=True):
+def _empty_view_batch(b, bucket, max_boxes, with_matrix, host_normalize=True,
+                      with_image_id=True):
   h, w = bucket
   out = dict(image=np.zeros((b, h, w, 3), np.float32 if host_normalize else np.uint8), pixel_mask=np.zeros((b, h, w), bool),
              boxes=np.zeros((b, max_boxes, 4), np.float32),
              labels=np.zeros((b, max_boxes), np.int32), valid=np.zeros((b, max_boxes), bool),
-             image_id=np.zeros((b,), np.int32), orig_size=np.zeros((b, 2), np.int32),
-             size=np.zeros((b, 2), np.int32))
+             image_id=np.zeros((b,), np.int32), image_index=np.zeros((b,), np.int32),
+             orig_size=np.zeros((b, 2), np.int32), size=np.zeros((b, 2), np.int32))
+  if not with_image_id:
+    del out["image_id"]
   if with_matrix:
     out["matrix"] = np.zeros((b, 3, 3), np.float32)
   return out
 
 
-def _fill_view(batch, k, example, geometry, pixels, max_boxes):
-  """Writes one view (already geometrically transformed `pixels`) into slot k of `batch`."""
+_INT32 = np.iinfo(np.int32)
+
+
+def _fill_view(batch, k, example, geometry, pixels, max_boxes, index):
+  """Writes one view (already geometrically transformed `pixels`) into slot k of `batch`;
+  `index` is the example's position in its source."""
   h, w = geometry.size
   if batch["image"].dtype == np.uint8:
     batch["image"][k, :h, :w] = pixels
@@ -329,7 +339,15 @@ def _fill_view(batch, k, example, geometry, pixels, max_boxes):
                                            geometry.size)
   batch["boxes"][k], batch["labels"][k], batch["valid"][k] = _targets(
       boxes[keep], example["labels"][train_boxes][keep], geometry.size, max_boxes)
-  batch["image_id"][k] = example["image_id"]
+  batch["image_index"][k] = index
+  if "image_id" in batch:
+    image_id = int(example["image_id"])
+    if not _INT32.min <= image_id <= _INT32.max:
+      raise ValueError(
+          f"image id {image_id} (source position {index}) does not fit the int32 batch field "
+          "'image_id'; build the batches with with_image_id=False and map 'image_index' back "
+          "to the int64 ids with pipeline.image_ids_of(source, image_index)")
+    batch["image_id"][k] = image_id
   batch["orig_size"][k] = example["orig_size"]
   batch["size"][k] = geometry.size
   if "matrix" in batch:
@@ -357,7 +375,8 @@ class _Stream:
     return range(self.first_slot, self.first_slot + self.local_batch)
 
 
-def make_train_batch_fn(source, data_cfg, *, seed, process_index=0, process_count=1):
+def make_train_batch_fn(source, data_cfg, *, seed, process_index=0, process_count=1,
+                        with_image_id=True):
   """step -> this process's labeled training batch (DINO augmentation, shuffled epochs)."""
   data_cfg = resolve_data_config(data_cfg)
   stream = _Stream(source, data_cfg.batch_size, process_index, process_count)
@@ -374,7 +393,8 @@ def make_train_batch_fn(source, data_cfg, *, seed, process_index=0, process_coun
       view_sizes = [plan(step, j, stream.sizes[i]).size for j, i in enumerate(indices)]
     batch = _empty_view_batch(stream.local_batch, choose_bucket(buckets, view_sizes),
                               data_cfg.max_boxes, with_matrix=False,
-                              host_normalize=data_cfg.host_normalize)
+                              host_normalize=data_cfg.host_normalize,
+                              with_image_id=with_image_id)
     for k, slot in enumerate(stream.local_slots()):
       example = source[indices[slot]]
       geometry = plan(step, slot, example["image"].shape[:2])
@@ -382,13 +402,14 @@ def make_train_batch_fn(source, data_cfg, *, seed, process_index=0, process_coun
       if aug.labeled_color_op:
         pixels = transforms.random_color_op(_rng(seed, _LABELED, step, slot, _PHOTOMETRIC),
                                             pixels)
-      _fill_view(batch, k, example, geometry, pixels, data_cfg.max_boxes)
+      _fill_view(batch, k, example, geometry, pixels, data_cfg.max_boxes, indices[slot])
     return batch
 
   return batch_fn
 
 
-def make_unlabeled_batch_fn(source, data_cfg, *, seed, process_index=0, process_count=1):
+def make_unlabeled_batch_fn(source, data_cfg, *, seed, process_index=0, process_count=1,
+                            with_image_id=True):
   """step -> this process's unlabeled batch: {"weak": view batch, "strong": view batch}."""
   data_cfg = resolve_data_config(data_cfg)
   stream = _Stream(source, data_cfg.unlabeled_batch_size, process_index, process_count)
@@ -408,25 +429,28 @@ def make_unlabeled_batch_fn(source, data_cfg, *, seed, process_index=0, process_
       bucket = {name: choose_bucket(buckets, [p[v].size for p in planned])
                 for v, name in enumerate(("weak", "strong"))}
     batch = {name: _empty_view_batch(stream.local_batch, b or buckets[-1], data_cfg.max_boxes,
-                                     with_matrix=True, host_normalize=data_cfg.host_normalize)
+                                     with_matrix=True, host_normalize=data_cfg.host_normalize,
+                                     with_image_id=with_image_id)
              for name, b in bucket.items()}
     for k, slot in enumerate(stream.local_slots()):
       example = source[indices[slot]]
       weak, strong = plans(step, slot, example["image"].shape[:2])
       _fill_view(batch["weak"], k, example, weak,
-                 transforms.apply_geometry(example["image"], weak), data_cfg.max_boxes)
+                 transforms.apply_geometry(example["image"], weak), data_cfg.max_boxes,
+                 indices[slot])
       pixels = transforms.apply_photometric(
           _rng(seed, _UNLABELED, step, slot, _PHOTOMETRIC),
           transforms.apply_geometry(example["image"], strong), aug, erase=True)
-      _fill_view(batch["strong"], k, example, strong, pixels, data_cfg.max_boxes)
+      _fill_view(batch["strong"], k, example, strong, pixels, data_cfg.max_boxes, indices[slot])
     return batch
 
   return batch_fn
 
 
-def make_eval_batch_fn(source, data_cfg, *, process_index=0, process_count=1):
+def make_eval_batch_fn(source, data_cfg, *, process_index=0, process_count=1,
+                       with_image_id=True):
   """step -> this process's eval batch; positions past the end repeat early examples with
-  image_id -1 (so shapes stay static and no image is fully padded)."""
+  image_id and image_index -1 (so shapes stay static and no image is fully padded)."""
   data_cfg = resolve_data_config(data_cfg)
   stream = _Stream(source, data_cfg.eval_batch_size, process_index, process_count)
   aug, buckets, n = augment_config(data_cfg), buckets_from_config(data_cfg), len(source)
@@ -439,17 +463,40 @@ def make_eval_batch_fn(source, data_cfg, *, process_index=0, process_count=1):
       view_sizes = [transforms.plan_eval_view(*stream.sizes[i], aug).size for i in indices]
     batch = _empty_view_batch(stream.local_batch, choose_bucket(buckets, view_sizes),
                               data_cfg.max_boxes, with_matrix=False,
-                              host_normalize=data_cfg.host_normalize)
+                              host_normalize=data_cfg.host_normalize,
+                              with_image_id=with_image_id)
     for k, slot in enumerate(stream.local_slots()):
       example = source[indices[slot]]
       geometry = transforms.plan_eval_view(*example["image"].shape[:2], aug)
       _fill_view(batch, k, example, geometry,
-                 transforms.apply_geometry(example["image"], geometry), data_cfg.max_boxes)
+                 transforms.apply_geometry(example["image"], geometry), data_cfg.max_boxes,
+                 indices[slot])
       if positions[slot] >= n:
-        batch["image_id"][k] = -1
+        batch["image_index"][k] = -1
+        if with_image_id:
+          batch["image_id"][k] = -1
     return batch
 
   return batch_fn
+
+
+def image_ids_of(source, image_index):
+  """int64 COCO image ids of batch `image_index` values (-1, eval padding, stays -1).
+
+  Args:
+    source: the batches' source (`image_ids` attribute, else each example's "image_id").
+    image_index: int [...] positions in `source` as in the batch's `image_index`.
+
+  Returns:
+    int64 array shaped like `image_index`.
+  """
+  index = np.asarray(image_index, np.int64)
+  ids = getattr(source, "image_ids", None)
+  if ids is not None:
+    ids = np.asarray(ids, np.int64)
+    return np.where(index >= 0, ids[np.maximum(index, 0)], -1)
+  return np.vectorize(lambda i: int(source[int(i)]["image_id"]) if i >= 0 else -1,
+                      otypes=[np.int64])(index)
 
 
 # ----------------------------------------------------------------------------- iterators
@@ -495,29 +542,31 @@ class BatchIterator:
     self._start(int(state["step"]))
 
 
-def build_train_iterator(data_cfg, *, seed, process_index=0, process_count=1, start_step=0):
+def build_train_iterator(data_cfg, *, seed, process_index=0, process_count=1, start_step=0,
+                         with_image_id=True):
   """Endless labeled training iterator of this process's batches, starting at `start_step`."""
   data_cfg = resolve_data_config(data_cfg)
   fn = make_train_batch_fn(get_source(data_cfg, "train"), data_cfg, seed=seed,
-                           process_index=process_index, process_count=process_count)
+                           process_index=process_index, process_count=process_count,
+                           with_image_id=with_image_id)
   return BatchIterator(fn, start_step=start_step, num_threads=data_cfg.num_threads,
                        prefetch=data_cfg.prefetch)
 
 
 def build_unlabeled_iterator(data_cfg, *, seed, process_index=0, process_count=1,
-                             start_step=0):
+                             start_step=0, with_image_id=True):
   """Endless weak/strong unlabeled iterator, or None if no unlabeled source is configured."""
   data_cfg = resolve_data_config(data_cfg)
   source = get_source(data_cfg, "unlabeled")
   if source is None:
     return None
   fn = make_unlabeled_batch_fn(source, data_cfg, seed=seed, process_index=process_index,
-                               process_count=process_count)
+                               process_count=process_count, with_image_id=with_image_id)
   return BatchIterator(fn, start_step=start_step, num_threads=data_cfg.num_threads,
                        prefetch=data_cfg.prefetch)
 
 
-def build_eval_iterator(data_cfg, *, process_index=0, process_count=1):
+def build_eval_iterator(data_cfg, *, process_index=0, process_count=1, with_image_id=True):
   """One pass over the val source: ceil(N / eval_batch_size) batches (same on all processes).
 
   Returns:
@@ -526,7 +575,7 @@ def build_eval_iterator(data_cfg, *, process_index=0, process_count=1):
   data_cfg = resolve_data_config(data_cfg)
   source = get_source(data_cfg, "val")
   fn = make_eval_batch_fn(source, data_cfg, process_index=process_index,
-                          process_count=process_count)
+                          process_count=process_count, with_image_id=with_image_id)
   steps = -(-len(source) // data_cfg.eval_batch_size)
   # Only the val source: dataset_info would also open the train source, and this runs at
   # every periodic evaluation.

@@ -23,8 +23,12 @@ seeded from (seed, split, index), so the dataset is bit-identical for a seed.
 Layout written under `out_dir`:
   annotations/instances_{train,val,unlabeled}.json   (unlabeled: images only, no annotations)
   images/{train,val,unlabeled}/<image_id>.{jpg,png}
+  DONE.json   the parameters, written last (ensure_synthetic_dataset and the CLI): marks a
+              complete dataset; a folder without it is partial, being written, or foreign
 
 CLI: python -m sized_detr_jax.data.synthetic --out DIR --num-images N --seed S
+(an existing complete DIR of the same parameters is kept; the trainer uses DIR as is with
+`--config.data.root=DIR --config.data.synthetic_num_images=N --config.data.synthetic_seed=S`).
 """
 from __future__ import annotations
 
@@ -223,14 +227,42 @@ def dataset_paths(root):
                   "image_dir": os.path.join(root, "images", split)} for split in SPLITS}
 
 
+def _check_arguments(num_images, seed, num_val, num_unlabeled, image_size_range, fmt):
+  """One-line ValueErrors naming the argument (and its CLI flag) for bad generator arguments."""
+  if fmt not in ("jpg", "png"):
+    raise ValueError(f"synthetic dataset: fmt (--format) must be 'jpg' or 'png', got {fmt!r}")
+  for name, flag, value, minimum in (("num_images", "--num-images", num_images, 1),
+                                     ("seed", "--seed", seed, 0),
+                                     ("num_val", "--num-val", num_val, 0),
+                                     ("num_unlabeled", "--num-unlabeled", num_unlabeled, 0)):
+    if value is None and name in ("num_val", "num_unlabeled"):
+      continue
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+      raise ValueError(f"synthetic dataset: {name} ({flag}) must be an integer >= {minimum}, "
+                       f"got {value!r}")
+  lo, hi = image_size_range
+  if not 120 <= lo <= hi:
+    raise ValueError(f"synthetic dataset: image_size_range (--min-side, --max-side) must satisfy "
+                     f"120 <= min <= max so large (>96^2) objects fit, got {image_size_range}")
+
+
+def _split_counts(num_images, num_val, num_unlabeled):
+  return {"train": num_images,
+          "val": max(num_images // 4, 16) if num_val is None else num_val,
+          "unlabeled": num_images if num_unlabeled is None else num_unlabeled}
+
+
 def make_synthetic_dataset(out_dir, num_images, seed, *, num_val=None, num_unlabeled=None,
                            image_size_range=(160, 256), fmt="jpg"):
-  """Writes the synthetic dataset (COCO json + images) under `out_dir`.
+  """Writes the synthetic dataset (COCO json + images) under `out_dir`, in place.
+
+  Use `ensure_synthetic_dataset` (or the CLI) for a dataset others read: it writes into a
+  temporary folder, adds the DONE.json marker and renames.
 
   Args:
     out_dir: output folder (created; existing files of the same names are overwritten).
     num_images: number of labeled training images.
-    seed: integer seed; the output is identical for identical arguments.
+    seed: non-negative integer seed; the output is identical for identical arguments.
     num_val: validation images (default max(num_images // 4, 16)).
     num_unlabeled: unlabeled images, written without annotations (default num_images).
     image_size_range: inclusive (min, max) pixel range of each image side.
@@ -239,28 +271,79 @@ def make_synthetic_dataset(out_dir, num_images, seed, *, num_val=None, num_unlab
   Returns:
     dataset_paths(out_dir): {split: {"ann_file", "image_dir"}} for train/val/unlabeled.
   """
-  if fmt not in ("jpg", "png"):
-    raise ValueError(f"synthetic dataset: fmt must be 'jpg' or 'png', got {fmt!r}")
-  if num_images < 1:
-    raise ValueError(f"synthetic dataset: num_images must be >= 1, got {num_images}")
-  lo, hi = image_size_range
-  if not 120 <= lo <= hi:
-    raise ValueError(f"synthetic dataset: image_size_range must satisfy 120 <= min <= max so "
-                     f"large (>96^2) objects fit, got {image_size_range}")
-  counts = {"train": num_images,
-            "val": max(num_images // 4, 16) if num_val is None else num_val,
-            "unlabeled": num_images if num_unlabeled is None else num_unlabeled}
+  _check_arguments(num_images, seed, num_val, num_unlabeled, image_size_range, fmt)
+  counts = _split_counts(num_images, num_val, num_unlabeled)
   for split in SPLITS:
     _write_split(out_dir, split, counts[split], seed, tuple(image_size_range), fmt)
   return dataset_paths(out_dir)
 
 
+MARKER = "DONE.json"
+
+
+def _effective(num_images, seed, num_val=None, num_unlabeled=None, image_size_range=(160, 256),
+               fmt="jpg", version=FORMAT_VERSION):
+  """The parameters that determine a dataset's content, defaults filled in (marker content)."""
+  counts = _split_counts(num_images, num_val, num_unlabeled)
+  return {"version": version, "seed": seed, "num_images": counts["train"],
+          "num_val": counts["val"], "num_unlabeled": counts["unlabeled"],
+          "image_size_range": [int(v) for v in image_size_range], "fmt": fmt}
+
+
+def _adoptable(root, wanted):
+  """Why a folder without marker is not the wanted dataset, or None if it is complete.
+
+  Datasets written by this module before it wrote a marker (and by hand with the old CLI) hold
+  every split's json (written after its images) with an "info" record of its parameters.
+  """
+  paths = dataset_paths(root)
+  for split in SPLITS:
+    ann = paths[split]["ann_file"]
+    try:
+      with open(ann) as f:
+        data = json.load(f)
+    except (OSError, ValueError) as e:
+      return f"{ann} is missing or unreadable ({type(e).__name__})"
+    info = data.get("info", {}) if isinstance(data, dict) else {}
+    found = {"seed": info.get("seed"), "num_images": info.get("num_images"),
+             "image_size_range": info.get("image_size_range"), "fmt": info.get("format"),
+             "version": info.get("version")}
+    want = {"seed": wanted["seed"], "num_images": wanted[
+        "num_images" if split == "train" else f"num_{split}"],
+            "image_size_range": wanted["image_size_range"], "fmt": wanted["fmt"],
+            "version": wanted["version"]}
+    if found != want:
+      return f"{ann} records {found}, not {want}"
+    images = data.get("images", [])
+    missing = [im.get("file_name") for im in images
+               if not os.path.isfile(os.path.join(paths[split]["image_dir"],
+                                                  str(im.get("file_name"))))]
+    if len(images) != want["num_images"] or missing:
+      return (f"{ann} lists {len(images)} images ({len(missing)} missing, first "
+              f"{missing[:1]}) instead of {want['num_images']}")
+  return None
+
+
+def _write_marker(folder, wanted):
+  tmp = os.path.join(folder, f".{MARKER}.{os.getpid()}.tmp")
+  with open(tmp, "w") as f:
+    json.dump(wanted, f)
+  os.replace(tmp, os.path.join(folder, MARKER))  # atomic: the marker is whole or absent
+
+
 def ensure_synthetic_dataset(root, num_images=512, seed=0, **kwargs):
   """Returns the paths of the synthetic dataset under `root`, generating it on first use.
 
-  The dataset is generated into a temporary sibling folder and renamed into place, so
-  concurrent callers (several processes on one host) never see a half-written dataset.
-  An existing dataset is reused only if its recorded seed and size match.
+  `root/DONE.json` (written last, atomically) marks a complete dataset and records its
+  parameters. Cases:
+    * marker present and matching: used as is; not matching: ValueError naming both.
+    * no marker, but a complete dataset of the wanted parameters (written by the CLI or by a
+      version without marker): adopted (the marker is added) and used as is.
+    * no marker and anything else in a non-empty `root` (an interrupted or concurrent
+      generation, another folder): ValueError saying so; nothing is deleted.
+    * `root` absent or empty: generated into a temporary sibling folder and renamed into place,
+      so concurrent callers never see a half-written dataset; a caller that loses the race
+      uses the winner's dataset.
 
   Args:
     root: dataset folder.
@@ -269,33 +352,55 @@ def ensure_synthetic_dataset(root, num_images=512, seed=0, **kwargs):
   Returns:
     {split: {"ann_file", "image_dir"}} for train/val/unlabeled.
   """
+  _check_arguments(num_images, seed, kwargs.get("num_val"), kwargs.get("num_unlabeled"),
+                   kwargs.get("image_size_range", (160, 256)), kwargs.get("fmt", "jpg"))
   paths = dataset_paths(root)
-  marker = os.path.join(root, "DONE.json")
-  wanted = {"num_images": num_images, "seed": seed, "version": FORMAT_VERSION,
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
-  if os.path.exists(marker):
-    with open(marker) as f:
-      found = json.load(f)
-    if found == wanted:
-      return paths
-    raise ValueError(f"{marker}: synthetic dataset exists with {found}, but {wanted} was "
-                     "requested; use another root or delete it")
+  wanted = _effective(num_images, seed, **kwargs)
+  if _matches_marker(root, wanted):
+    return paths
+  if os.path.isdir(root) and os.listdir(root):
+    reason = _adoptable(root, wanted)
+    if reason is not None:
+      raise ValueError(
+          f"{root} exists but is not a complete synthetic dataset of {wanted} ({reason}); no "
+          f"{MARKER} marker, so a generation was interrupted, another process is writing it, "
+          "or it is another folder: wait for the other process, or delete it / use another root")
+    _write_marker(root, wanted)
+    return paths
   parent = os.path.dirname(os.path.abspath(root))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
   try:
     make_synthetic_dataset(tmp, num_images, seed, **kwargs)
-    with open(os.path.join(tmp, "DONE.json"), "w") as f:
-      json.dump(wanted, f)
+    _write_marker(tmp, wanted)
     try:
-      os.rename(tmp, root)
+      os.rename(tmp, root)  # replaces an empty folder; fails on a non-empty one
     except OSError:
-      if not os.path.exists(marker):  # lost a race to nobody: a real error
+      if not _matches_marker(root, wanted):  # not a lost race to an identical dataset
         raise
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return paths
+
+
+def _matches_marker(root, wanted):
+  """True if root/DONE.json records `wanted`; False if absent; ValueError if it differs."""
+  marker = os.path.join(root, MARKER)
+  try:
+    with open(marker) as f:
+      found = json.load(f)
+  except FileNotFoundError:
+    return False
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{marker}: unreadable marker ({e}); delete the dataset folder") from None
+  # Markers written before the effective parameters were recorded hold only the arguments.
+  keys = ("num_images", "seed", "num_val", "num_unlabeled", "image_size_range", "fmt", "version")
+  normalised = _effective(**{k: v for k, v in found.items() if k in keys})
+  if normalised != wanted:
+    raise ValueError(f"{marker}: synthetic dataset exists with {normalised}, but {wanted} was "
+                     "requested; use another root or delete it")
+  return True
 
 
 def main(argv=None):
@@ -311,10 +416,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   start = time.time()
   try:
-    paths = make_synthetic_dataset(args.out, args.num_images, args.seed, num_val=args.num_val,
-                                   num_unlabeled=args.num_unlabeled,
-                                   image_size_range=(args.min_side, args.max_side),
-                                   fmt=args.format)
+    # Written like the trainer's default dataset (temporary folder, marker, rename), so
+    # `run.py --config.data.root=OUT` with the same parameters uses it as is.
+    paths = ensure_synthetic_dataset(args.out, args.num_images, args.seed, num_val=args.num_val,
+                                     num_unlabeled=args.num_unlabeled,
+                                     image_size_range=(args.min_side, args.max_side),
+                                     fmt=args.format)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
