@@ -165,7 +165,8 @@ def load_coco(ann_file, image_dir, *, require_annotations=True, check_files=True
   num_images = len(file_names)
 
   stats = dict(images=num_images, annotations=len(annotations), boxes=0, crowd_boxes=0,
-               nonpositive_size_dropped=0, clipped=0, outside_dropped=0, images_without_boxes=0)
+               nonpositive_size_dropped=0, clipped=0, outside_dropped=0, images_without_boxes=0,
+               area_missing=0, iscrowd_missing=0)
   per_image = [[] for _ in range(num_images)]
   for j, ann in enumerate(annotations):
     name, (_, iid, cid, bbox) = _record(ann_file, "annotations", j, ann,
@@ -179,6 +180,8 @@ def load_coco(ann_file, image_dir, *, require_annotations=True, check_files=True
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         for v in bbox):
       raise CocoFormatError(f"{name}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+    stats["area_missing"] += "area" not in ann
+    stats["iscrowd_missing"] += "iscrowd" not in ann
     crowd = ann.get("iscrowd", 0)
     if crowd not in (0, 1):
       raise CocoFormatError(f"{name}: iscrowd must be 0 or 1, got {crowd!r}")
@@ -273,8 +276,37 @@ def decode_image(path, image_id=None, expected_size=None):
   return image
 
 
+def write_filled_gt_json(ann_file, path):
+  """Copy of a COCO json with the annotation fields pycocotools' COCOeval reads filled in.
+
+  COCOeval reads every annotation's "area" (size ranges) and "iscrowd" (ignore flag) and raises
+  KeyError when one lacks them. Missing "area" becomes the bbox area w * h (as detectron2 does
+  for annotations without segmentation), missing "iscrowd" 0 (the loader's default). Nothing
+  else changes. Written to a temporary name and renamed, so readers never see half a file.
+
+  Returns:
+    `path`.
+  """
+  data = _read_json(ann_file)
+  for ann in data.get("annotations", []):
+    if "area" not in ann:
+      _, _, w, h = ann["bbox"]
+      ann["area"] = float(w) * float(h)
+    ann.setdefault("iscrowd", 0)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f)
+  os.replace(tmp, path)
+  return path
+
+
 class CocoSource:
-  """Random-access source over a validated COCO json (grain RandomAccessDataSource protocol)."""
+  """Random-access source over a validated COCO json (grain RandomAccessDataSource protocol).
+
+  `gt_json` is the json itself for pycocotools, or None when some annotation lacks "area" or
+  "iscrowd" (COCOeval would raise KeyError after training): then `write_gt_json` writes a
+  filled copy (`write_filled_gt_json`) and `gt_cache_name` names it per file version.
+  """
 
   def __init__(self, ann_file, image_dir, *, require_annotations=True, check_files=True):
     self.index = load_coco(ann_file, image_dir, require_annotations=require_annotations,
@@ -282,7 +314,21 @@ class CocoSource:
     self.category_ids = self.index.category_ids
     self.category_names = self.index.category_names
     self.image_ids = self.index.image_ids
-    self.gt_json = ann_file
+    stats = self.index.stats
+    self.gt_json = None if stats["area_missing"] or stats["iscrowd_missing"] else ann_file
+    if self.gt_json is None:
+      logging.warning("%s: %d annotation(s) lack 'area', %d lack 'iscrowd'; evaluation uses a "
+                      "copy with area = w * h and iscrowd = 0.", ann_file, stats["area_missing"],
+                      stats["iscrowd_missing"])
+
+  def gt_cache_name(self):
+    """File name of the filled ground truth: the json's name plus its version (mtime, size)."""
+    st = os.stat(self.index.ann_file)
+    stem = os.path.splitext(os.path.basename(self.index.ann_file))[0]
+    return f"{stem}-{st.st_mtime_ns:x}-{st.st_size:x}-filled-gt.json"
+
+  def write_gt_json(self, path):
+    return write_filled_gt_json(self.index.ann_file, path)
 
   def __len__(self):
     return len(self.index.file_names)

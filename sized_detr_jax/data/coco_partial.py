@@ -10,6 +10,10 @@ semi-supervised trainer ignores), as Soft Teacher's tools/misc/split_coco: the f
 indices with `np.random.choice` (with replacement, so slightly fewer unique images); we draw
 without replacement so the labeled count is exactly int(percent / 100 * N). Both files keep the
 input's other top-level keys (info, licenses, categories) and the input's image order.
+
+A split that would be empty is an error naming --percent and the image count (e.g. 10 % of 4
+images is int(0.4) = 0 labeled images); `--min-labeled K` raises the labeled count to at least
+K instead (a deviation from Soft Teacher's count).
 """
 from __future__ import annotations
 
@@ -25,7 +29,29 @@ class SplitError(ValueError):
   """Malformed input or arguments; the message names the file or argument."""
 
 
-def split_coco(data, percent, fold, *, source="<input>"):
+def labeled_count(num_images, percent, min_labeled=0, *, source="<input>"):
+  """Soft Teacher's int(percent / 100 * N), raised to `min_labeled`; empty splits raise.
+
+  Raises:
+    SplitError: the labeled split would be empty, or (percent < 100) the unlabeled one would.
+  """
+  if not 0 <= min_labeled <= num_images:
+    raise SplitError(f"{source}: --min-labeled must be in [0, {num_images}] (the image count), "
+                     f"got {min_labeled}")
+  count = max(int(percent / 100.0 * num_images), min_labeled)
+  if count == 0:
+    hint = (f"use --percent >= {100.0 / num_images:.4g} or --min-labeled 1" if num_images
+            else "the input has no images")
+    raise SplitError(f"{source}: --percent {percent:g} of {num_images} images gives "
+                     f"int({percent:g} / 100 x {num_images}) = 0 labeled images, an empty "
+                     f"labeled split; {hint}")
+  if count == num_images and percent < 100:
+    raise SplitError(f"{source}: --percent {percent:g} with --min-labeled {min_labeled} labels "
+                     f"all {num_images} images: the unlabeled split would be empty")
+  return count
+
+
+def split_coco(data, percent, fold, *, source="<input>", min_labeled=0):
   """Partitions a COCO dict's images into a labeled part and the rest.
 
   Args:
@@ -33,10 +59,14 @@ def split_coco(data, percent, fold, *, source="<input>"):
     percent: labeled percentage in (0, 100].
     fold: integer seed of the split (Soft Teacher uses folds 1..5).
     source: file name for error messages.
+    min_labeled: the labeled count is at least this (0: Soft Teacher's count exactly).
 
   Returns:
     (labeled dict, unlabeled dict): the same top-level keys as `data`, images partitioned,
     annotations following their image.
+
+  Raises:
+    SplitError: bad arguments or input, or a split that would be empty (`labeled_count`).
   """
   if not 0 < percent <= 100:
     raise SplitError(f"{source}: --percent must be in (0, 100], got {percent}")
@@ -53,15 +83,15 @@ def split_coco(data, percent, fold, *, source="<input>"):
     image_ids.append(im["id"])
   if len(set(image_ids)) != len(image_ids):
     raise SplitError(f"{source}: duplicate image ids")
-  num_labeled = int(percent / 100.0 * len(images))
-  chosen = np.random.RandomState(fold).choice(len(images), size=num_labeled, replace=False)
-  is_labeled = np.zeros(len(images), bool)
-  is_labeled[chosen] = True
-  labeled_ids = {image_ids[i] for i in np.flatnonzero(is_labeled)}
   known_ids = set(image_ids)
   for j, ann in enumerate(data["annotations"]):
     if not isinstance(ann, dict) or ann.get("image_id") not in known_ids:
       raise SplitError(f"{source}: annotations[{j}] has a missing or unknown 'image_id'")
+  num_labeled = labeled_count(len(images), percent, min_labeled, source=source)
+  chosen = np.random.RandomState(fold).choice(len(images), size=num_labeled, replace=False)
+  is_labeled = np.zeros(len(images), bool)
+  is_labeled[chosen] = True
+  labeled_ids = {image_ids[i] for i in np.flatnonzero(is_labeled)}
 
   def part(keep_labeled):
     out = {k: v for k, v in data.items() if k not in ("images", "annotations")}
@@ -81,7 +111,7 @@ def split_paths(ann_file, percent, fold, out_dir):
           os.path.join(out_dir, f"{stem}.{fold}@{pct}-unlabeled.json"))
 
 
-def write_split(ann_file, percent, fold, out_dir):
+def write_split(ann_file, percent, fold, out_dir, *, min_labeled=0):
   """Reads `ann_file`, writes both parts into `out_dir`; returns their paths."""
   try:
     with open(ann_file) as f:
@@ -90,7 +120,7 @@ def write_split(ann_file, percent, fold, out_dir):
     raise SplitError(f"{ann_file}: cannot read: {e.strerror}") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise SplitError(f"{ann_file}: malformed JSON: {e}") from None
-  labeled, unlabeled = split_coco(data, percent, fold, source=ann_file)
+  labeled, unlabeled = split_coco(data, percent, fold, source=ann_file, min_labeled=min_labeled)
   os.makedirs(out_dir, exist_ok=True)
   paths = split_paths(ann_file, percent, fold, out_dir)
   for path, part in zip(paths, (labeled, unlabeled)):
@@ -105,9 +135,13 @@ def main(argv=None):
   parser.add_argument("--percent", type=float, required=True, help="labeled percent, e.g. 10")
   parser.add_argument("--fold", type=int, required=True, help="fold = random seed, e.g. 1..5")
   parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--min-labeled", type=int, default=0,
+                      help="label at least this many images (default 0: Soft Teacher's count "
+                           "int(percent / 100 * N), and an error if that is 0)")
   args = parser.parse_args(argv)
   try:
-    labeled, unlabeled = write_split(args.ann, args.percent, args.fold, args.out)
+    labeled, unlabeled = write_split(args.ann, args.percent, args.fold, args.out,
+                                     min_labeled=args.min_labeled)
   except (SplitError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

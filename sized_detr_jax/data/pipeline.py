@@ -237,13 +237,17 @@ def get_source(data_cfg, role):
 
 
 def _val_gt_json(data_cfg, val):
-  """COCO ground-truth json of the val source for pycocotools (TFDS: written once)."""
+  """COCO ground-truth json of the val source for pycocotools (TFDS, or a COCO json lacking
+  "area"/"iscrowd": a filled copy, written once per version)."""
   if val.gt_json is not None:
     return val.gt_json
   folder = data_cfg.gt_cache_dir or tempfile.gettempdir()
   os.makedirs(folder, exist_ok=True)
-  gt_json = os.path.join(folder, f"{data_cfg.tfds_name.replace('/', '_')}-"
-                                 f"{data_cfg.tfds_val_split}-gt.json")
+  if hasattr(val, "gt_cache_name"):  # a COCO json lacking "area"/"iscrowd": a filled copy
+    gt_json = os.path.join(folder, val.gt_cache_name())
+  else:
+    gt_json = os.path.join(folder, f"{data_cfg.tfds_name.replace('/', '_')}-"
+                                   f"{data_cfg.tfds_val_split}-gt.json")
   if not os.path.exists(gt_json):
     tmp = f"{gt_json}.{os.getpid()}.tmp"  # processes sharing a folder never collide
     val.write_gt_json(tmp)
