@@ -244,10 +244,11 @@ class Checkpointer:
     return sorted(int(n) for n in names
                   if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
 
-  def _newest_text(self):
+  def _newest_text(self, state):
+    """"the newest checkpoint on disk, step N (DIR/N), is <state>" or "there is no checkpoint"."""
     steps = self.complete_steps()
-    return (f"the newest checkpoint on disk is step {steps[-1]} ({self.directory}/{steps[-1]})"
-            if steps else f"there is no checkpoint on disk in {self.directory}")
+    return (f"the newest checkpoint on disk, step {steps[-1]} ({self.directory}/{steps[-1]}), "
+            f"is {state}" if steps else f"there is no checkpoint in {self.directory} yet")
 
   # ------------------------------------------------------------------------------ saving
   def maybe_save(self, step, state, meta, *, force=False):
@@ -269,7 +270,7 @@ class Checkpointer:
       self._finish_pending()
       raise NonFiniteStateError(
           f"refusing to save the checkpoint of step {step}: {path} holds {count} non-finite "
-          f"value(s) of {size}; {self._newest_text()} and is kept")
+          f"value(s) of {size}; {self._newest_text('kept')}")
     self._finish_pending()
     self._pending_step = step
     try:
@@ -281,12 +282,13 @@ class Checkpointer:
 
   def _save_failed(self, e):
     step, self._pending_step = self._pending_step, None
-    if jax.process_index() == 0:  # free the space of the partial write
+    if step is not None and jax.process_index() == 0:  # free the space of the partial write
       for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
         if name.startswith(f"{step}.orbax-checkpoint-tmp"):
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-    return CheckpointSaveError(f"saving the checkpoint of step {step} to {self.directory} "
-                               f"failed ({_short(e)}); {self._newest_text()} and is intact")
+    what = f"step {step}" if step is not None else "an earlier asynchronous save"
+    return CheckpointSaveError(f"saving the checkpoint of {what} to {self.directory} "
+                               f"failed ({_short(e)}); {self._newest_text('intact')}")
 
   def _finish_pending(self):
     """Wait for an asynchronous save; its failure becomes a CheckpointSaveError."""

@@ -181,14 +181,20 @@ def test_case5_non_finite_state_is_never_saved(tmp_path, where, value):
   path = "params/head/kernel" if where == "params" else "opt_state/mu/head/kernel"
   with pytest.raises(checkpointing.NonFiniteStateError,
                      match=rf"refusing to save the checkpoint of step 4: {path} holds 2 "
-                           rf"non-finite value\(s\) of 512; the newest checkpoint on disk is "
-                           rf"step 2 \(.*checkpoints/2\) and is kept"):
+                           rf"non-finite value\(s\) of 512; the newest checkpoint on disk, "
+                           rf"step 2 \(.*checkpoints/2\), is kept"):
     ckpt.maybe_save(4, bad, {"step": 4})
   assert ckpt.complete_steps() == [2]
   result = ckpt.restore(checkpointing.abstract_like(_state()))
   assert result.step == 2
   _assert_state_equal(result.state, _state(2))
   ckpt.close()
+  empty = checkpointing.Checkpointer(str(tmp_path / "fresh"), every=1, async_save=False)
+  with pytest.raises(checkpointing.NonFiniteStateError,
+                     match=r"step 1: .* there is no checkpoint in .*fresh/checkpoints yet$"):
+    empty.maybe_save(1, bad, {"step": 1})
+  assert empty.complete_steps() == []
+  empty.close()
 
 
 def test_first_non_finite_reference():
@@ -213,8 +219,8 @@ def test_full_disk_during_save_keeps_previous_checkpoint_and_says_so(tmp_path, m
   monkeypatch.setattr(serialization, "async_serialize_from_host", fill_disk_after_first_array)
   with pytest.raises(checkpointing.CheckpointSaveError,
                      match=r"saving the checkpoint of step 4 to .*checkpoints failed \(.*No space "
-                           r"left on device.*\); the newest checkpoint on disk is step 2 .* and "
-                           r"is intact"):
+                           r"left on device.*\); the newest checkpoint on disk, step 2 .*, is "
+                           r"intact"):
     ckpt.maybe_save(4, _state(4), {"step": 4})
   assert len(calls) >= 2
   monkeypatch.undo()
@@ -245,7 +251,7 @@ def test_full_disk_during_async_save_surfaces_at_wait(tmp_path, monkeypatch):
     pass  # raised at once on some orbax versions; otherwise at the next wait
   else:
     with pytest.raises(checkpointing.CheckpointSaveError,
-                       match=r"step 4 .*No space left on device.*newest checkpoint on disk is "
+                       match=r"step 4 .*No space left on device.*newest checkpoint on disk, "
                              r"step 2"):
       ckpt.wait()
   monkeypatch.undo()
@@ -600,7 +606,7 @@ def test_case5_case13_config_values_rejected_up_front_naming_the_field(field, va
     (["--config.data.buckets=abc"], r"ValueError: config.data.buckets=\('abc',\) must be None or"),
     (["--config.optimizer.lr=1e39"], r"config.optimizer.lr=1e\+39 is not a finite float32"),
     (["--config.seed=-1"], r"ValueError: config.seed=-1 must be an integer >= 0"),
-])
+], ids=lambda v: v[0].split("/")[-1] if isinstance(v, list) else "")
 def test_case12_case13_bad_flags_give_one_line_and_no_traceback(tmp_path, args, message):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
