@@ -57,7 +57,8 @@ def test_valid_file_boxes_counts_and_category_map(tmp_path):
   assert len(src) == 3
   assert idx.stats == dict(images=3, annotations=7, boxes=4, crowd_boxes=1,
                            nonpositive_size_dropped=2, clipped=2, outside_dropped=1,
-                           images_without_boxes=1)
+                           images_without_boxes=1, area_missing=7, iscrowd_missing=6)
+  assert src.gt_json is None  # pycocotools needs area/iscrowd: evaluation writes a filled copy
   ex = src[0]
   assert set(ex) == {"image", "image_id", "boxes", "labels", "iscrowd", "orig_size"}
   assert ex["image"].shape == (20, 30, 3) and ex["image"].dtype == np.uint8
