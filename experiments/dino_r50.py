@@ -12,6 +12,8 @@ Launch:
   sized_l1       the paper's Sized L1 instead of L1 in every branch (coefficient stays 5.0);
   rescale        Sized L1 with the mean-size rescaling;
   bf16           bfloat16 compute (float32 params);
+  pallas         the Pallas MSDA kernel (models/msda_pallas.py: Triton on GPU, interpret mode
+                 on CPU) instead of the XLA gather (model.msda_implementation);
   invariant      padding-invariant model (mask-aware backbone/GroupNorm/query embedding);
   coco91         DINO's own class layout (91 rows indexed by COCO category id): the exact
                  reference parameter count (46,893,182) and unmodified official checkpoints.
@@ -49,7 +51,7 @@ def _model_config():
       dn_groups=0,  # 0: dn_number // (boxes in the image) groups, as DINO
       padding_invariant=False,
       dtype="float32",
-      msda_implementation="gather",
+      msda_implementation="gather",  # "pallas": models/msda_pallas.py (GPU kernel)
       remat=False,  # True: recompute transformer layers in backward (less memory)
       # Not module fields (build_dino skips them):
       num_select=300,  # detections kept by postprocess
@@ -115,7 +117,7 @@ def _shrink(model, smoke):
   ))
 
 
-TOKENS = ("tiny", "smoke", "sized_l1", "rescale", "bf16", "invariant", "coco91")
+TOKENS = ("tiny", "smoke", "sized_l1", "rescale", "bf16", "pallas", "invariant", "coco91")
 
 
 def get_config(arg=None):
@@ -144,6 +146,8 @@ def get_config(arg=None):
     config.criterion.sized_l1_rescale = "rescale" in tokens
   if "bf16" in tokens:
     config.model.dtype = "bfloat16"
+  if "pallas" in tokens:
+    config.model.msda_implementation = "pallas"
   if "invariant" in tokens:
     config.model.padding_invariant = True
   if "coco91" in tokens:

@@ -12,8 +12,8 @@ the map contributes zero.
 
 The learnable projections (value, offsets, weights, output) live in `MSDeformAttn` in
 `deformable_transformer.py`; this file only holds the sampling kernel so a faster kernel
-(Pallas/Triton) can be registered under `IMPLEMENTATIONS` and chosen by name without touching
-the modules.
+can be registered under `IMPLEMENTATIONS` and chosen by name without touching the modules;
+`msda_pallas.py` is such a kernel ("pallas").
 """
 from typing import Callable, Dict, Sequence, Tuple
 
@@ -93,7 +93,15 @@ def msda_gather(value, spatial_shapes: SpatialShapes, sampling_locations, attent
   return out.reshape(b, q, heads * d)
 
 
-IMPLEMENTATIONS: Dict[str, Callable] = {"gather": msda_gather}
+def _msda_pallas(value, spatial_shapes, sampling_locations, attention_weights):
+  """The Pallas kernel (models/msda_pallas.py), imported on first use."""
+  from sized_detr_jax.models import msda_pallas  # pylint: disable=import-outside-toplevel
+  return msda_pallas.msda_pallas(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+# "gather": portable XLA reference; "pallas": fused kernel (Triton on GPU, interpret mode on CPU,
+# not TPU), forward and backward.
+IMPLEMENTATIONS: Dict[str, Callable] = {"gather": msda_gather, "pallas": _msda_pallas}
 
 
 def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations,
@@ -110,7 +118,8 @@ def multi_scale_deformable_attention(value, spatial_shapes, sampling_locations,
       [0, 1] spans the map, values outside sample zeros. Kept/cast to float32 (in bfloat16 a
       location on a 167-pixel-wide map would be off by up to half a pixel).
     attention_weights: [B, Q, heads, L, P] weights (DINO softmaxes them over L*P).
-    implementation: key of `IMPLEMENTATIONS` ("gather" is the portable reference).
+    implementation: key of `IMPLEMENTATIONS` ("gather" is the portable reference, "pallas"
+      the GPU kernel).
 
   Returns:
     [B, Q, heads * d] weighted sums of the bilinear samples.
