@@ -200,3 +200,25 @@ def test_msdeformattn_module_same_output_and_param_grads():
   np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)
   for g, w in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0])):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["gather", "pallas"])
+def test_bfloat16_value_gradient_accumulates_in_float32(implementation):
+  """~100 bilinear hits per value row: the bf16 value gradient is rounded once, not per hit."""
+  shapes = ((6, 6),)
+  rng = np.random.default_rng(3)
+  q, d, points = 250, 8, 4
+  bf16 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)  # exact bf16 values
+  value = bf16(rng.normal(size=(1, 36, 1, d)))
+  loc = rng.uniform(0, 1, size=(1, q, 1, 1, points, 2)).astype(np.float32)
+  attn = bf16(rng.uniform(size=(1, q, 1, 1, points)) / points)
+  cotangent = bf16(rng.normal(size=(1, q, d)))
+  _, (want, _, _) = _msda_np(value, shapes, loc.astype(np.float64), attn, cotangent)
+  fn = lambda v, a: msda.multi_scale_deformable_attention(
+      v, shapes, jnp.asarray(loc), a, implementation=implementation)
+  _, vjp = jax.vjp(fn, jnp.asarray(value, jnp.bfloat16), jnp.asarray(attn, jnp.bfloat16))
+  got = np.asarray(vjp(jnp.asarray(cotangent, jnp.bfloat16))[0], np.float64)
+  error = np.linalg.norm(got - want) / np.linalg.norm(want)
+  # One bf16 rounding of the result is <= 2^-9 = 0.2% relative (measured: gather 0.28%, pallas
+  # 0.17%); a bf16 scatter-add that rounds after each of ~110 hits per row measured 1.1%.
+  assert error < 0.004, error

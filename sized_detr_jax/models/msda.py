@@ -15,6 +15,7 @@ The learnable projections (value, offsets, weights, output) live in `MSDeformAtt
 can be registered under `IMPLEMENTATIONS` and chosen by name without touching the modules;
 `msda_pallas.py` is such a kernel ("pallas").
 """
+import functools
 from typing import Callable, Dict, Sequence, Tuple
 
 import jax
@@ -31,6 +32,34 @@ def check_spatial_shapes(spatial_shapes: Sequence[Sequence[int]], num_tokens: in
     raise ValueError(f"msda: spatial_shapes {shapes} cover {total} tokens but value has "
                      f"{num_tokens}")
   return shapes
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _take_rows(value_l, index, num_rows):
+  """value_l [B, heads, N, d] at index [B, heads, K] -> [B, heads, K, d] (take_along_axis).
+
+  The gradient (a scatter-add of K rows into N = num_rows, several hits per row) accumulates in
+  float32 and is rounded to value_l's dtype once: a bfloat16 scatter-add rounds after every hit
+  (tests/test_models_msda_pallas.py: 1.1% relative error of the value gradient at ~110 hits per
+  row, against 0.28% this way).
+  """
+  del num_rows  # For the backward.
+  return jnp.take_along_axis(value_l, index[..., None], axis=2)
+
+
+def _take_rows_fwd(value_l, index, num_rows):
+  return _take_rows(value_l, index, num_rows), index
+
+
+def _take_rows_bwd(num_rows, index, cotangent):
+  b, heads, _, d = cotangent.shape
+  zeros = jnp.zeros((b, heads, num_rows, d), jnp.promote_types(cotangent.dtype, jnp.float32))
+  _, scatter = jax.vjp(lambda v: jnp.take_along_axis(v, index[..., None], axis=2), zeros)
+  (grad,) = scatter(cotangent.astype(zeros.dtype))
+  return grad.astype(cotangent.dtype), None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def _sample_level(value_l, height, width, loc_l, weight_l):
@@ -69,7 +98,7 @@ def _sample_level(value_l, height, width, loc_l, weight_l):
   index = jnp.stack(corners, axis=-1).reshape(b, heads, q * p * 4)  # [B, heads, Q*P*4]
   bilinear = jnp.stack(corner_weights, axis=-1)  # [B, heads, Q, P, 4]
   weights = (bilinear * weight_l[..., None].astype(bilinear.dtype)).astype(value_l.dtype)
-  sampled = jnp.take_along_axis(value_l, index[..., None], axis=2)  # [B, heads, Q*P*4, d]
+  sampled = _take_rows(value_l, index, height * width)  # [B, heads, Q*P*4, d]
   sampled = sampled.reshape(b, heads, q, p * 4, -1)
   return jnp.einsum("bhqkd,bhqk->bhqd", sampled, weights.reshape(b, heads, q, p * 4))
 
