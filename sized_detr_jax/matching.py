@@ -7,7 +7,9 @@ host with `scipy.optimize.linear_sum_assignment` through `jax.pure_callback`
 decoder layer (and the encoder proposals) along leading dims so one step makes one host call per
 device shard. With a `mesh`, the callback runs inside `jax.shard_map`, so each device solves its
 own slice of the batch on its own host: under a plain `jit` with a sharded input the callback
-would gather the whole batch to one device first (design.md section 6).
+would gather the whole batch to one device first (design.md section 6). Within one call, the
+independent per-image problems are solved by a pool of host threads (scipy releases the GIL;
+`set_host_workers` / $SIZED_DETR_MATCHING_WORKERS, default all host cores).
 
 Caveat, JAX CPU runtime (jax 0.10.2): on a client with several CPU devices (the forced
 `--xla_force_host_platform_device_count` used by tests), the sharded call can deadlock when a
@@ -34,6 +36,9 @@ Degenerate cases (all tested in tests/test_matching.py):
     a valid assignment and never raises or hangs; the non-finite loss itself surfaces in the
     criterion, where the trainer's finiteness check reports it.
 """
+import os
+import threading
+from concurrent import futures
 from typing import NamedTuple
 
 import chex
@@ -136,11 +141,72 @@ def matching_cost(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_valid, *, cla
   return jnp.where(pair_valid, cost, 0.0)
 
 
+# Host solver threads. scipy's linear_sum_assignment releases the GIL while it solves (its
+# extension calls PyEval_SaveThread), so the per-image problems of one callback run in parallel
+# in threads. SIZED_DETR_MATCHING_WORKERS overrides the default (all host cores);
+# `set_host_workers` sets it from code (e.g. a config field).
+WORKERS_ENV = "SIZED_DETR_MATCHING_WORKERS"
+# Below this many cost entries (summed over the problems of one call) the solves are run in the
+# calling thread: a thread hand-off (~20-50 us) would cost more than it saves.
+_PARALLEL_MIN_ENTRIES = 50_000
+_host_workers = None  # None: read WORKERS_ENV, else os.cpu_count()
+_pool = None
+_pool_workers = 0
+_pool_lock = threading.Lock()
+
+
+def set_host_workers(workers=None):
+  """Sets how many threads solve the problems of one host matching call (None: the default).
+
+  Args:
+    workers: int >= 1, or None for $SIZED_DETR_MATCHING_WORKERS, else `os.cpu_count()`.
+
+  Raises:
+    ValueError: workers is not a positive int.
+  """
+  global _host_workers
+  if workers is not None and (not isinstance(workers, int) or workers < 1):
+    raise ValueError(f"matching: host workers must be an int >= 1, got {workers!r}")
+  _host_workers = workers
+
+
+def host_workers():
+  """Threads used per host matching call (see `set_host_workers`)."""
+  if _host_workers is not None:
+    return _host_workers
+  env = os.environ.get(WORKERS_ENV, "").strip()
+  if env:
+    if not env.isdigit() or int(env) < 1:
+      raise ValueError(f"matching: ${WORKERS_ENV} must be an int >= 1, got {env!r}")
+    return int(env)
+  return os.cpu_count() or 1
+
+
+def _thread_pool(workers):
+  """A process-wide pool of `workers` threads (rebuilt when the count changes)."""
+  global _pool, _pool_workers
+  with _pool_lock:
+    if _pool is None or _pool_workers != workers:
+      if _pool is not None:
+        _pool.shutdown(wait=False)
+      _pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="hungarian")
+      _pool_workers = workers
+    return _pool
+
+
+def _solve_one(cost, cols):
+  """One problem: cost [Q, G] on its valid columns `cols` -> (rows, picked column positions)."""
+  sub = np.nan_to_num(cost[:, cols].astype(np.float64), nan=NONFINITE_COST,
+                      posinf=NONFINITE_COST, neginf=-NONFINITE_COST)
+  return optimize.linear_sum_assignment(sub)
+
+
 def _solve_on_host(cost, gt_valid):
   """Host solver: numpy cost [..., Q, G], gt_valid [..., G] -> [..., G] int32 query indices.
 
   Each problem is solved on its valid columns only, so padded columns, wherever they are, never
-  take a query.
+  take a query. The problems are independent: with `host_workers() > 1` and enough work they
+  are solved in a thread pool; the result is the same as solving them one by one.
   """
   cost = np.asarray(cost)
   num_queries, num_gt = cost.shape[-2:]
@@ -148,15 +214,32 @@ def _solve_on_host(cost, gt_valid):
   flat_cost = cost.reshape((-1, num_queries, num_gt))
   flat_valid = np.broadcast_to(np.asarray(gt_valid, bool), lead + (num_gt,)).reshape((-1, num_gt))
   out = np.full(flat_valid.shape, -1, np.int32)
-  for i in range(flat_cost.shape[0]):
-    cols = np.flatnonzero(flat_valid[i])
-    if cols.size == 0 or num_queries == 0:
-      continue
-    sub = np.nan_to_num(flat_cost[i][:, cols].astype(np.float64), nan=NONFINITE_COST,
-                        posinf=NONFINITE_COST, neginf=-NONFINITE_COST)
-    rows, picked = optimize.linear_sum_assignment(sub)
+  problems = [] if num_queries == 0 else [
+      (i, cols) for i, cols in enumerate(np.flatnonzero(v) for v in flat_valid) if cols.size]
+  workers = min(host_workers(), len(problems))
+  entries = num_queries * sum(cols.size for _, cols in problems)
+  if workers > 1 and entries >= _PARALLEL_MIN_ENTRIES:
+    solve_chunk = lambda chunk: [_solve_one(flat_cost[i], cols) for i, cols in chunk]
+    chunks = _balanced_chunks(problems, workers)
+    solved = _thread_pool(workers).map(solve_chunk, chunks)
+    problems = [p for chunk in chunks for p in chunk]
+    solved = [result for chunk in solved for result in chunk]
+  else:
+    solved = (_solve_one(flat_cost[i], cols) for i, cols in problems)
+  for (i, cols), (rows, picked) in zip(problems, solved):
     out[i, cols[picked]] = rows
   return out.reshape(lead + (num_gt,))
+
+
+def _balanced_chunks(problems, workers):
+  """Splits (index, cols) problems into `workers` lists of about equal work (one thread
+  hand-off per list, not per problem): largest first, each to the least loaded list."""
+  chunks, loads = [[] for _ in range(workers)], [0] * workers
+  for problem in sorted(problems, key=lambda p: -p[1].size):
+    k = loads.index(min(loads))
+    chunks[k].append(problem)
+    loads[k] += problem[1].size
+  return [c for c in chunks if c]
 
 
 def _host_matching(cost, gt_valid):

@@ -1,6 +1,8 @@
 """Tests for sized_detr_jax.matching: costs vs float64 numpy, Hungarian vs scipy / brute force,
 sharded host calls, degenerate cases, and the task-aligned one-to-many assigner."""
 import itertools
+import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +165,54 @@ def test_hungarian_degenerate_cases():
   cost = np.array([[[np.nan, 1.0], [2.0, np.inf], [0.0, -np.inf]]], np.float32)
   matches = np.asarray(_jit_match(cost, np.ones((1, 2), bool)))
   np.testing.assert_array_equal(matches, [[1, 2]])
+
+
+def test_host_threads_equal_scipy_per_image(monkeypatch):
+  """The thread-pool solver returns, problem by problem, scipy's assignment on the valid columns
+  (NaN as the worst cost), and really runs on the pool threads."""
+  rng = np.random.default_rng(11)
+  layers, batch, queries, num_gt = 3, 5, 40, 9
+  cost = rng.normal(size=(layers, batch, queries, num_gt)).astype(np.float32)
+  cost[1, 2, 5, 3] = np.nan
+  valid = rng.random((batch, num_gt)) < 0.6  # padded columns anywhere
+  valid[3] = False  # an image without ground truth
+  valid[4] = True
+  threads = []
+  real_solve_one = matching._solve_one
+
+  def recording(*args):
+    threads.append(threading.current_thread().name)
+    return real_solve_one(*args)
+
+  monkeypatch.setattr(matching, "_solve_one", recording)
+  monkeypatch.setattr(matching, "_PARALLEL_MIN_ENTRIES", 0)
+  matching.set_host_workers(3)
+  try:
+    got = np.asarray(_jit_match(cost, valid))
+  finally:
+    matching.set_host_workers(None)
+  assert len(threads) == layers * (batch - 1)
+  assert all(name.startswith("hungarian") for name in threads), set(threads)
+  want = np.full((layers, batch, num_gt), -1, np.int32)
+  for layer, image in itertools.product(range(layers), range(batch)):
+    cols = np.flatnonzero(valid[image])
+    if cols.size:
+      sub = np.nan_to_num(cost[layer, image][:, cols].astype(np.float64), nan=1e8)
+      rows, picked = optimize.linear_sum_assignment(sub)
+      want[layer, image, cols[picked]] = rows
+  np.testing.assert_array_equal(got, want)
+
+
+def test_host_workers_knob(monkeypatch):
+  monkeypatch.setenv(matching.WORKERS_ENV, "3")
+  assert matching.host_workers() == 3
+  monkeypatch.setenv(matching.WORKERS_ENV, "two")
+  with pytest.raises(ValueError, match="SIZED_DETR_MATCHING_WORKERS"):
+    matching.host_workers()
+  monkeypatch.delenv(matching.WORKERS_ENV)
+  assert matching.host_workers() == (os.cpu_count() or 1)
+  with pytest.raises(ValueError, match="host workers"):
+    matching.set_host_workers(0)
 
 
 def test_hungarian_has_no_gradient_path_but_cost_grad_is_finite():

@@ -1,6 +1,7 @@
 r"""Cost of DINO's Hungarian matching and of the whole criterion, L1 vs Sized L1.
 
   python -m sized_detr_jax.benchmarks.matching [--reps 10]
+  python -m sized_detr_jax.benchmarks.matching --host_table [--reps 20]
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m sized_detr_jax.benchmarks.matching
 
 Shapes follow one DINO-4scale step: 6 decoder layers (plus the encoder proposals for the
@@ -13,15 +14,25 @@ criterion), batch 8, 900 queries, 91 classes, 100 valid ground-truth boxes per i
     the deadlock note in sized_detr_jax/matching.py);
   * criterion l1 / sized_l1: `dino_criterion` (matching of 7 branches + all losses, forward and
     backward w.r.t. the predictions), and their ratio.
+
+--host_table instead prints the host solve alone (`matching._solve_on_host` on a ready numpy
+cost, what one callback does) for 6 layers x 8 images x 900 queries x {7, 30, 100} valid ground
+truth, on 1, 2 and all host threads, and whether scipy's solver releases the GIL (how fast a
+Python loop in the main thread runs while another thread solves, relative to when it is idle:
+~0% if the GIL were held, 50-100% if released).
 """
 import argparse
 import functools
+import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from scipy import optimize
 
 from sized_detr_jax import criterion
 from sized_detr_jax import matching
@@ -40,6 +51,62 @@ def _branch(key, batch, queries, classes):
           "pred_boxes": _boxes(k2, (batch, queries))}
 
 
+def _python_loop_rate(seconds):
+  """Iterations per second of a bare Python loop over `seconds`."""
+  count, end = 0, time.perf_counter() + seconds
+  while time.perf_counter() < end:
+    count += 1
+  return count / seconds
+
+
+def gil_released_fraction(size=1500):
+  """Main-thread Python speed while a thread runs linear_sum_assignment, over idle speed."""
+  cost = np.random.default_rng(0).uniform(size=(size, size))
+  start = time.perf_counter()
+  optimize.linear_sum_assignment(cost)
+  solve = time.perf_counter() - start
+  idle = _python_loop_rate(min(solve, 1.0) / 2)
+  worker = threading.Thread(target=optimize.linear_sum_assignment, args=(cost,))
+  worker.start()
+  busy = _python_loop_rate(solve / 2)  # measured while the solve is surely still running
+  worker.join()
+  return busy / idle, solve
+
+
+def host_table(args):
+  """Prints the host solve time per callback for {7, 30, 100} valid GT on 1, 2, all threads."""
+  cores = os.cpu_count() or 1
+  thread_counts = sorted({1, 2, cores})
+  fraction, solve = gil_released_fraction()
+  print(f"GIL check: main-thread Python speed while a thread solves a 1500x1500 problem "
+        f"({solve * 1e3:.0f} ms): {fraction * 100:.0f}% of idle")
+  print(f"host solve of {args.layers} layers x {args.batch} images x {args.queries} queries "
+        f"(median ms of {args.reps}, os.cpu_count()={cores}, load {os.getloadavg()[0]:.1f})")
+  print(f"  {'valid GT':>8s} " + " ".join(f"{t:>6d} thr" for t in thread_counts)
+        + "   speed-up")
+  keys = iter(jax.random.split(jax.random.key(1), 16))
+  for num_gt in (7, 30, 100):
+    logits = jax.random.normal(next(keys), (args.layers, args.batch, args.queries, args.classes))
+    boxes = _boxes(next(keys), (args.layers, args.batch, args.queries))
+    labels = jax.random.randint(next(keys), (args.batch, num_gt), 0, args.classes)
+    gt_boxes = _boxes(next(keys), (args.batch, num_gt))
+    valid = np.ones((args.batch, num_gt), bool)
+    cost = np.asarray(jax.jit(matching.matching_cost)(logits, boxes, labels, gt_boxes, valid))
+
+    def solve(threads, cost=cost, valid=valid):
+      matching.set_host_workers(threads)
+      return matching._solve_on_host(cost, valid)  # pylint: disable=protected-access
+
+    first = solve(1)
+    for threads in thread_counts:
+      np.testing.assert_array_equal(solve(threads), first)
+    times = time_interleaved({t: functools.partial(solve, t) for t in thread_counts},
+                             reps=args.reps, warmup=1)
+    print(f"  {num_gt:8d} " + " ".join(f"{times[t] * 1e3:10.1f}" for t in thread_counts)
+          + f"   {times[1] / times[thread_counts[-1]]:8.2f}x")
+  matching.set_host_workers(None)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=10)
@@ -50,7 +117,12 @@ def main():
   parser.add_argument("--classes", type=int, default=91)
   parser.add_argument("--sharded_on_cpu", action="store_true",
                       help="also time the sharded call on forced CPU devices (may deadlock)")
+  parser.add_argument("--host_table", action="store_true",
+                      help="only the host solve: {7, 30, 100} GT on 1, 2 and all threads")
   args = parser.parse_args()
+  if args.host_table:
+    host_table(args)
+    return
 
   keys = iter(jax.random.split(jax.random.key(0), args.layers + 8))
   b, q, g, c = args.batch, args.queries, args.gt, args.classes
