@@ -1,8 +1,9 @@
 """Pallas MSDA kernel (interpret mode on CPU) vs a float64 numpy reference and `msda_gather`.
 
 Values and the gradients w.r.t. value, sampling locations and attention weights, on 4 levels of
-odd sizes (3x5, 2x2, 1x1, 4x3), d = 3 and P = 3 (both padded to 4 inside the kernel), 5 queries
-in blocks of 4 (a padded second block), points inside, on pixel centres and outside the maps.
+odd sizes (3x5, 2x2, 1x1, 5x3; 35 tokens), d = 3 and P = 3 (both padded to 4 inside the
+kernel), 5 queries in blocks of 4 (a padded second block), points inside, on pixel centres and
+outside the maps.
 The GPU path is checked as far as a CPU allows: its Triton lowering must verify.
 """
 import jax
@@ -13,7 +14,7 @@ import pytest
 from sized_detr_jax.models import msda
 from sized_detr_jax.models import msda_pallas
 
-SHAPES = ((3, 5), (2, 2), (1, 1), (4, 3))
+SHAPES = ((3, 5), (2, 2), (1, 1), (5, 3))  # S = 35 tokens
 B, Q, HEADS, D, POINTS = 2, 5, 2, 3, 3
 BLOCK_Q = 4
 
