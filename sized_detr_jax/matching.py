@@ -146,9 +146,11 @@ def matching_cost(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_valid, *, cla
 # in threads. SIZED_DETR_MATCHING_WORKERS overrides the default (all host cores);
 # `set_host_workers` sets it from code (e.g. a config field).
 WORKERS_ENV = "SIZED_DETR_MATCHING_WORKERS"
-# Below this many cost entries (summed over the problems of one call) the solves are run in the
-# calling thread: a thread hand-off (~20-50 us) would cost more than it saves.
-_PARALLEL_MIN_ENTRIES = 50_000
+# Below this many cost entries (summed over the problems of one call; ~10 ms of solving) the
+# solves run in the calling thread: splitting a few milliseconds saves little, and on a busy
+# host the hand-off to a thread waiting for a core costs more (6 x 8 x 900 x 7 GT, 0.3 M
+# entries: 2 ms alone, 2-13 ms on 2 threads on a 4x oversubscribed 2-core machine).
+_PARALLEL_MIN_ENTRIES = 1_000_000
 _host_workers = None  # None: read WORKERS_ENV, else os.cpu_count()
 _pool = None
 _pool_workers = 0
