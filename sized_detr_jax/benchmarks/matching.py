@@ -102,8 +102,12 @@ def host_table(args):
       np.testing.assert_array_equal(solve(threads), first)
     times = time_interleaved({t: functools.partial(solve, t) for t in thread_counts},
                              reps=args.reps, warmup=1)
+    entries = cost.size
+    sequential = entries < matching._PARALLEL_MIN_ENTRIES  # pylint: disable=protected-access
     print(f"  {num_gt:8d} " + " ".join(f"{times[t] * 1e3:10.1f}" for t in thread_counts)
-          + f"   {times[1] / times[thread_counts[-1]]:8.2f}x")
+          + f"   {times[1] / times[thread_counts[-1]]:8.2f}x"
+          + ("   (under the thread threshold: solved in the calling thread)" if sequential
+             else ""))
   matching.set_host_workers(None)
 
 
