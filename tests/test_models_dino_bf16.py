@@ -45,6 +45,7 @@ def test_bf16_train_loss_close_to_float32():
   config = config_lib.load_config_module(str(CONFIG)).get_config("smoke,bf16")
   assert config.model.dtype == "bfloat16"
   images, mask, targets = _batch(2)
+  criterion_config = criterion.CriterionConfig.from_config(config.criterion)
   models = {"bfloat16": dino.build_dino(config.model),
             "float32": dino.build_dino(dict(config.model, dtype="float32"))}
   shapes = jax.eval_shape(models["float32"].init, jax.random.key(0), images, mask)["params"]
@@ -56,7 +57,7 @@ def test_bf16_train_loss_close_to_float32():
                         rngs={"dn": jax.random.key(3)})
       for leaf in jax.tree.leaves({k: v for k, v in out.items() if k != "dn_meta"}):
         assert leaf.dtype == jnp.float32  # what the criterion sees
-      return criterion.dino_criterion(out, targets, config.criterion)["loss"]
+      return criterion.dino_criterion(out, targets, criterion_config)["loss"]
     losses[name] = float(jax.jit(loss)(params))
   assert np.isfinite(losses["bfloat16"]) and losses["float32"] > 0
   gap = abs(losses["bfloat16"] - losses["float32"]) / losses["float32"]
