@@ -103,7 +103,7 @@ def parse_overrides(text):
 
 
 def parse_variants(text):
-  """'l1=;sized=criterion.bbox_loss=sized_l1,x=1' -> {'l1': [], 'sized': [..., 'x=1']} (in order)."""
+  """'l1=;sized=criterion.bbox_loss=sized_l1,x=1' -> {'l1': [], 'sized': [..., 'x=1']}, in order."""
   variants = {}
   for item in (text or "").split(";"):
     if not item.strip():
@@ -207,7 +207,8 @@ def finished_step(workdir, total_steps):
 # Exec wrapper: the run gets SIGTERM when the study dies (Linux PR_SET_PDEATHSIG survives exec),
 # so a restarted study never trains next to an orphan in the same run folder. (A preexec_fn
 # would do the same but is unsafe with --parallel's threads.)
-_EXEC_WITH_PDEATHSIG = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+_EXEC_WITH_PDEATHSIG = ("import ctypes, os, signal, sys; "
+                        "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
                         "os.getppid() == int(sys.argv[1]) or sys.exit(143); "
                         "os.execv(sys.argv[2], sys.argv[2:])")
 
@@ -727,6 +728,23 @@ def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, comm
   return study
 
 
+def format_console(study):
+  """A few lines for the terminal: AP and AP by size per variant, and AP/APs against baseline."""
+  lines = []
+  for v in study["variant_names"]:
+    s = study["summary"][v]
+    lines.append(f"  {v:<16s} n={s['AP']['n']}  " + "  ".join(
+        f"{m} {_mean_std(s[m])}" for m in ("AP", "APs", "APm", "APl", "agnostic_APs")))
+    if v in study["paired"]:
+      for m in ("AP", "APs"):
+        d = study["paired"][v][m]
+        ci = (f"[{_fmt(d['ci'][0], sign=True)}, {_fmt(d['ci'][1], sign=True)}]"
+              if d["ci"] else "-")
+        lines.append(f"  {'':<16s} {m} - {study['baseline']}: {_fmt(d['mean'], sign=True)} "
+                     f"95% CI {ci}, {d['higher']}/{d['n']} seeds higher")
+  return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry point.
 # ---------------------------------------------------------------------------------------------
@@ -759,6 +777,7 @@ def main(argv):
   command = shlex.join(["python", "-m", "sized_detr_jax.study", *sys.argv[1:]])
   study = build_report(os.path.abspath(FLAGS.workdir), FLAGS.config, variants, seeds, baseline,
                        jobs, results, common, command)
+  print(format_console(study))
   print(f"[study] wrote {os.path.join(FLAGS.workdir, 'study.md')} (+ study.json, "
         f"study_ap_by_size.png, study_curves.png) after {time.perf_counter() - t0:.0f} s; "
         f"load {_load()}", flush=True)
@@ -772,4 +791,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  if any(a in ("-h", "--help", "-?") for a in sys.argv[1:]):
+    print(__doc__)  # absl exits with status 1 after --help; a help request is not an error.
+    print(FLAGS.module_help(sys.modules[__name__]))
+    sys.exit(0)
   app.run(main)

@@ -22,12 +22,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------------------------------------
 def test_parse_variants_keeps_tuple_commas_and_order():
   v = study.parse_variants("l1=;sized=criterion.bbox_loss=sized_l1,optimizer.lr_drop_steps=(5,9),"
-                           "--config.criterion.sized_l1_rescale=True; b2=x=1")
+                           "--config.criterion.sized_l1_rescale=True; b2=x=1,y=(875,),z=2")
   assert list(v) == ["l1", "sized", "b2"]
   assert v["l1"] == []
   assert v["sized"] == ["criterion.bbox_loss=sized_l1", "optimizer.lr_drop_steps=(5,9)",
                         "criterion.sized_l1_rescale=True"]
-  assert v["b2"] == ["x=1"]
+  assert v["b2"] == ["x=1", "y=(875,)", "z=2"]
 
 
 @pytest.mark.parametrize("text, fragment", [
