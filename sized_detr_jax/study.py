@@ -22,7 +22,9 @@ Then it writes, from what finished:
   * `DIR/study.md`: the same as tables;
   * `DIR/study_ap_by_size.png`: AP, APs, APm, APl per variant (+- std), class-aware and
     class-agnostic;
-  * `DIR/study_curves.png`: loss terms over steps and the box-loss share by size (seed means).
+  * `DIR/study_curves.png`: loss terms over steps, the box-loss share by size and, when the runs
+    logged them (`config.log_grad_split`), the gradient norms per loss kind and the clip
+    fraction (seed means; metrics.jsonl's last record of a step wins after a resume).
 
 Metrics (0-1): AP, AP50, AP75, APs, APm, APl from the run's `eval_metrics.json`; recomputed
 with pycocotools from `detections_<step>.json` and the config's val ground truth:
@@ -58,6 +60,11 @@ PER_SIZE_METRICS = tuple(f"AP{iou}_{size}" for iou in (50, 75) for size in SIZES
 AGNOSTIC_METRICS = tuple(f"agnostic_{m}" for m in COCO_METRICS)
 METRICS = COCO_METRICS + PER_SIZE_METRICS + AGNOSTIC_METRICS
 LOSS_CURVES = ("loss", "loss_ce", "loss_bbox", "loss_giou")
+SHARE_CURVES = tuple(f"share_{s}" for s in SIZES)  # box_loss_share per size
+# Gradient diagnostics (config.log_grad_split=True): total norm before clipping, per loss kind
+# (logged on log steps) and the share of steps whose gradient was clipped.
+GRAD_CURVES = ("grad_norm", "grad_norm_ce", "grad_norm_bbox", "grad_norm_giou", "clip_fraction")
+CURVES = LOSS_CURVES + SHARE_CURVES + GRAD_CURVES
 STD_DDOF = 1
 CONFIDENCE = 0.95
 _RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run.py")
@@ -75,7 +82,10 @@ flags.DEFINE_string("baseline", None, "Variant the others are compared to (defau
 flags.DEFINE_integer("parallel", 1, "Runs at once (each run.py uses every core it gets).")
 flags.DEFINE_string("overrides", "", "Overrides for every variant, applied before the variant's, "
                     "e.g. 'total_steps=500,log_every=50'.")
-flags.DEFINE_bool("report_only", False, "Run nothing; rewrite the reports from the finished runs.")
+flags.DEFINE_bool("report_only", False, "Run nothing; rewrite the reports from the finished runs "
+                  "(e.g. with another --baseline or a subset of --variants).")
+flags.DEFINE_string("report_name", "study", "Reports are DIR/<name>.json, .md, "
+                    "<name>_ap_by_size.png and <name>_curves.png.")
 FLAGS = flags.FLAGS
 
 
@@ -551,6 +561,16 @@ def _mean_std(s):
   return f"{_fmt(s['mean'])} ± {_fmt(s['std'])}"
 
 
+def _seed_count(d):
+  """'2/3 higher, 1 lower' from a paired_difference dict (ties named when any)."""
+  text = f"{d['higher']}/{d['n']} higher"
+  if d["lower"]:
+    text += f", {d['lower']} lower"
+  if d["tied"]:
+    text += f", {d['tied']} tied"
+  return text
+
+
 def format_markdown(study):
   """study.md text from the study.json dict."""
   variants, summary, base = study["variant_names"], study["summary"], study["baseline"]
@@ -575,7 +595,7 @@ def format_markdown(study):
               f"Mean of (variant - {base}) over the common seeds, t-based {int(CONFIDENCE * 100)}% "
               "confidence interval, paired t-test p and exact sign-test p; * where the interval "
               "excludes 0.", "",
-              "| variant | metric | n | mean diff | 95% CI | seeds higher | p (t) | p (sign) |",
+              "| variant | metric | n | mean diff | 95% CI | seeds | p (t) | p (sign) |",
               "|---|---|---|---|---|---|---|---|"]
     for v, per_metric in study["paired"].items():
       for m in METRICS:
@@ -584,8 +604,7 @@ def format_markdown(study):
         star = "*" if ci and (ci[0] > 0 or ci[1] < 0) else ""
         ci_text = f"[{_fmt(ci[0], sign=True)}, {_fmt(ci[1], sign=True)}]{star}" if ci else "-"
         lines.append(f"| {v} | {m} | {d['n']} | {_fmt(d['mean'], sign=True)} | {ci_text} | "
-                     f"{d['higher']}/{d['n']}" + (f" ({d['lower']} lower)" if d["lower"] else "")
-                     + f" | {_fmt(d['p_t'])} | {_fmt(d['p_sign'])} |")
+                     f"{_seed_count(d)} | {_fmt(d['p_t'])} | {_fmt(d['p_sign'])} |")
   lines += ["", "## Runs", "",
             "| variant | seed | status | AP | APs | wall s | attempts | load (1/5/15 min) |",
             "|---|---|---|---|---|---|---|---|"]
@@ -599,7 +618,8 @@ def format_markdown(study):
     lines += ["", "## Failed runs", ""]
     for f in study["failed"]:
       lines.append(f"* {f['variant']}/seed{f['seed']}: {f['error']} (log: {f['log'] or '-'})")
-  lines += ["", "Plots: `study_ap_by_size.png`, `study_curves.png`.", ""]
+  lines += ["", f"Plots: `{study['report_name']}_ap_by_size.png`, "
+            f"`{study['report_name']}_curves.png`.", ""]
   return "\n".join(lines)
 
 
@@ -630,13 +650,12 @@ def plot_ap_by_size(summary, variants, path):
 
 
 def plot_curves(curves, variants, path):
-  """Loss terms and box-loss share by size over steps, one line per variant (seed means)."""
+  """One panel per CURVES key that some variant logged, one line per variant (seed means):
+  loss terms, box-loss share by size, gradient norms and clip fraction."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  keys = list(LOSS_CURVES)
-  if any(f"share_{s}" in curves.get(v, {}) for v in variants for s in SIZES):
-    keys += [f"share_{s}" for s in SIZES]
+  keys = [k for k in CURVES if k in LOSS_CURVES or any(k in curves.get(v, {}) for v in variants)]
   ncols = 4
   nrows = math.ceil(len(keys) / ncols)
   fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
@@ -645,12 +664,11 @@ def plot_curves(curves, variants, path):
       if key in curves.get(v, {}):
         steps, means = curves[v][key]
         ax.plot(steps, means, marker="." if len(steps) < 20 else None, label=v)
-    title = f"box-loss share: {key[6:]}" if key.startswith("share_") else key
-    ax.set_title(title)
+    ax.set_title(f"box-loss share: {key[6:]}" if key in SHARE_CURVES else key)
     ax.set_xlabel("step")
-    if key.startswith("share_"):
+    if key in SHARE_CURVES or key == "clip_fraction":
       ax.set_ylim(0, 1)
-    elif key in ("loss", "loss_bbox"):
+    elif key in ("loss", "loss_bbox") or key.startswith("grad_norm"):
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[len(keys):]:
@@ -662,7 +680,7 @@ def plot_curves(curves, variants, path):
 
 
 def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, common_overrides=(),
-                 command=""):
+                 command="", name="study"):
   """Collect metrics of finished runs, compute the statistics, write study.{json,md} and plots.
 
   Args:
@@ -670,6 +688,7 @@ def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, comm
     spec: config spec; variants: {name: overrides}; seeds: ints; baseline: variant name.
     jobs: plan_jobs output; results: {job.name: run_job result} (failed ones are reported).
     common_overrides: the --overrides list; command: the command line to print.
+    name: report file stem (study.json, study.md, study_ap_by_size.png, study_curves.png).
 
   Returns:
     the study dict written to study.json.
@@ -712,19 +731,19 @@ def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, comm
     w = [r["wall_s"] for r in runs if r["variant"] == v and r["wall_s"] is not None]
     wall[v] = {"mean_s": _num(float(np.mean(w))) if w else None, "total_s": float(sum(w)),
                "n": len(w)}
-  study = {"config": spec, "command": command, "variants": variants, "variant_names": names,
+  study = {"config": spec, "command": command, "report_name": name, "variants": variants,
+           "variant_names": names,
            "overrides": list(common_overrides), "seeds": list(seeds), "baseline": baseline,
            "metrics": list(METRICS), "std_ddof": STD_DDOF, "confidence": CONFIDENCE,
            "gt_json": sorted(set(gt_paths.values())), "summary": summary, "paired": paired,
            "wall": wall, "runs": runs, "failed": failed}
   os.makedirs(study_dir, exist_ok=True)
-  _write_json(os.path.join(study_dir, "study.json"), study)
-  with open(os.path.join(study_dir, "study.md"), "w") as f:
+  _write_json(os.path.join(study_dir, f"{name}.json"), study)
+  with open(os.path.join(study_dir, f"{name}.md"), "w") as f:
     f.write(format_markdown(study))
-  plot_ap_by_size(summary, names, os.path.join(study_dir, "study_ap_by_size.png"))
-  keys = LOSS_CURVES + tuple(f"share_{s}" for s in SIZES)
-  plot_curves({v: mean_curves(rs, keys) for v, rs in curves_in.items()}, names,
-              os.path.join(study_dir, "study_curves.png"))
+  plot_ap_by_size(summary, names, os.path.join(study_dir, f"{name}_ap_by_size.png"))
+  plot_curves({v: mean_curves(rs, CURVES) for v, rs in curves_in.items()}, names,
+              os.path.join(study_dir, f"{name}_curves.png"))
   return study
 
 
@@ -741,7 +760,7 @@ def format_console(study):
         ci = (f"[{_fmt(d['ci'][0], sign=True)}, {_fmt(d['ci'][1], sign=True)}]"
               if d["ci"] else "-")
         lines.append(f"  {'':<16s} {m} - {study['baseline']}: {_fmt(d['mean'], sign=True)} "
-                     f"95% CI {ci}, {d['higher']}/{d['n']} seeds higher")
+                     f"95% CI {ci}, seeds {_seed_count(d)}")
   return "\n".join(lines)
 
 
@@ -776,11 +795,11 @@ def main(argv):
     results = run_jobs(jobs, FLAGS.parallel)
   command = shlex.join(["python", "-m", "sized_detr_jax.study", *sys.argv[1:]])
   study = build_report(os.path.abspath(FLAGS.workdir), FLAGS.config, variants, seeds, baseline,
-                       jobs, results, common, command)
+                       jobs, results, common, command, FLAGS.report_name)
   print(format_console(study))
-  print(f"[study] wrote {os.path.join(FLAGS.workdir, 'study.md')} (+ study.json, "
-        f"study_ap_by_size.png, study_curves.png) after {time.perf_counter() - t0:.0f} s; "
-        f"load {_load()}", flush=True)
+  stem = os.path.join(FLAGS.workdir, FLAGS.report_name)
+  print(f"[study] wrote {stem}.md, .json, _ap_by_size.png, _curves.png after "
+        f"{time.perf_counter() - t0:.0f} s; load {_load()}", flush=True)
   if study["failed"]:
     print(f"[study] {len(study['failed'])} of {len(jobs)} runs failed:", file=sys.stderr)
     for f in study["failed"]:

@@ -113,6 +113,9 @@ def test_metrics_jsonl_keeps_last_record_per_step_and_mean_curves(tmp_path):
   assert curves["loss"] == ([2, 4, 6], [9.0, 5.0, 4.0])
   assert curves["share_small"] == ([6], [0.5])
   assert "loss_ce" not in curves
+  curves["grad_norm_bbox"] = ([2, 4], [3.0, float("nan")])
+  study.plot_curves({"a": curves, "b": {}}, ["a", "b"], str(tmp_path / "c.png"))
+  assert (tmp_path / "c.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------------------------
