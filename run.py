@@ -29,6 +29,9 @@ flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, detec
 flags.DEFINE_enum("mode", "train", _MODES, "What to do.")
 flags.DEFINE_multi_string("image", [], "--mode=predict: image file(s) to run the detector on.")
 flags.DEFINE_float("min_score", 0.3, "--mode=predict: draw detections scoring at least this.")
+flags.DEFINE_bool("fresh_start", False, "--mode=train: when the workdir's checkpoints do not fit "
+                  "the config (another model), move them aside (<step>.superseded-<time>) and "
+                  "train from step 0 instead of stopping with an error.")
 FLAGS = flags.FLAGS
 
 
@@ -41,7 +44,14 @@ def _run_mode(mode, config, workdir):
   from sized_detr_jax import train  # pylint: disable=g-import-not-at-top
   if mode == "predict":
     return evaluate.predict(config, workdir, FLAGS.image, min_score=FLAGS.min_score)
-  return {"train": train.train_and_evaluate, "eval": evaluate.evaluate_only}[mode](config, workdir)
+  if mode == "eval":
+    return evaluate.evaluate_only(config, workdir)
+  try:
+    return train.train_and_evaluate(config, workdir,
+                                    on_mismatch="fresh" if FLAGS.fresh_start else "error")
+  except train.Preempted as e:
+    print(f"run.py: {e}", file=sys.stderr)
+    sys.exit(143)  # 128 + SIGTERM, as a process killed by it
 
 
 class _QuietLibraries(pylogging.Filter):

@@ -380,8 +380,8 @@ class Checkpointer:
                  + ", ".join(changes[:6]) + (" ..." if len(changes) > 6 else "")) if changes else ""
       raise CheckpointMismatchError(
           f"checkpoint step {step} in {self.directory} does not fit this config: {mismatch}"
-          f"{changed}. Use another workdir, or start fresh (the old checkpoints are moved "
-          "aside, not deleted)")
+          f"{changed}. Use another workdir, or start fresh with run.py --fresh_start (the old "
+          "checkpoints are moved aside, not deleted)")
     moved = [m for m in (self._move_aside(s, "superseded") for s in reversed(self.all_steps()))
              if m]
     logging.warning("Checkpoints in %s do not fit this config (%s); fresh start requested: "

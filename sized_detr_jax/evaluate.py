@@ -176,7 +176,8 @@ class Predictor:
   """Jitted `(params, model_state, batch) -> detections` of a method, one per stage.
 
   Detections: `scores` [B, K], `labels` [B, K] contiguous, `boxes_xyxy` / `boxes_xywh`
-  [B, K, 4] in original-image pixels, `image_id` [B] (< 0 for batch padding); replicated.
+  [B, K, 4] in original-image pixels, `image_index` [B] (the position in the source, < 0 for
+  batch padding; `pipeline.image_ids_of` maps it to int64 COCO ids); replicated.
   """
 
   def __init__(self, method, mesh):
@@ -193,7 +194,7 @@ class Predictor:
       def predict(params, model_state, batch):
         outputs = model.apply({"params": params, **model_state}, batch_lib.model_images(batch),
                               batch["pixel_mask"], train=False)
-        return {**postprocess(outputs, batch), "image_id": batch["image_id"]}
+        return {**postprocess(outputs, batch), "image_index": batch["image_index"]}
 
       replicated = sharding.replicated(self.mesh)
       self._fns[stage] = jax.jit(
@@ -203,10 +204,14 @@ class Predictor:
 
 
 def eval_batches(config):
-  """This process's evaluation batches (process-local numpy)."""
+  """(this process's evaluation batches (process-local numpy), the val source).
+
+  The batches carry `image_index` and no int32 `image_id`, so COCO ids >= 2**31 work.
+  """
   batches, _ = pipeline.build_eval_iterator(config.data, process_index=jax.process_index(),
-                                            process_count=jax.process_count())
-  return batches
+                                            process_count=jax.process_count(),
+                                            with_image_id=False)
+  return batches, pipeline.get_source(config.data, "val")
 
 
 def box_loss_share(records):
@@ -231,18 +236,21 @@ def run_evaluation(predictor, params, model_state, step, workdir, data_info, bat
   """Predict every eval batch, score with pycocotools on process 0, write files and a plot.
 
   Each process feeds its own shard; the predictions come back replicated, so process 0 sees
-  every image. Batch padding has image_id < 0 and is dropped.
+  every image. `batches` is `eval_batches(config)`: (batches, val source); batch padding has
+  image_index < 0 and is dropped.
 
   Returns:
     metrics dict (AP, AP50, AP75, APs, APm, APl, ...) on process 0, None elsewhere.
   """
   predict_fn = predictor(step)
+  batches, source = batches
   dets = []
   for local in batches:
     out = jax.device_get(predict_fn(params, model_state, sharding.global_batch(local,
                                                                               predictor.mesh)))
     if jax.process_index() == 0:
-      dets += detections_to_coco(out["image_id"], out["scores"], out["labels"],
+      image_ids = pipeline.image_ids_of(source, out["image_index"])
+      dets += detections_to_coco(image_ids, out["scores"], out["labels"],
                                  out["boxes_xywh"], data_info["category_ids"], min_score=0.001)
   if jax.process_index() != 0:
     return None
@@ -265,15 +273,27 @@ class Restored(NamedTuple):
 
 
 def restore_for_inference(config, workdir, mode) -> Restored:
-  """The newest checkpoint of `workdir` with its predictor (`--mode=eval|predict`)."""
+  """The newest checkpoint of `workdir` with its predictor (`--mode=eval|predict`).
+
+  Logs (and prints) which step is used and why (e.g. a newer step was unreadable). A workdir
+  without checkpoints is an error and is left untouched; checkpoints of another model raise
+  `checkpointing.CheckpointMismatchError` naming the first differing param.
+  """
   if not workdir:
     raise ValueError(f"--mode={mode} needs --workdir pointing at a training run")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"--mode={mode}: {ckpt_dir} does not exist (--workdir must be the "
+                            "folder of a training run)")
   sharding.maybe_initialize_distributed(config)
   run = state_lib.setup(config, workdir)
   run.checkpointer.close()
-  step = int(jax.device_get(run.state.step))
-  if step == 0:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  if run.restored.step is None:
+    raise FileNotFoundError(f"--mode={mode}: no readable checkpoint in {ckpt_dir} "
+                            f"({run.restored.describe()})")
+  step = int(run.restored.step)
+  if jax.process_index() == 0:
+    print(f"--mode={mode}: using checkpoint {run.restored.describe()}")
   use_ema = config.get("eval_ema") and run.state.ema_params is not None
   params = run.state.ema_params if use_ema else run.state.params
   return Restored(run.mesh, run.data_info, params, run.state.model_state,
@@ -290,13 +310,28 @@ def evaluate_only(config, workdir):
   return metrics
 
 
+def output_names(paths):
+  """Unique PNG names for input images: `<stem>.png`, or `<parent>_<stem>.png` (then the
+  position) for inputs whose stems collide (a/x.png and b/x.png)."""
+  stems = [os.path.splitext(os.path.basename(str(p)))[0] for p in paths]
+  names = []
+  for k, (path, stem) in enumerate(zip(paths, stems)):
+    if stems.count(stem) > 1:
+      parent = os.path.basename(os.path.dirname(os.path.abspath(str(path))))
+      stem = f"{parent}_{stem}"
+    names.append(stem)
+  return [f"{n}.png" if names.count(n) == 1 else f"{n}_{k}.png" for k, n in enumerate(names)]
+
+
 def predict(config, workdir, image_paths, *, min_score=0.3):
   """Detect objects in image files with the newest checkpoint; PNGs to WORKDIR/predictions/."""
   source = image_files.ImageFilesSource(image_paths)
+  names = output_names(source.paths)
   r = restore_for_inference(config, workdir, "predict")
   predict_fn = r.predictor(r.step)
   batch_fn = pipeline.make_eval_batch_fn(source, config.data, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
+                                         process_count=jax.process_count(),
+                                         with_image_id=False)
   out_dir = os.path.join(workdir, "predictions")
   os.makedirs(out_dir, exist_ok=True)
   written = []
@@ -306,15 +341,14 @@ def predict(config, workdir, image_paths, *, min_score=0.3):
                                     sharding.global_batch(batch_fn(index), r.mesh)))
     if jax.process_index() != 0:
       continue
-    for k, image_id in enumerate(out["image_id"]):
-      if image_id < 0:
+    for k, index in enumerate(out["image_index"]):
+      if index < 0:
         continue
-      example = source[int(image_id)]
+      example = source[int(index)]
       drawn = visualize.draw_detections(example["image"], out["boxes_xyxy"][k], out["scores"][k],
                                         out["labels"][k], r.data_info["category_names"],
                                         min_score=min_score)
-      stem = os.path.splitext(os.path.basename(source.paths[int(image_id)]))[0]
-      path = os.path.join(out_dir, f"{stem}.png")
+      path = os.path.join(out_dir, names[int(index)])
       drawn.save(path)
       written.append(path)
   if written:

@@ -1,7 +1,11 @@
 """Training logs: `metrics.jsonl` (append-only), TensorBoard scalars, and a progress line.
 
 Only process 0 writes. `metrics.jsonl` gets one JSON object per logged step (`step`, `loss`,
-every loss term, `lr`, throughput); a resumed run appends to it and never truncates it.
+every loss term, `lr`, throughput); a resumed run appends to it and never truncates it. Each
+(re)start of a run on an existing file first appends an event record,
+`{"event": "resume", "from_step": N}` (continuing from checkpoint step N: earlier records past
+step N were superseded) or `{"event": "restart", "from_step": 0}` (a fresh start: every earlier
+record was superseded). `read_metrics` applies them.
 """
 import json
 import math
@@ -15,7 +19,7 @@ import jax
 class MetricsLog:
   """Append-only metrics file + TensorBoard + progress lines (process 0 only)."""
 
-  def __init__(self, workdir, *, total_steps, tensorboard=True):
+  def __init__(self, workdir, *, total_steps, start_step=0, tensorboard=True):
     self.enabled = jax.process_index() == 0
     self.total_steps = int(total_steps)
     self.path = os.path.join(workdir, "metrics.jsonl")
@@ -24,12 +28,24 @@ class MetricsLog:
     self._last_step = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      self._mark_start(int(start_step))
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
           self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         except ImportError:
           logging.info("tensorboardX is not installed: no TensorBoard scalars.")
+
+  def _mark_start(self, start_step):
+    """Appends a resume/restart event when the file already holds records."""
+    if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+      return
+    event = "resume" if start_step > 0 else "restart"
+    if event == "restart":
+      logging.warning("%s already holds records of an earlier run that restarted from step 0; "
+                      "they are kept and marked superseded (read_metrics drops them).", self.path)
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"event": event, "from_step": start_step, "time": time.time()}) + "\n")
 
   def write(self, step, scalars, *, images_per_step=None, prefix="train"):
     """Log `scalars` (dict of floats) at `step`; returns the record written."""
@@ -70,3 +86,27 @@ def format_progress(record, total_steps):
     eta = int(record["eta_s"])
     parts.append(f"ETA {eta // 3600:d}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
   return " | ".join(parts)
+
+
+def read_metrics(path):
+  """The records of `metrics.jsonl` that describe the current run, in order.
+
+  Applies the resume/restart events (module docstring): a record logged before an event with
+  `from_step` N and a step > N was superseded by the retraining of that step and is dropped.
+  Unparsable lines (a write cut by a kill) are skipped.
+
+  Returns:
+    list of record dicts (each with "step"), without the event records.
+  """
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if "event" in record:
+        records = [r for r in records if r["step"] <= record.get("from_step", 0)]
+      elif "step" in record:
+        records.append(record)
+  return records

@@ -89,10 +89,19 @@ class RunSetup(NamedTuple):
   state: TrainState               # restored from the workdir, or freshly initialised
   shardings: Any                  # TrainState of NamedShardings
   checkpointer: checkpointing.Checkpointer
+  restored: checkpointing.RestoreResult  # which step was restored and why (describe())
 
 
-def setup(config, workdir) -> RunSetup:
-  """Mesh, data info, method, optimiser and state (restored when the workdir has a checkpoint)."""
+def setup(config, workdir, *, on_mismatch="error") -> RunSetup:
+  """Mesh, data info, method, optimiser and state (restored when the workdir has a checkpoint).
+
+  Args:
+    config: the experiment config.
+    workdir: the run's folder (its checkpoints/ is created if missing).
+    on_mismatch: "error": checkpoints that do not fit this config raise
+      `checkpointing.CheckpointMismatchError` naming the first differing param and the changed
+      config fields; "fresh": they are moved aside and the run starts from step 0.
+  """
   mesh = sharding.make_mesh(config.get("num_devices"))
   data_info = pipeline.dataset_info(config.data)
   if config.model.num_classes != data_info["num_classes"]:
@@ -112,10 +121,13 @@ def setup(config, workdir) -> RunSetup:
   state, shardings = init_state(method, tx, config, example, mesh)
   ckpt = checkpointing.Checkpointer(workdir, every=config.checkpoint_every,
                                     keep=config.get("keep_checkpoints", 3))
-  restored = ckpt.restore_latest(checkpointing.abstract_like(state))
-  if restored is not None:
-    step, state, _ = restored
-    logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+  restored = ckpt.restore(checkpointing.abstract_like(state), on_mismatch=on_mismatch,
+                          config=config)
+  if restored.skipped or restored.superseded:
+    logging.warning("Restored %s", restored.describe())
+  if restored.step is not None:
+    state = restored.state
+    logging.info("Resumed from %s at step %d.", ckpt.directory, restored.step)
   elif config.model.get("pretrained") or config.model.get("pretrained_backbone"):
     state = load_pretrained(state, shardings, config.model, method.ema_subtree)
-  return RunSetup(mesh, data_info, method, tx, schedule, state, shardings, ckpt)
+  return RunSetup(mesh, data_info, method, tx, schedule, state, shardings, ckpt, restored)

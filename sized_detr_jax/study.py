@@ -54,6 +54,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from sized_detr_jax import evaluate
+from sized_detr_jax import metrics_log
+
 SIZES = ("small", "medium", "large")
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 PER_SIZE_METRICS = tuple(f"AP{iou}_{size}" for iou in (50, 75) for size in SIZES)
@@ -185,11 +188,12 @@ class Job:
 
 
 def plan_jobs(spec, variants, seeds, workdir, common_overrides=(), python=sys.executable):
-  """Job per variant x seed (variant-major), with its resolved config (validates overrides)."""
+  """Job per variant x seed, seed-major (a study cut short leaves complete seeds: paired
+  differences), with its resolved config (validates overrides)."""
   jobs = []
-  for variant, overrides in variants.items():
-    overrides = list(common_overrides) + list(overrides)
-    for seed in seeds:
+  for seed in seeds:
+    for variant, overrides in variants.items():
+      overrides = list(common_overrides) + list(overrides)
       config = resolve_config(spec, overrides, seed)
       if not config.get("eval_at_end", True):
         raise ValueError(f"variant {variant}: config.eval_at_end=False, but the study needs "
@@ -500,31 +504,21 @@ def paired_differences(per_run, baseline, metrics=METRICS, confidence=CONFIDENCE
 
 
 def read_metrics_jsonl(path):
-  """Records of a metrics.jsonl by ascending step, the last record of a step winning (a resumed
-  run logs again the steps after its checkpoint). Unreadable lines are skipped."""
-  by_step = {}
+  """Records of a metrics.jsonl by ascending step (`metrics_log.read_metrics`: superseded rows
+  before a resume/restart event dropped), the last record of a step winning (files written
+  before the events existed). Unreadable lines are skipped; a missing file gives []."""
   try:
-    with open(path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-          by_step[int(record["step"])] = record
-        except (ValueError, KeyError, TypeError):
-          continue
+    records = metrics_log.read_metrics(path)
   except OSError:
     return []
+  by_step = {int(r["step"]): r for r in records if isinstance(r.get("step"), (int, float))}
   return [by_step[s] for s in sorted(by_step)]
 
 
 def box_loss_share(record):
-  """{size: share} of the final layer's box loss from metric_loss_bbox_{size} x
-  metric_num_boxes_{size}; None when the record has none of them or they sum to 0."""
-  keys = [(f"metric_loss_bbox_{s}", f"metric_num_boxes_{s}") for s in SIZES]
-  if not any(a in record and b in record for a, b in keys):
-    return None
-  totals = [record.get(a, 0.0) * record.get(b, 0.0) for a, b in keys]
-  z = sum(totals)
-  return {s: t / z for s, t in zip(SIZES, totals)} if z > 0 else None
+  """{size: share} of the final layer's box loss of one metrics record (`evaluate.
+  box_loss_share`); None when the record has none of them or they sum to 0."""
+  return evaluate.box_loss_share(record)
 
 
 def mean_curves(runs_records, keys=LOSS_CURVES):

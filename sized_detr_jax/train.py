@@ -13,11 +13,15 @@ shard. Randomness is `fold_in(rng, step)` and the data pipeline is indexed by st
 run reproduces an uninterrupted one bit for bit on CPU.
 """
 import collections
+import json
 import os
+import signal
+import threading
 import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -114,6 +118,47 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or gradient norm became NaN/inf; the last checkpoint is kept untouched."""
 
 
+class Preempted(Exception):
+  """SIGTERM (preemption) stopped training after saving a checkpoint of the current step."""
+
+
+class _StopSignal:
+  """Records SIGTERM while training (restores the previous handler on exit)."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def requested(self):
+    """Whether any process got SIGTERM (all processes must stop at the same step)."""
+    flag = self.signum is not None
+    if jax.process_count() > 1:
+      flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+    return flag
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _evaluated_at(workdir, step):
+  """Whether WORKDIR/eval_metrics.json holds the evaluation of `step`."""
+  try:
+    with open(os.path.join(workdir, "eval_metrics.json")) as f:
+      return json.load(f).get("step") == step
+  except (OSError, ValueError):
+    return False
+
+
 def _check_finite(metrics, step, last_checked):
   for key in ("loss", "grad_norm"):
     if not np.isfinite(metrics[key]):
@@ -122,15 +167,19 @@ def _check_finite(metrics, step, last_checked):
           f"{last_checked + 1} and {step}); no checkpoint was written after step {last_checked}.")
 
 
-def train_and_evaluate(config, workdir):
-  """Train `config.total_steps` steps (resuming from the workdir), evaluate, return metrics."""
+def train_and_evaluate(config, workdir, *, on_mismatch="error"):
+  """Train `config.total_steps` steps (resuming from the workdir), evaluate, return metrics.
+
+  `on_mismatch`: what to do with checkpoints that do not fit the config ("error" or "fresh",
+  see `state.setup`). SIGTERM saves a checkpoint of the current step and raises `Preempted`.
+  """
   sharding.maybe_initialize_distributed(config)
   workdir = workdir or default_workdir(config)
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
+  run = state_lib.setup(config, workdir, on_mismatch=on_mismatch)
+  if jax.process_index() == 0:  # after the restore: a mismatch error can name changed fields
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
-  run = state_lib.setup(config, workdir)
   method, mesh, state, ckpt = run.method, run.mesh, run.state, run.checkpointer
   steps = {}  # stage -> jitted step (compiled when the stage is first met)
 
@@ -151,7 +200,7 @@ def train_and_evaluate(config, workdir):
   predictor = evaluate.Predictor(method, mesh)
   total = int(config.total_steps)
   start = int(jax.device_get(state.step))
-  log = metrics_log.MetricsLog(workdir, total_steps=total)
+  log = metrics_log.MetricsLog(workdir, total_steps=total, start_step=start)
   batches = method.train_batches(config.data, seed=config.seed, start_step=start,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
@@ -162,8 +211,9 @@ def train_and_evaluate(config, workdir):
   # the gradient norm every step: a diagnostic mode).
   clip_norm = float(config.optimizer.get("clip_norm") or 0.0)
   clipped = [] if config.get("log_grad_split") and clip_norm > 0 else None
+  meta = {"config": config.get("name", "")}
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), _StopSignal() as stop:
       for step in range(start + 1, total + 1):
         state, metrics = train_step(state, sharding.global_batch(next(batches), mesh), step)
         if clipped is not None:
@@ -184,14 +234,27 @@ def train_and_evaluate(config, workdir):
               clipped.clear()
             log.write(step, last_metrics, images_per_step=method.images_per_step)
           if is_ckpt:
-            ckpt.maybe_save(step, state, {"step": step, "config": config.get("name", "")},
-                            force=True)
+            ckpt.maybe_save(step, state, {**meta, "step": step}, force=True)
         if is_eval:
           eval_metrics = evaluate.run_evaluation(
               predictor, state.params, state.model_state, step, workdir, run.data_info,
               evaluate.eval_batches(config), loss_share=evaluate.box_loss_share(recent),
               share_title=f"last {len(recent)} logged steps",
               title=f"{config.get('name', '')} step {step}")
+        if step < total and stop.requested():
+          _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
+                        last_checked)
+          ckpt.maybe_save(step, state, {**meta, "step": step}, force=True)
+          ckpt.wait()
+          raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint {step} saved in "
+                          f"{ckpt.directory}: rerun the same command to continue")
+      if (eval_metrics is None and start == total and total > 0
+          and config.get("eval_at_end", True) and not _evaluated_at(workdir, total)):
+        # A finished run whose final evaluation did not complete (killed during it).
+        logging.info("Step %d is trained but not evaluated: evaluating it now.", total)
+        eval_metrics = evaluate.run_evaluation(
+            predictor, state.params, state.model_state, total, workdir, run.data_info,
+            evaluate.eval_batches(config), title=f"{config.get('name', '')} step {total}")
   finally:
     # Also on errors (a NaN loss): let pending async saves of good steps complete.
     ckpt.close()
