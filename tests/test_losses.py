@@ -166,7 +166,8 @@ def test_giou_loss_matches_numpy(data):
   area = lambda b: np.prod(b[..., 2:] - b[..., :2], -1)
   union = area(p) + area(t) - inter
   hull = np.prod(np.maximum(p[..., 2:], t[..., 2:]) - np.minimum(p[..., :2], t[..., :2]), -1)
-  ref = (1 - (inter / union - (hull - union) / hull)) * np.asarray(valid)
+  # IDEA-Research/DINO's denominators: union + 1e-6, hull + 1e-6.
+  ref = (1 - (inter / (union + 1e-6) - (hull - union) / (hull + 1e-6))) * np.asarray(valid)
   np.testing.assert_allclose(losses.giou_loss(pred, target, valid), ref, rtol=1e-5, atol=1e-6)
 
 
