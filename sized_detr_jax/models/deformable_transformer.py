@@ -8,7 +8,8 @@ two_stage_type="standard", embed_init_tgt=True, decoder_sa_type="sa") and
 * encoder: `enc_layers` x (MSDA self-attention over all levels, FFN), post-norm;
 * mixed query selection: per-token proposals (grid centre, w = h = 0.05 * 2^level), the top-Q
   tokens by the encoder head's max class logit give the *positional* queries (anchor boxes,
-  detached); the *content* queries are the learned `tgt_embed`;
+  detached); the *content* queries are the learned `tgt_embed`. Which tokens may be selected is
+  `query_selection` (see `selection_scores`): "dino" (the official code) or "valid_only";
 * decoder: `dec_layers` x (self-attention, MSDA cross-attention, FFN); after each layer the
   shared box MLP refines the reference box (detached for the next layer), and the box reported
   for layer i is `sigmoid(box_mlp(norm(h_i)) + inverse_sigmoid(ref_i))` with `ref_i` the
@@ -268,6 +269,42 @@ def encoder_proposals(token_mask, spatial_shapes):
   return jnp.where(usable[..., None], unsig, jnp.inf), usable
 
 
+QUERY_SELECTION_RULES = ("dino", "valid_only")
+
+
+def selection_scores(enc_logits, usable, rule):
+  """Per-token score whose top-Q gives the queries (two-stage "standard" selection).
+
+  Unusable tokens (padding, anchors with a coordinate outside (0.01, 0.99)) have their memory
+  zeroed before the encoder-output head, so they all carry the same constant logit vector, and
+  an infinite proposal (their box is sigmoid(inf) = 1).
+
+  * "dino": the max class logit of every token, unusable ones included: they compete in top-k
+    with their constant logit exactly as in IDEA-Research/DINO (models/dino/
+    deformable_transformer.py, `torch.topk(enc_outputs_class_unselected.max(-1)[0], ...)`),
+    Semi-DETR and Co-DETR. A selected unusable token gives a query with reference box
+    (1, 1, 1, 1). Tied tokens are interchangeable (same content and box), so which of them
+    top-k takes does not change any output. The selection then depends on the amount of
+    padding.
+  * "valid_only": unusable tokens score -inf, so they are selected only when fewer than Q
+    tokens are usable (never at real image sizes); every query starts from a real anchor.
+
+  Args:
+    enc_logits: [B, S, C] encoder-output class logits.
+    usable: [B, S] bool from `encoder_proposals`.
+    rule: one of QUERY_SELECTION_RULES.
+
+  Returns:
+    [B, S] float32 scores.
+  """
+  if rule not in QUERY_SELECTION_RULES:
+    raise ValueError(f"query_selection must be one of {QUERY_SELECTION_RULES}, got {rule!r}")
+  score = jnp.max(enc_logits, axis=-1).astype(jnp.float32)
+  if rule == "valid_only":
+    score = jnp.where(usable, score, -jnp.inf)
+  return score
+
+
 class DeformableTransformer(nn.Module):
   """Encoder, mixed query selection, decoder and the (shared) prediction heads.
 
@@ -280,6 +317,8 @@ class DeformableTransformer(nn.Module):
     enc_n_points, dec_n_points: MSDA points per level and head.
     padding_invariant: query positional embedding from the reference box relative to the real
       image instead of DINO's box times the level-0 valid ratio (which depends on padding).
+    query_selection: "dino" (unusable tokens compete in top-k, the official rule) or
+      "valid_only" (they never do); see `selection_scores`.
     dtype: compute dtype (boxes and logits come back float32).
     msda_implementation: sampling kernel name.
     remat: recompute each encoder/decoder layer in the backward pass (saves activation
@@ -296,6 +335,7 @@ class DeformableTransformer(nn.Module):
   enc_n_points: int = 4
   dec_n_points: int = 4
   padding_invariant: bool = False
+  query_selection: str = "dino"
   dtype: Any = jnp.float32
   msda_implementation: str = "gather"
   remat: bool = False
@@ -396,9 +436,7 @@ class DeformableTransformer(nn.Module):
     out_memory = self.enc_output_norm(self.enc_output(out_memory))
     enc_logits = self.enc_out_class_embed(out_memory).astype(jnp.float32)  # [B, S, C]
     enc_coord = self.enc_out_bbox_embed(out_memory).astype(jnp.float32) + proposals
-    # Unusable tokens (padding, proposals at the border) never get selected: DINO lets them
-    # compete with a constant logit and an infinite box; excluding them keeps queries real.
-    score = jnp.where(usable, jnp.max(enc_logits, axis=-1), -jnp.inf)
+    score = selection_scores(enc_logits, usable, self.query_selection)
     _, topk = jax.lax.top_k(score, self.num_queries)  # [B, Q]
     take = lambda x: jnp.take_along_axis(x, topk[..., None], axis=1)
     ref_undetached = take(enc_coord)  # [B, Q, 4] unsigmoided
