@@ -251,6 +251,44 @@ def test_query_selection_rules_in_the_model():
         jax.random.PRNGKey(0), images, mask)
 
 
+def test_per_layer_heads(tiny):
+  """share_decoder_heads=False: one class Linear and box MLP per decoder layer, same shapes as
+  the shared pair; with every copy equal to the shared one the outputs are the shared model's,
+  and layer i's logits read only copy i."""
+  config = dict(tiny["config"].model, share_decoder_heads=False)
+  model = dino.build_dino(config)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tiny["images"], tiny["mask"])
+  t_new, t_old = shapes["params"]["transformer"], tiny["params"]["transformer"]
+  n_layers = config["dec_layers"]
+  assert "class_embed" not in t_new and "bbox_embed" not in t_new
+  assert set(t_new) - set(t_old) == ({f"class_embed_{i}" for i in range(n_layers)}
+                                     | {f"bbox_embed_{i}" for i in range(n_layers)})
+  for i in range(n_layers):
+    for name in ("class_embed", "bbox_embed"):
+      assert (jax.tree.map(lambda x: x.shape, t_new[f"{name}_{i}"])
+              == jax.tree.map(lambda x: x.shape, t_old[name]))
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  heads = size(t_old["class_embed"]) + size(t_old["bbox_embed"])
+  assert size(shapes["params"]) == size(tiny["params"]) + (n_layers - 1) * heads
+
+  t = {k: v for k, v in t_old.items() if k not in ("class_embed", "bbox_embed")}
+  for i in range(n_layers):
+    t[f"class_embed_{i}"], t[f"bbox_embed_{i}"] = t_old["class_embed"], t_old["bbox_embed"]
+  params = dict(tiny["params"], transformer=t)
+  apply = jax.jit(lambda p: model.apply({"params": p}, tiny["images"], tiny["mask"]))
+  same = apply(params)
+  shared = tiny["eval_apply"](tiny["params"], tiny["images"], tiny["mask"])
+  for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(shared)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
+  last = f"class_embed_{n_layers - 1}"
+  t2 = dict(t, **{last: dict(t[last], bias=t[last]["bias"] + 0.5)})
+  changed = apply(dict(params, transformer=t2))
+  np.testing.assert_array_equal(changed["aux_outputs"][0]["pred_logits"],
+                                same["aux_outputs"][0]["pred_logits"])
+  np.testing.assert_array_equal(changed["pred_boxes"], same["pred_boxes"])
+  np.testing.assert_allclose(changed["pred_logits"] - same["pred_logits"], 0.5, rtol=1e-5)
+
+
 def test_bfloat16_compute(tiny):
   # Also the only run of the reference (not padding-invariant) code path.
   model = dino.build_dino(dict(tiny["config"].model, dtype="bfloat16", padding_invariant=False))

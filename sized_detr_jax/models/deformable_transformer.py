@@ -2,8 +2,9 @@
 
 Follows IDEA-Research/DINO `models/dino/deformable_transformer.py` (DeformableTransformer with
 two_stage_type="standard", embed_init_tgt=True, decoder_sa_type="sa") and
-`models/dino/utils.py gen_encoder_output_proposals`, with the shared box/class heads of
-`models/dino/dino.py` owned here so the decoder can refine boxes with them:
+`models/dino/utils.py gen_encoder_output_proposals`, with the box/class heads of
+`models/dino/dino.py` owned here so the decoder can refine boxes with them (one pair shared by
+all decoder layers as in DINO, or one pair per layer as in Co-DETR: `share_decoder_heads`):
 
 * encoder: `enc_layers` x (MSDA self-attention over all levels, FFN), post-norm;
 * mixed query selection: per-token proposals (grid centre, w = h = 0.05 * 2^level), the top-Q
@@ -11,7 +12,7 @@ two_stage_type="standard", embed_init_tgt=True, decoder_sa_type="sa") and
   detached); the *content* queries are the learned `tgt_embed`. Which tokens may be selected is
   `query_selection` (see `selection_scores`): "dino" (the official code) or "valid_only";
 * decoder: `dec_layers` x (self-attention, MSDA cross-attention, FFN); after each layer the
-  shared box MLP refines the reference box (detached for the next layer), and the box reported
+  (layer's) box MLP refines the reference box (detached for the next layer), and the box reported
   for layer i is `sigmoid(box_mlp(norm(h_i)) + inverse_sigmoid(ref_i))` with `ref_i` the
   *undetached* refinement of layer i-1 (look-forward-twice).
 
@@ -319,6 +320,11 @@ class DeformableTransformer(nn.Module):
       image instead of DINO's box times the level-0 valid ratio (which depends on padding).
     query_selection: "dino" (unusable tokens compete in top-k, the official rule) or
       "valid_only" (they never do); see `selection_scores`.
+    share_decoder_heads: one class Linear and one box MLP for all decoder layers (`class_embed`,
+      `bbox_embed`: DINO's dec_pred_*_embed_share) or, False, one pair per layer
+      (`class_embed_{i}`, `bbox_embed_{i}`: Co-DETR's cls_branches / reg_branches, whose extra
+      encoder-proposal branch is `enc_out_*` here in both cases). Layer i's box MLP both refines
+      the reference for layer i+1 and gives layer i's boxes.
     dtype: compute dtype (boxes and logits come back float32).
     msda_implementation: sampling kernel name.
     remat: recompute each encoder/decoder layer in the backward pass (saves activation
@@ -336,6 +342,7 @@ class DeformableTransformer(nn.Module):
   dec_n_points: int = 4
   padding_invariant: bool = False
   query_selection: str = "dino"
+  share_decoder_heads: bool = True
   dtype: Any = jnp.float32
   msda_implementation: str = "gather"
   remat: bool = False
@@ -366,14 +373,28 @@ class DeformableTransformer(nn.Module):
                      name=f"decoder_layers_{i}") for i in range(self.dec_layers)]
     self.decoder_norm = _layer_norm("decoder_norm", dt)
     self.ref_point_head = MLP(self.d_model, self.d_model, 2, dtype=dt, name="ref_point_head")
-    # One class Linear and one box MLP shared by all decoder layers (dec_pred_*_embed_share).
-    self.class_embed = _dense(self.num_classes, "class_embed", dt,
-                              bias_init=nn.initializers.constant(prior_bias))
-    self.bbox_embed = MLP(self.d_model, 4, 3, last_zero_init=True, dtype=dt, name="bbox_embed")
+    # The decoder's class Linear and box MLP: shared by all layers (DINO's
+    # dec_pred_*_embed_share) or one per layer (Co-DETR), each initialised the same way.
+    class_head = lambda name: _dense(self.num_classes, name, dt,
+                                     bias_init=nn.initializers.constant(prior_bias))
+    box_head = lambda name: MLP(self.d_model, 4, 3, last_zero_init=True, dtype=dt, name=name)
+    if self.share_decoder_heads:
+      self.class_embed = class_head("class_embed")
+      self.bbox_embed = box_head("bbox_embed")
+    else:
+      self.class_embeds = [class_head(f"class_embed_{i}") for i in range(self.dec_layers)]
+      self.bbox_embeds = [box_head(f"bbox_embed_{i}") for i in range(self.dec_layers)]
 
-  def _box(self, hidden, reference):
-    """sigmoid(box_mlp(hidden) + inverse_sigmoid(reference)), float32 [.., 4]."""
-    return jax.nn.sigmoid(self.bbox_embed(hidden).astype(jnp.float32) + inverse_sigmoid(reference))
+  def _heads(self, layer):
+    """(class Linear, box MLP) of decoder layer `layer`."""
+    if self.share_decoder_heads:
+      return self.class_embed, self.bbox_embed
+    return self.class_embeds[layer], self.bbox_embeds[layer]
+
+  def _box(self, hidden, reference, layer):
+    """sigmoid(box_mlp_layer(hidden) + inverse_sigmoid(reference)), float32 [.., 4]."""
+    box_mlp = self._heads(layer)[1]
+    return jax.nn.sigmoid(box_mlp(hidden).astype(jnp.float32) + inverse_sigmoid(reference))
 
   def encode(self, srcs, masks, pos_embeds):
     """Runs the deformable encoder.
@@ -456,7 +477,7 @@ class DeformableTransformer(nn.Module):
     hidden = tgt
     references = [reference]
     normed = []
-    for layer in self.decoder_layers:
+    for i, layer in enumerate(self.decoder_layers):
       ref_input = reference[:, :, None, :] * ratios4[:, None]  # [B, T, L, 4]
       sine_source = reference if self.padding_invariant else ref_input[:, :, 0]
       query_pos = self.ref_point_head(
@@ -464,12 +485,12 @@ class DeformableTransformer(nn.Module):
               self.dtype))
       hidden = layer(hidden, query_pos, ref_input, memory, spatial_shapes, token_mask,
                      self_attn_blocked)
-      new_reference = self._box(hidden, reference)
+      new_reference = self._box(hidden, reference, i)
       references.append(new_reference)
       reference = jax.lax.stop_gradient(new_reference)
       normed.append(self.decoder_norm(hidden))
-    logits = jnp.stack([self.class_embed(h).astype(jnp.float32) for h in normed])
-    boxes = jnp.stack([self._box(h, r) for h, r in zip(normed, references[:-1])])
+    logits = jnp.stack([self._heads(i)[0](h).astype(jnp.float32) for i, h in enumerate(normed)])
+    boxes = jnp.stack([self._box(h, references[i], i) for i, h in enumerate(normed)])
     return {"logits": logits, "boxes": boxes, "hidden": jnp.stack(normed),
             "interm_logits": interm_logits, "interm_boxes": interm_boxes}
 

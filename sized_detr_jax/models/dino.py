@@ -110,6 +110,9 @@ class DINO(nn.Module):
       selection_scores`): "dino" (default, the official DINO / Semi-DETR / Co-DETR code:
       padded tokens and border anchors compete in top-k with their constant logit) or
       "valid_only" (they are excluded).
+    share_decoder_heads: True (DINO): one class Linear and one box MLP for all decoder layers;
+      False (Co-DETR): one pair per decoder layer (the encoder-proposal heads are separate in
+      both).
     dtype: "float32" or "bfloat16" compute (params stay float32).
     msda_implementation: `msda.IMPLEMENTATIONS` key.
     remat: rematerialise transformer layers in the backward pass (memory for compute).
@@ -138,6 +141,7 @@ class DINO(nn.Module):
   dn_groups: int = 0
   padding_invariant: bool = False
   query_selection: str = "dino"
+  share_decoder_heads: bool = True
   dtype: str = "float32"
   msda_implementation: str = "gather"
   remat: bool = False
@@ -173,7 +177,8 @@ class DINO(nn.Module):
         enc_layers=self.enc_layers, dec_layers=self.dec_layers,
         n_levels=self.num_feature_levels, enc_n_points=self.enc_n_points,
         dec_n_points=self.dec_n_points, padding_invariant=self.padding_invariant,
-        query_selection=self.query_selection, dtype=dt,
+        query_selection=self.query_selection, share_decoder_heads=self.share_decoder_heads,
+        dtype=dt,
         msda_implementation=self.msda_implementation, remat=self.remat)
 
   def __call__(self, images, pixel_mask, targets: Optional[Dict[str, jax.Array]] = None,
