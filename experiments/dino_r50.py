@@ -14,9 +14,18 @@ Launch:
   bf16           bfloat16 compute (float32 params);
   pallas         the Pallas MSDA kernel (models/msda_pallas.py: Triton on GPU, interpret mode
                  on CPU) instead of the XLA gather (model.msda_implementation);
-  invariant      padding-invariant model (mask-aware backbone/GroupNorm/query embedding);
+  invariant      padding-invariant model (mask-aware backbone/GroupNorm/query embedding; implies
+                 query_selection="valid_only");
   coco91         DINO's own class layout (91 rows indexed by COCO category id): the exact
                  reference parameter count (46,893,182) and unmodified official checkpoints.
+
+Query selection (`model.query_selection`, models/deformable_transformer.py `selection_scores`):
+  "dino"        (the default here, also for converted checkpoints) DINO's own rule: encoder
+                tokens that cannot give a proposal (padding, anchors with a coordinate outside
+                (0.01, 0.99)) keep their constant logit and compete in the top-900, as in
+                IDEA-Research/DINO, Semi-DETR and Co-DETR; selected ones start at box (1,1,1,1);
+  "valid_only"  they score -inf, so every query starts from a real anchor (and the selection
+                does not depend on padding).
 """
 import ml_collections
 
@@ -50,6 +59,7 @@ def _model_config():
       dn_labelbook_size=80,
       dn_groups=0,  # 0: dn_number // (boxes in the image) groups, as DINO
       padding_invariant=False,
+      query_selection="dino",  # DINO's top-k over all tokens; "valid_only": usable ones only
       dtype="float32",
       msda_implementation="gather",  # "pallas": models/msda_pallas.py (GPU kernel)
       remat=False,  # True: recompute transformer layers in backward (less memory)
@@ -150,6 +160,7 @@ def get_config(arg=None):
     config.model.msda_implementation = "pallas"
   if "invariant" in tokens:
     config.model.padding_invariant = True
+    config.model.query_selection = "valid_only"  # DINO's rule depends on the padding
   if "coco91" in tokens:
     config.model.num_classes = 91
     config.model.dn_labelbook_size = 91

@@ -6,12 +6,16 @@ Formats, named in every function:
   * xyxy:   (x0, y0, x1, y1), corners.
   * xywh:   (x0, y0, width, height), the COCO annotation/results format (absolute pixels).
 
-All functions work on any leading batch shape `[..., 4]`. IoU and GIoU divide by areas clamped
-below by `EPS`, so degenerate (zero-area) boxes give finite values and finite gradients.
+All functions work on any leading batch shape `[..., 4]`. IoU and GIoU divide by `union + EPS` and
+`enclosing + EPS` (EPS = 1e-6), the form of IDEA-Research/DINO's util/box_ops.py (`box_iou`,
+`generalized_box_iou`). Union and enclosing area are never negative here (extents are clipped at
+zero), so the denominators are >= EPS and degenerate (zero-area) boxes give finite values and
+finite gradients. (mmdet, used by Co-DETR and Semi-DETR, divides by `max(union, 1e-6)` instead; the
+two differ by at most 1e-6 / area relative.)
 """
 import jax.numpy as jnp
 
-EPS = 1e-7
+EPS = 1e-6
 
 
 def box_cxcywh_to_xyxy(boxes):
@@ -65,19 +69,19 @@ def _inter_union(a_xyxy, b_xyxy):
 
 
 def _giou_from_parts(a_xyxy, b_xyxy, inter, union):
-  """GIoU = IoU - (enclosing - union) / enclosing, with clamped denominators."""
-  iou = inter / jnp.maximum(union, EPS)
+  """GIoU = IoU - (enclosing - union) / enclosing, denominators + EPS (DINO's form)."""
+  iou = inter / (union + EPS)
   lt = jnp.minimum(a_xyxy[..., :2], b_xyxy[..., :2])
   rb = jnp.maximum(a_xyxy[..., 2:], b_xyxy[..., 2:])
   wh = jnp.clip(rb - lt, 0)
   enclosing = wh[..., 0] * wh[..., 1]
-  return iou - (enclosing - union) / jnp.maximum(enclosing, EPS)
+  return iou - (enclosing - union) / (enclosing + EPS)
 
 
 def elementwise_box_iou(a_xyxy, b_xyxy):
   """IoU of paired boxes: [..., 4] xyxy x [..., 4] xyxy -> [...] (broadcasting)."""
   inter, union = _inter_union(a_xyxy, b_xyxy)
-  return inter / jnp.maximum(union, EPS)
+  return inter / (union + EPS)
 
 
 def elementwise_generalized_box_iou(a_xyxy, b_xyxy):
@@ -90,7 +94,7 @@ def box_iou(a_xyxy, b_xyxy):
   """Pairwise IoU: a [..., N, 4] xyxy, b [..., M, 4] xyxy -> (iou, union), each [..., N, M]."""
   a, b = a_xyxy[..., :, None, :], b_xyxy[..., None, :, :]
   inter, union = _inter_union(a, b)
-  return inter / jnp.maximum(union, EPS), union
+  return inter / (union + EPS), union
 
 
 def generalized_box_iou(a_xyxy, b_xyxy):

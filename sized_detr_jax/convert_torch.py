@@ -20,9 +20,13 @@ unfilled or a shape mismatch raises one error listing all of them.
 
 Layout changes: conv OIHW -> HWIO, Linear [out, in] -> kernel [in, out], BatchNorm
 weight/bias/running_mean/running_var -> scale/bias/mean/var, LayerNorm/GroupNorm weight ->
-scale, packed attention in_proj_weight [3C, C] -> in_proj_kernel [C, 3C]. DINO shares one box
-MLP and one class Linear across decoder layers but its state_dict repeats them (bbox_embed.0..5
-and transformer.decoder.bbox_embed.0..5): all copies must be equal and fill one parameter.
+scale, packed attention in_proj_weight [3C, C] -> in_proj_kernel [C, 3C]. DINO's state_dict
+lists the decoder heads once per layer and owner (bbox_embed.0..5 and
+transformer.decoder.bbox_embed.0..5). With shared heads (model.share_decoder_heads=True, DINO's
+default) all copies must be equal and fill one parameter (`class_embed`, `bbox_embed`); with
+per-layer heads (share_decoder_heads=False, a DINO trained with dec_pred_*_embed_share=False)
+index i fills `class_embed_{i}` / `bbox_embed_{i}` and the two owners' copies must be equal.
+(Co-DETR's mmdet checkpoints use other names, query_head.cls_branches.i etc.: not mapped.)
 """
 import argparse
 import re
@@ -80,7 +84,13 @@ _DINO_RULES = [
      "transformer/enc_out_class_embed/{dense0}", "linear"),
     (r"transformer\.enc_out_bbox_embed\.layers\.(\d+)\.(weight|bias)",
      "transformer/enc_out_bbox_embed/layers_{0}/{dense1}", "linear"),
-    # Shared heads, listed once per decoder layer (twice: model and transformer.decoder).
+    # Decoder heads, listed once per decoder layer (twice: model and transformer.decoder):
+    # per-layer params when the model has them, else the shared pair (the first rule whose
+    # path is in the model wins).
+    (r"(?:transformer\.decoder\.)?class_embed\.(\d+)\.(weight|bias)",
+     "transformer/class_embed_{0}/{dense1}", "linear"),
+    (r"(?:transformer\.decoder\.)?bbox_embed\.(\d+)\.layers\.(\d+)\.(weight|bias)",
+     "transformer/bbox_embed_{0}/layers_{1}/{dense2}", "linear"),
     (r"(?:transformer\.decoder\.)?class_embed\.\d+\.(weight|bias)",
      "transformer/class_embed/{dense0}", "linear"),
     (r"(?:transformer\.decoder\.)?bbox_embed\.\d+\.layers\.(\d+)\.(weight|bias)",
@@ -133,14 +143,22 @@ def _unflatten(flat: Dict[Path, np.ndarray]):
   return tree
 
 
-def _map_name(name, source):
-  """(flax path, transform) of a PyTorch tensor name, or None when no rule matches."""
+def _map_name(name, source, known=None):
+  """(flax path, transform) of a PyTorch tensor name, or None when no rule matches.
+
+  With `known` (a set of model paths), the first matching rule whose path is in it wins;
+  failing that, the first matching rule.
+  """
   rules = _DINO_RULES if source == "dino" else _BACKBONE_RULES
+  first = None
   for pattern, template, kind in rules:
     match = re.fullmatch(pattern, name)
     if match:
-      return _fill_template(template, match.groups()), kind
-  return None
+      mapped = (_fill_template(template, match.groups()), kind)
+      if known is None or mapped[0] in known:
+        return mapped
+      first = first or mapped
+  return first
 
 
 def _select_class_rows(name, array, class_rows):
@@ -196,7 +214,7 @@ def convert_state_dict(state_dict, template, *, source="dino", skip_shape_mismat
     name = raw_name[len("module."):] if raw_name.startswith("module.") else raw_name
     if source == "torchvision" and _TORCHVISION_IGNORED.fullmatch(name):
       continue
-    mapped = _map_name(name, source)
+    mapped = _map_name(name, source, shapes.keys())
     if mapped is None or mapped[0] not in shapes:
       unused.append(raw_name)
       continue
@@ -212,7 +230,7 @@ def convert_state_dict(state_dict, template, *, source="dino", skip_shape_mismat
       continue
     if path in filled:
       if not np.array_equal(filled[path], array):
-        conflicts.append(f"{raw_name} differs from {origin[path]} (both fill shared "
+        conflicts.append(f"{raw_name} differs from {origin[path]} (both fill "
                          f"{'/'.join(path)})")
       continue
     filled[path] = array
@@ -227,7 +245,7 @@ def convert_state_dict(state_dict, template, *, source="dino", skip_shape_mismat
   if mismatched and not skip_shape_mismatch:
     problems.append(f"{len(mismatched)} shape mismatches: {mismatched}")
   if conflicts:
-    problems.append(f"{len(conflicts)} shared-head copies differ: {conflicts}")
+    problems.append(f"{len(conflicts)} head copies differ: {conflicts}")
   if problems:
     raise ValueError(f"convert_torch ({source}): " + "; ".join(problems))
   return _unflatten(filled)

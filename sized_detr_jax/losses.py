@@ -1,5 +1,5 @@
-"""Per-element detection losses: Sized L1, L1, GIoU, sigmoid focal and task-aligned focal loss,
-and the box-loss registry `BOX_LOSSES` that every criterion and matching cost dispatches on.
+"""Per-element detection losses: Sized L1, L1, GIoU, sigmoid focal, task-aligned focal and quality
+focal loss, and the box-loss registry `BOX_LOSSES` that every criterion and matching cost dispatches on.
 
 Every function is pure jnp, safe under `jit`, `vmap` and `grad`, works on any leading batch
 shape, and returns *unreduced* values: the caller picks the normaliser (DINO divides by the
@@ -188,6 +188,51 @@ def task_aligned_focal_loss(logits, soft_targets, *, gamma=2.0):
   bce = -(soft_targets * jax.nn.log_sigmoid(logits)
           + (1.0 - soft_targets) * jax.nn.log_sigmoid(-logits))
   return bce * jnp.abs(soft_targets - jax.nn.sigmoid(logits))**gamma
+
+
+def quality_focal_loss(logits, labels, scores, valid=None, *, beta=2.0):
+  """Elementwise quality focal loss (Li et al. 2020, GFL), Co-DINO's main-head classifier.
+
+  mmdet's `QualityFocalLoss(use_sigmoid=True, beta=2.0)` (mmdet/models/losses/gfocal_loss.py
+  `quality_focal_loss`), as Co-DETR's `CoDINOHead.loss_single` calls it: with p = sigmoid(x),
+  every (query, class) element is a negative supervised towards 0,
+
+      loss = BCE(x, 0) * p^beta,
+
+  except the matched class of a positive query, supervised towards its quality score s,
+
+      loss = BCE(x, s) * |s - p|^beta,
+
+  i.e. `task_aligned_focal_loss(x, t, gamma=beta)` with the soft target t = s at (query, label),
+  0 elsewhere. The modulating factor is not detached (as in mmdet); `scores` are constants
+  (stop_gradient): Co-DETR computes them as the IoU of the *detached* predicted box with its
+  ground truth (`bbox_overlaps(pred.detach(), gt, is_aligned=True)`), 0 for negatives.
+
+  Args:
+    logits: [..., C] raw class scores (e.g. [B, Q, C]).
+    labels: [...] int class index of the matched ground truth, background where < 0 or >= C;
+      or [..., C] one-hot (bool or 0/1 float; an all-zero row is background).
+    scores: [...] quality target of each query (read only at positives), in [0, 1].
+    valid: optional [...] bool, False for slots that take no loss (e.g. padded denoising
+      slots): their loss and gradient are exactly 0.
+    beta: modulating exponent (2.0).
+
+  Returns:
+    [..., C] per-element loss, unreduced. Co-DETR sums it and divides by `avg_factor` = the
+    number of positives (matched queries), averaged over devices and clamped at 1.
+  """
+  if labels.ndim == logits.ndim:
+    onehot = labels.astype(logits.dtype)
+  elif labels.ndim == logits.ndim - 1:
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)  # out of range -> 0
+  else:
+    raise ValueError(f"quality_focal_loss: labels must be [...] or [..., C] for logits "
+                     f"{logits.shape}, got {labels.shape}")
+  soft = onehot * jax.lax.stop_gradient(scores).astype(logits.dtype)[..., None]
+  loss = task_aligned_focal_loss(logits, soft, gamma=beta)
+  if valid is not None:
+    loss = _masked(loss, valid[..., None])
+  return loss
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,13 @@ import pytest
 from sized_detr_jax import box_ops
 
 
+# IDEA-Research/DINO util/box_ops.py: iou = inter / (union + 1e-6), giou = iou - (hull - union) /
+# (hull + 1e-6).
+DINO_EPS = 1e-6
+
+
 def _np_iou_giou(a, b):
-  """Loop-based float64 reference of pairwise IoU and GIoU for xyxy boxes."""
+  """Loop-based float64 reference of pairwise IoU and GIoU for xyxy boxes (DINO's eps form)."""
   iou = np.zeros((len(a), len(b)))
   giou = np.zeros((len(a), len(b)))
   for i, p in enumerate(a):
@@ -18,8 +23,8 @@ def _np_iou_giou(a, b):
       inter = iw * ih
       union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
       hull = (max(p[2], q[2]) - min(p[0], q[0])) * (max(p[3], q[3]) - min(p[1], q[1]))
-      iou[i, j] = inter / union
-      giou[i, j] = inter / union - (hull - union) / hull
+      iou[i, j] = inter / (union + DINO_EPS)
+      giou[i, j] = iou[i, j] - (hull - union) / (hull + DINO_EPS)
   return iou, giou
 
 
@@ -61,7 +66,8 @@ def test_pairwise_iou_giou_match_numpy_float64():
   assert iou.shape == giou.shape == union.shape == (7, 5)
   np.testing.assert_allclose(iou, iou_ref, atol=2e-6)
   np.testing.assert_allclose(giou, giou_ref, atol=2e-6)
-  np.testing.assert_allclose(giou[0, 0], 1.0, atol=1e-6)
+  area0 = (a[0, 2] - a[0, 0]) * (a[0, 3] - a[0, 1])
+  np.testing.assert_allclose(giou[0, 0], area0 / (area0 + 1e-6), atol=1e-6)
   # Elementwise variants agree with the diagonal of the pairwise ones.
   n = 5
   el_iou = box_ops.elementwise_box_iou(jnp.asarray(a[:n]), jnp.asarray(b))
@@ -78,6 +84,18 @@ def test_giou_hand_computed_disjoint_boxes():
   # Half-overlapping squares: inter 0.5, union 1.5, hull 1.5 -> GIoU = IoU = 1/3.
   c = jnp.array([[0.5, 0.0, 1.5, 1.0]])
   np.testing.assert_allclose(box_ops.elementwise_generalized_box_iou(a, c), [1.0 / 3.0], atol=1e-6)
+
+
+def test_eps_is_dinos_additive_form():
+  # Two identical 0.01 x 0.01 boxes: union = hull = 1e-4, so IoU = GIoU = 1e-4 / (1e-4 + 1e-6)
+  # = 100 / 101 (a max(union, eps) clamp would give exactly 1).
+  a = jnp.array([[0.2, 0.2, 0.21, 0.21]])
+  np.testing.assert_allclose(box_ops.box_iou(a, a)[0], [[100.0 / 101.0]], rtol=1e-4)
+  np.testing.assert_allclose(box_ops.generalized_box_iou(a, a), [[100.0 / 101.0]], rtol=1e-4)
+  # Disjoint 0.01-squares 0.01 apart: union 2e-4, hull 3e-4 -> GIoU = -(1e-4) / (3e-4 + 1e-6).
+  b = jnp.array([[0.22, 0.2, 0.23, 0.21]])
+  np.testing.assert_allclose(box_ops.elementwise_generalized_box_iou(a[0], b[0]),
+                             -1e-4 / (3e-4 + 1e-6), rtol=1e-4)
 
 
 def test_batched_pairwise_leading_dims():
@@ -98,5 +116,7 @@ def test_zero_area_boxes_finite_values_and_gradients(fn):
   val = fn(a, b)
   grads = jax.grad(lambda a, b: jnp.sum(fn(a, b)), argnums=(0, 1))(a, b)
   assert np.all(np.isfinite(val))
+  # Two identical points: inter = union = hull = 0, so IoU = GIoU = 0 / 1e-6 = 0.
+  np.testing.assert_allclose(fn(a[:1], b[:1]), np.zeros(np.shape(fn(a[:1], b[:1]))), atol=0)
   for g in grads:
     assert np.all(np.isfinite(g))

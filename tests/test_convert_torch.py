@@ -130,6 +130,35 @@ def test_full_conversion_fills_every_param(template, state_dict):
   np.testing.assert_array_equal(t["tgt_embed"], sd["transformer.tgt_embed.weight"])
 
 
+def test_per_layer_heads(state_dict):
+  """A DINO with dec_pred_*_embed_share=False: index i fills the layer-i heads of a model
+  built with share_decoder_heads=False (both owners' copies equal)."""
+  rng = np.random.default_rng(5)
+  sd = {k: v for k, v in state_dict.items()
+        if not k.startswith(("class_embed.", "bbox_embed.", "transformer.decoder.class_embed.",
+                             "transformer.decoder.bbox_embed."))}
+  for i in range(2):
+    own = {f"class_embed.{i}.weight": (CLASSES, HIDDEN), f"class_embed.{i}.bias": (CLASSES,)}
+    for j, out in enumerate((HIDDEN, HIDDEN, 4)):
+      own[f"bbox_embed.{i}.layers.{j}.weight"] = (out, HIDDEN)
+      own[f"bbox_embed.{i}.layers.{j}.bias"] = (out,)
+    for k, shape in own.items():
+      sd[k] = rng.normal(size=shape).astype(np.float32)
+      sd["transformer.decoder." + k] = sd[k].copy()
+  config = config_lib.load_config(str(CONFIG), "smoke")
+  template = ct.params_template(dict(config.model, share_decoder_heads=False))
+  t = ct.convert_state_dict(sd, template, source="dino")["transformer"]
+  assert "class_embed" not in t and "bbox_embed" not in t
+  for i in range(2):
+    np.testing.assert_array_equal(t[f"class_embed_{i}"]["kernel"], sd[f"class_embed.{i}.weight"].T)
+    np.testing.assert_array_equal(t[f"bbox_embed_{i}"]["layers_2"]["bias"],
+                                  sd[f"bbox_embed.{i}.layers.2.bias"])
+  bad = dict(sd)
+  bad["transformer.decoder.bbox_embed.1.layers.0.bias"] = sd["bbox_embed.1.layers.0.bias"] + 1
+  with pytest.raises(ValueError, match="transformer/bbox_embed_1/layers_0/bias"):
+    ct.convert_state_dict(bad, template, source="dino")
+
+
 def test_errors_list_every_problem(template, state_dict):
   bad = dict(state_dict)
   del bad["transformer.decoder.layers.1.linear2.bias"]

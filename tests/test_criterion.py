@@ -80,7 +80,8 @@ def np_giou(a, b):
   union = area(a) + area(b) - inter
   ewh = np.maximum(a[..., 2:], b[..., 2:]) - np.minimum(a[..., :2], b[..., :2])
   enclosing = ewh[..., 0] * ewh[..., 1]
-  return inter / union - (enclosing - union) / enclosing
+  # IDEA-Research/DINO's denominators: union + 1e-6, enclosing + 1e-6.
+  return inter / (union + 1e-6) - (enclosing - union) / (enclosing + 1e-6)
 
 
 def np_box_losses(pred, target, bbox_loss, rescale):

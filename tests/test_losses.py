@@ -166,7 +166,8 @@ def test_giou_loss_matches_numpy(data):
   area = lambda b: np.prod(b[..., 2:] - b[..., :2], -1)
   union = area(p) + area(t) - inter
   hull = np.prod(np.maximum(p[..., 2:], t[..., 2:]) - np.minimum(p[..., :2], t[..., :2]), -1)
-  ref = (1 - (inter / union - (hull - union) / hull)) * np.asarray(valid)
+  # IDEA-Research/DINO's denominators: union + 1e-6, hull + 1e-6.
+  ref = (1 - (inter / (union + 1e-6) - (hull - union) / (hull + 1e-6))) * np.asarray(valid)
   np.testing.assert_allclose(losses.giou_loss(pred, target, valid), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -219,3 +220,84 @@ def test_wrong_shapes_fail_at_the_boundary_with_a_clear_message():
   valid = jnp.ones((2, 5), bool)
   np.testing.assert_array_equal(losses.box_loss("l1", pred + 0.1, pred + 0.2, valid),
                                 losses.l1_loss(pred + 0.1, pred + 0.2, valid))
+
+
+def _np_qfl(logits, labels, scores, valid, beta=2.0):
+  """float64 reference written as mmdet's quality_focal_loss: every element a negative towards
+  0, then the matched class of each positive (0 <= label < C) overwritten with BCE(x, s) *
+  |s - p|^beta; rows with valid False zeroed."""
+  x = np.float64(logits)
+  n, c = x.shape[:-1], x.shape[-1]
+  p = 1.0 / (1.0 + np.exp(-x))
+  bce = lambda x, t: np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
+  loss = bce(x, 0.0) * p**beta
+  for idx in np.ndindex(n):
+    k = labels[idx]
+    if 0 <= k < c:
+      s = np.float64(scores[idx])
+      loss[idx + (k,)] = bce(x[idx + (k,)], s) * abs(s - p[idx + (k,)])**beta
+    if not valid[idx]:
+      loss[idx] = 0.0
+  return loss
+
+
+@pytest.fixture(scope="module")
+def qfl_data():
+  rng = np.random.default_rng(7)
+  logits = rng.normal(0, 3, (2, 6, 5)).astype(np.float32)
+  labels = rng.integers(-1, 6, (2, 6)).astype(np.int32)  # -1 and 5 (= C) are background
+  scores = rng.uniform(0, 1, (2, 6)).astype(np.float32)
+  valid = rng.uniform(size=(2, 6)) < 0.8
+  valid[0, :2] = True
+  labels[0, :2] = (2, 5)
+  valid[1, 0] = False
+  labels[1, 0] = 3  # a masked positive
+  return logits, labels, scores, valid
+
+
+def test_quality_focal_loss_hand_computed():
+  # x = 0 -> p = 1/2: a positive with s = 1/2 costs 0; a negative ln2 * (1/2)^2; s = 1 on the
+  # matched class: ln2 * (1/2)^2 as well.
+  logits = jnp.zeros((2, 2))
+  out = losses.quality_focal_loss(logits, jnp.array([0, 1]), jnp.array([0.5, 1.0]))
+  ln2 = np.log(2.0)
+  np.testing.assert_allclose(out, [[0.0, ln2 / 4], [ln2 / 4, ln2 / 4]], rtol=1e-6)
+
+
+def test_quality_focal_loss_matches_numpy_float64(qfl_data):
+  logits, labels, scores, valid = qfl_data
+  want = _np_qfl(logits, labels, scores, valid)
+  fn = jax.jit(functools.partial(losses.quality_focal_loss, beta=2.0))
+  got = fn(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(scores), jnp.asarray(valid))
+  assert got.shape == logits.shape
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+  # The one-hot form gives the same values (background rows all zero).
+  onehot = np.zeros(logits.shape, bool)
+  for idx in np.ndindex(labels.shape):
+    if 0 <= labels[idx] < 5:
+      onehot[idx + (labels[idx],)] = True
+  np.testing.assert_allclose(fn(jnp.asarray(logits), jnp.asarray(onehot), jnp.asarray(scores),
+                                jnp.asarray(valid)), want, rtol=2e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="labels must be"):
+    losses.quality_focal_loss(jnp.asarray(logits), jnp.zeros((2,), jnp.int32), jnp.asarray(scores))
+
+
+def test_quality_focal_loss_gradient(qfl_data):
+  """jax.grad against central differences of the float64 reference; masked rows and the
+  (constant) scores get zero gradient."""
+  logits, labels, scores, valid = qfl_data
+  total = lambda x, s: jnp.sum(losses.quality_focal_loss(x, jnp.asarray(labels), s,
+                                                         jnp.asarray(valid)))
+  g_x, g_s = jax.grad(total, argnums=(0, 1))(jnp.asarray(logits), jnp.asarray(scores))
+  assert np.all(np.isfinite(g_x))
+  np.testing.assert_array_equal(g_s, 0.0)
+  np.testing.assert_array_equal(np.asarray(g_x)[~valid], 0.0)
+  h = 1e-5
+  numeric = np.zeros(logits.shape)
+  for idx in np.ndindex(logits.shape):
+    up, down = np.float64(logits), np.float64(logits)
+    up[idx] += h
+    down[idx] -= h
+    numeric[idx] = (_np_qfl(up, labels, scores, valid).sum()
+                    - _np_qfl(down, labels, scores, valid).sum()) / (2 * h)
+  np.testing.assert_allclose(g_x, numeric, rtol=1e-3, atol=1e-5)

@@ -26,16 +26,16 @@ def np_xyxy(b):
 
 
 def np_pairwise_iou_giou(a, b):
-  """a [N, 4], b [M, 4] cxcywh -> (iou, giou) [N, M], float64."""
+  """a [N, 4], b [M, 4] cxcywh -> (iou, giou) [N, M], float64 (DINO's + 1e-6 denominators)."""
   a, b = np_xyxy(a.astype(np.float64))[:, None], np_xyxy(b.astype(np.float64))[None]
   area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])
   wh = np.clip(np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2]), 0, None)
   inter = wh[..., 0] * wh[..., 1]
   union = area(a) + area(b) - inter
-  iou = inter / union
+  iou = inter / (union + 1e-6)
   ewh = np.maximum(a[..., 2:], b[..., 2:]) - np.minimum(a[..., :2], b[..., :2])
   enclosing = ewh[..., 0] * ewh[..., 1]
-  return iou, iou - (enclosing - union) / enclosing
+  return iou, iou - (enclosing - union) / (enclosing + 1e-6)
 
 
 def np_sigmoid(x):
@@ -303,7 +303,8 @@ def test_task_aligned_hand_built_case():
   # GT 0's top-3 by alignment is q0, q3, q1; q1 moved to GT 1 (higher IoU) -> padded with -1.
   np.testing.assert_array_equal(indices, [[0, 3, -1], [4, 1, -1], [-1, -1, -1]])
   soft = np.asarray(out.soft_targets)
-  assert soft[0, 0] == pytest.approx(1.0, abs=1e-5)  # max t, IoU 1 -> 1
+  # max t, IoU = 0.04 / (0.04 + 1e-6) (identical boxes, DINO's eps) -> that IoU.
+  assert soft[0, 0] == pytest.approx(0.04 / (0.04 + 1e-6), abs=1e-5)
   assert np.all(soft[indices < 0] == 0)
   _, want = np_task_aligned(logits, boxes, labels, gt, valid, 3)
   np.testing.assert_allclose(np.asarray(out.query_targets), want, rtol=1e-4, atol=1e-6)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sized_detr_jax import config_lib
+from sized_detr_jax.models import deformable_transformer as transformer_lib
 from sized_detr_jax.models import dino
 from sized_detr_jax.models.testing import random_params
 
@@ -191,6 +192,101 @@ def test_encode_decode_and_five_scales():
   assert [s.shape[-1] for s in enc["srcs"]] == [config.model.hidden_dim] * 5
   for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(whole)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_selection_scores_hand_computed():
+  # 5 tokens, 2 classes; token 1 is padding (its constant logit 0.5 beats tokens 2 and 4).
+  logits = jnp.array([[[0.9, 0.1], [0.5, 0.2], [0.3, 0.4], [-1.0, 2.0], [0.0, 0.1]]])
+  usable = jnp.array([[True, False, True, True, True]])
+  dino_score = transformer_lib.selection_scores(logits, usable, "dino")
+  valid_score = transformer_lib.selection_scores(logits, usable, "valid_only")
+  np.testing.assert_allclose(dino_score, [[0.9, 0.5, 0.4, 2.0, 0.1]], rtol=1e-6)
+  np.testing.assert_allclose(valid_score, [[0.9, -np.inf, 0.4, 2.0, 0.1]], rtol=1e-6)
+  # Top-3: DINO takes the padding token (3, 0, 1), valid_only the next real one (3, 0, 2).
+  np.testing.assert_array_equal(jax.lax.top_k(dino_score, 3)[1], [[3, 0, 1]])
+  np.testing.assert_array_equal(jax.lax.top_k(valid_score, 3)[1], [[3, 0, 2]])
+  with pytest.raises(ValueError, match="query_selection"):
+    transformer_lib.selection_scores(logits, usable, "all")
+
+
+def test_query_selection_rules_in_the_model():
+  """With a zero `enc_output` kernel every token has the same encoder logits, so top-k keeps
+  the lowest token indices (lax.top_k puts ties in index order) among those it may take, and
+  with a zero last box layer an interm box is the token's anchor. 64x48 image in a 64x64
+  canvas: level 0 is 8x8 with 6 real columns, the 20 queries come from it.
+  DINO's rule: tokens 0..19 (rows 0-1 and 4 of row 2), its padded columns 6-7 give box 1;
+  valid_only: real tokens only (rows 0-2 and 2 of row 3)."""
+  config = dino_r50.get_config("smoke")
+  assert config.model.query_selection == "dino"
+  images = jax.random.normal(jax.random.PRNGKey(3), (1, SIZE, SIZE, 3))
+  mask = jnp.ones((1, SIZE, SIZE), bool).at[:, :, 48:].set(False)
+  models = {r: dino.build_dino(dict(config.model, query_selection=r))
+            for r in ("dino", "valid_only")}
+  shapes = jax.eval_shape(models["dino"].init, jax.random.PRNGKey(0), images, mask)["params"]
+  params = random_params(shapes, seed=4)
+  t = params["transformer"]
+  t["enc_output"]["kernel"] = jnp.zeros_like(t["enc_output"]["kernel"])
+  last = t["enc_out_bbox_embed"]["layers_2"]
+  t["enc_out_bbox_embed"]["layers_2"] = jax.tree.map(jnp.zeros_like, last)
+  out = jax.jit(lambda p: {r: m.apply({"params": p}, images, mask)
+                           for r, m in models.items()})(params)
+
+  def anchors(tokens):
+    want = []
+    for k in tokens:
+      i, j = divmod(k, 8)
+      want.append([1.0] * 4 if j >= 6 else [(j + 0.5) / 6, (i + 0.5) / 8, 0.05, 0.05])
+    return np.array(want)
+
+  q = config.model.num_queries
+  real = [k for k in range(64) if k % 8 < 6][:q]
+  np.testing.assert_allclose(out["dino"]["interm_outputs"]["pred_boxes"][0], anchors(range(q)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(out["valid_only"]["interm_outputs"]["pred_boxes"][0], anchors(real),
+                             rtol=1e-5)
+  for leaf in jax.tree.leaves(out):
+    assert bool(jnp.all(jnp.isfinite(leaf)))
+  with pytest.raises(ValueError, match="needs query_selection='valid_only'"):
+    dino.build_dino(dict(config.model, padding_invariant=True)).init(
+        jax.random.PRNGKey(0), images, mask)
+
+
+def test_per_layer_heads(tiny):
+  """share_decoder_heads=False: one class Linear and box MLP per decoder layer, same shapes as
+  the shared pair; with every copy equal to the shared one the outputs are the shared model's,
+  and layer i's logits read only copy i."""
+  config = dict(tiny["config"].model, share_decoder_heads=False)
+  model = dino.build_dino(config)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tiny["images"], tiny["mask"])
+  t_new, t_old = shapes["params"]["transformer"], tiny["params"]["transformer"]
+  n_layers = config["dec_layers"]
+  assert "class_embed" not in t_new and "bbox_embed" not in t_new
+  assert set(t_new) - set(t_old) == ({f"class_embed_{i}" for i in range(n_layers)}
+                                     | {f"bbox_embed_{i}" for i in range(n_layers)})
+  for i in range(n_layers):
+    for name in ("class_embed", "bbox_embed"):
+      assert (jax.tree.map(lambda x: x.shape, t_new[f"{name}_{i}"])
+              == jax.tree.map(lambda x: x.shape, t_old[name]))
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  heads = size(t_old["class_embed"]) + size(t_old["bbox_embed"])
+  assert size(shapes["params"]) == size(tiny["params"]) + (n_layers - 1) * heads
+
+  t = {k: v for k, v in t_old.items() if k not in ("class_embed", "bbox_embed")}
+  for i in range(n_layers):
+    t[f"class_embed_{i}"], t[f"bbox_embed_{i}"] = t_old["class_embed"], t_old["bbox_embed"]
+  params = dict(tiny["params"], transformer=t)
+  apply = jax.jit(lambda p: model.apply({"params": p}, tiny["images"], tiny["mask"]))
+  same = apply(params)
+  shared = tiny["eval_apply"](tiny["params"], tiny["images"], tiny["mask"])
+  for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(shared)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
+  last = f"class_embed_{n_layers - 1}"
+  t2 = dict(t, **{last: dict(t[last], bias=t[last]["bias"] + 0.5)})
+  changed = apply(dict(params, transformer=t2))
+  np.testing.assert_array_equal(changed["aux_outputs"][0]["pred_logits"],
+                                same["aux_outputs"][0]["pred_logits"])
+  np.testing.assert_array_equal(changed["pred_boxes"], same["pred_boxes"])
+  np.testing.assert_allclose(changed["pred_logits"] - same["pred_logits"], 0.5, rtol=1e-5)
 
 
 def test_bfloat16_compute(tiny):

@@ -20,6 +20,14 @@ def test_full_dino_4scale_r50_matches_reference_count(capsys):
   assert "params: 46893182" in capsys.readouterr().out.splitlines()
 
 
+def test_per_layer_heads_count():
+  config = dino_r50.get_config("coco91")
+  counts = summary.count_params(dino.build_dino(dict(config.model, share_decoder_heads=False)))
+  # 5 more copies of the class Linear (256 -> 91) and the box MLP (256 -> 256 -> 256 -> 4).
+  per_layer = (256 * 91 + 91) + 2 * (256 * 256 + 256) + (256 * 4 + 4)
+  assert counts["params"] == 46_893_182 + 5 * per_layer
+
+
 def test_default_80_classes():
   counts = summary.count_params(dino.build_dino(dino_r50.get_config().model))
   # 11 fewer classes in two (256 -> C) heads and 11 fewer label_enc rows.

@@ -19,6 +19,7 @@ import pytest
 import procs
 
 from sized_detr_jax import config_lib
+from sized_detr_jax import metrics_log
 from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
 
@@ -28,8 +29,8 @@ STEPS, SWITCH = 6, 3
 
 
 def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  """The run's records (resume events applied: superseded rows dropped)."""
+  return metrics_log.read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
 def _run_py(workdir, data_root, extra=()):

@@ -16,6 +16,7 @@ import pytest
 import procs
 
 from sized_detr_jax import config_lib
+from sized_detr_jax import metrics_log
 from sized_detr_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,9 +127,12 @@ def test_kill9_resume_is_bit_identical_and_eval_files_written(data_root, tmp_pat
   proc = _run_py(killed, data_root, cache, extra=("--config.eval_at_end=False",))
   out, _ = proc.communicate(timeout=1200)
   assert proc.returncode == 0, out[-3000:]
-  after = _metrics(killed)
-  assert after[:len(before)] == before  # appended, never truncated
-  assert after[-1]["step"] == 6
+  raw = _metrics(killed)
+  assert raw[:len(before)] == before  # appended, never truncated
+  resume = raw[len(before)]
+  assert resume["event"] == "resume" and resume["from_step"] == 3  # rows after 3 superseded
+  after = metrics_log.read_metrics(os.path.join(killed, "metrics.jsonl"))
+  assert [r["step"] for r in after] == [2, 4, 6]
   reference = {r["step"]: r for r in _metrics(straight)}
   for record in after:
     for key in ("loss", "loss_bbox", "loss_ce", "loss_giou", "grad_norm"):

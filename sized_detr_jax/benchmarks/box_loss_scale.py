@@ -12,6 +12,7 @@ variant).
 import argparse
 import dataclasses
 import os
+import shutil
 import tempfile
 
 import jax
@@ -34,9 +35,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   config = config_lib.load_config(args.config, args.config_arg)
   config.num_devices = 1
-  with tempfile.TemporaryDirectory() as workdir:
-    run = state_lib.setup(config, workdir)
-    run.checkpointer.close()
+  workdir = tempfile.mkdtemp()  # an empty workdir: a fresh initialisation, nothing saved
+  run = state_lib.setup(config, workdir)
   base = criterion.CriterionConfig.from_config(config.criterion)
   variants = {"l1": dataclasses.replace(base, bbox_loss="l1", sized_l1_rescale=False),
               "sized_l1": dataclasses.replace(base, bbox_loss="sized_l1", sized_l1_rescale=False),
@@ -65,6 +65,8 @@ def main(argv=None):
         f"{config.data.batch_size}: initial final-layer loss_bbox (unweighted, mean)")
   for name, v in mean.items():
     print(f"  {name:18s} {v:.4f}")
+  run.checkpointer.close()
+  shutil.rmtree(workdir, ignore_errors=True)
   coef = base.bbox_loss_coef
   print(f"matched Sized L1 coefficient C = {coef} * l1 / sized_l1 = "
         f"{coef * mean['l1'] / mean['sized_l1']:.4f}")

@@ -2,15 +2,17 @@
 
 Follows IDEA-Research/DINO `models/dino/deformable_transformer.py` (DeformableTransformer with
 two_stage_type="standard", embed_init_tgt=True, decoder_sa_type="sa") and
-`models/dino/utils.py gen_encoder_output_proposals`, with the shared box/class heads of
-`models/dino/dino.py` owned here so the decoder can refine boxes with them:
+`models/dino/utils.py gen_encoder_output_proposals`, with the box/class heads of
+`models/dino/dino.py` owned here so the decoder can refine boxes with them (one pair shared by
+all decoder layers as in DINO, or one pair per layer as in Co-DETR: `share_decoder_heads`):
 
 * encoder: `enc_layers` x (MSDA self-attention over all levels, FFN), post-norm;
 * mixed query selection: per-token proposals (grid centre, w = h = 0.05 * 2^level), the top-Q
   tokens by the encoder head's max class logit give the *positional* queries (anchor boxes,
-  detached); the *content* queries are the learned `tgt_embed`;
+  detached); the *content* queries are the learned `tgt_embed`. Which tokens may be selected is
+  `query_selection` (see `selection_scores`): "dino" (the official code) or "valid_only";
 * decoder: `dec_layers` x (self-attention, MSDA cross-attention, FFN); after each layer the
-  shared box MLP refines the reference box (detached for the next layer), and the box reported
+  (layer's) box MLP refines the reference box (detached for the next layer), and the box reported
   for layer i is `sigmoid(box_mlp(norm(h_i)) + inverse_sigmoid(ref_i))` with `ref_i` the
   *undetached* refinement of layer i-1 (look-forward-twice).
 
@@ -268,6 +270,42 @@ def encoder_proposals(token_mask, spatial_shapes):
   return jnp.where(usable[..., None], unsig, jnp.inf), usable
 
 
+QUERY_SELECTION_RULES = ("dino", "valid_only")
+
+
+def selection_scores(enc_logits, usable, rule):
+  """Per-token score whose top-Q gives the queries (two-stage "standard" selection).
+
+  Unusable tokens (padding, anchors with a coordinate outside (0.01, 0.99)) have their memory
+  zeroed before the encoder-output head, so they all carry the same constant logit vector, and
+  an infinite proposal (their box is sigmoid(inf) = 1).
+
+  * "dino": the max class logit of every token, unusable ones included: they compete in top-k
+    with their constant logit exactly as in IDEA-Research/DINO (models/dino/
+    deformable_transformer.py, `torch.topk(enc_outputs_class_unselected.max(-1)[0], ...)`),
+    Semi-DETR and Co-DETR. A selected unusable token gives a query with reference box
+    (1, 1, 1, 1). Tied tokens are interchangeable (same content and box), so which of them
+    top-k takes does not change any output. The selection then depends on the amount of
+    padding.
+  * "valid_only": unusable tokens score -inf, so they are selected only when fewer than Q
+    tokens are usable (never at real image sizes); every query starts from a real anchor.
+
+  Args:
+    enc_logits: [B, S, C] encoder-output class logits.
+    usable: [B, S] bool from `encoder_proposals`.
+    rule: one of QUERY_SELECTION_RULES.
+
+  Returns:
+    [B, S] float32 scores.
+  """
+  if rule not in QUERY_SELECTION_RULES:
+    raise ValueError(f"query_selection must be one of {QUERY_SELECTION_RULES}, got {rule!r}")
+  score = jnp.max(enc_logits, axis=-1).astype(jnp.float32)
+  if rule == "valid_only":
+    score = jnp.where(usable, score, -jnp.inf)
+  return score
+
+
 class DeformableTransformer(nn.Module):
   """Encoder, mixed query selection, decoder and the (shared) prediction heads.
 
@@ -280,6 +318,13 @@ class DeformableTransformer(nn.Module):
     enc_n_points, dec_n_points: MSDA points per level and head.
     padding_invariant: query positional embedding from the reference box relative to the real
       image instead of DINO's box times the level-0 valid ratio (which depends on padding).
+    query_selection: "dino" (unusable tokens compete in top-k, the official rule) or
+      "valid_only" (they never do); see `selection_scores`.
+    share_decoder_heads: one class Linear and one box MLP for all decoder layers (`class_embed`,
+      `bbox_embed`: DINO's dec_pred_*_embed_share) or, False, one pair per layer
+      (`class_embed_{i}`, `bbox_embed_{i}`: Co-DETR's cls_branches / reg_branches, whose extra
+      encoder-proposal branch is `enc_out_*` here in both cases). Layer i's box MLP both refines
+      the reference for layer i+1 and gives layer i's boxes.
     dtype: compute dtype (boxes and logits come back float32).
     msda_implementation: sampling kernel name.
     remat: recompute each encoder/decoder layer in the backward pass (saves activation
@@ -296,6 +341,8 @@ class DeformableTransformer(nn.Module):
   enc_n_points: int = 4
   dec_n_points: int = 4
   padding_invariant: bool = False
+  query_selection: str = "dino"
+  share_decoder_heads: bool = True
   dtype: Any = jnp.float32
   msda_implementation: str = "gather"
   remat: bool = False
@@ -326,14 +373,28 @@ class DeformableTransformer(nn.Module):
                      name=f"decoder_layers_{i}") for i in range(self.dec_layers)]
     self.decoder_norm = _layer_norm("decoder_norm", dt)
     self.ref_point_head = MLP(self.d_model, self.d_model, 2, dtype=dt, name="ref_point_head")
-    # One class Linear and one box MLP shared by all decoder layers (dec_pred_*_embed_share).
-    self.class_embed = _dense(self.num_classes, "class_embed", dt,
-                              bias_init=nn.initializers.constant(prior_bias))
-    self.bbox_embed = MLP(self.d_model, 4, 3, last_zero_init=True, dtype=dt, name="bbox_embed")
+    # The decoder's class Linear and box MLP: shared by all layers (DINO's
+    # dec_pred_*_embed_share) or one per layer (Co-DETR), each initialised the same way.
+    class_head = lambda name: _dense(self.num_classes, name, dt,
+                                     bias_init=nn.initializers.constant(prior_bias))
+    box_head = lambda name: MLP(self.d_model, 4, 3, last_zero_init=True, dtype=dt, name=name)
+    if self.share_decoder_heads:
+      self.class_embed = class_head("class_embed")
+      self.bbox_embed = box_head("bbox_embed")
+    else:
+      self.class_embeds = [class_head(f"class_embed_{i}") for i in range(self.dec_layers)]
+      self.bbox_embeds = [box_head(f"bbox_embed_{i}") for i in range(self.dec_layers)]
 
-  def _box(self, hidden, reference):
-    """sigmoid(box_mlp(hidden) + inverse_sigmoid(reference)), float32 [.., 4]."""
-    return jax.nn.sigmoid(self.bbox_embed(hidden).astype(jnp.float32) + inverse_sigmoid(reference))
+  def _heads(self, layer):
+    """(class Linear, box MLP) of decoder layer `layer`."""
+    if self.share_decoder_heads:
+      return self.class_embed, self.bbox_embed
+    return self.class_embeds[layer], self.bbox_embeds[layer]
+
+  def _box(self, hidden, reference, layer):
+    """sigmoid(box_mlp_layer(hidden) + inverse_sigmoid(reference)), float32 [.., 4]."""
+    box_mlp = self._heads(layer)[1]
+    return jax.nn.sigmoid(box_mlp(hidden).astype(jnp.float32) + inverse_sigmoid(reference))
 
   def encode(self, srcs, masks, pos_embeds):
     """Runs the deformable encoder.
@@ -396,9 +457,7 @@ class DeformableTransformer(nn.Module):
     out_memory = self.enc_output_norm(self.enc_output(out_memory))
     enc_logits = self.enc_out_class_embed(out_memory).astype(jnp.float32)  # [B, S, C]
     enc_coord = self.enc_out_bbox_embed(out_memory).astype(jnp.float32) + proposals
-    # Unusable tokens (padding, proposals at the border) never get selected: DINO lets them
-    # compete with a constant logit and an infinite box; excluding them keeps queries real.
-    score = jnp.where(usable, jnp.max(enc_logits, axis=-1), -jnp.inf)
+    score = selection_scores(enc_logits, usable, self.query_selection)
     _, topk = jax.lax.top_k(score, self.num_queries)  # [B, Q]
     take = lambda x: jnp.take_along_axis(x, topk[..., None], axis=1)
     ref_undetached = take(enc_coord)  # [B, Q, 4] unsigmoided
@@ -418,7 +477,7 @@ class DeformableTransformer(nn.Module):
     hidden = tgt
     references = [reference]
     normed = []
-    for layer in self.decoder_layers:
+    for i, layer in enumerate(self.decoder_layers):
       ref_input = reference[:, :, None, :] * ratios4[:, None]  # [B, T, L, 4]
       sine_source = reference if self.padding_invariant else ref_input[:, :, 0]
       query_pos = self.ref_point_head(
@@ -426,12 +485,12 @@ class DeformableTransformer(nn.Module):
               self.dtype))
       hidden = layer(hidden, query_pos, ref_input, memory, spatial_shapes, token_mask,
                      self_attn_blocked)
-      new_reference = self._box(hidden, reference)
+      new_reference = self._box(hidden, reference, i)
       references.append(new_reference)
       reference = jax.lax.stop_gradient(new_reference)
       normed.append(self.decoder_norm(hidden))
-    logits = jnp.stack([self.class_embed(h).astype(jnp.float32) for h in normed])
-    boxes = jnp.stack([self._box(h, r) for h, r in zip(normed, references[:-1])])
+    logits = jnp.stack([self._heads(i)[0](h).astype(jnp.float32) for i, h in enumerate(normed)])
+    boxes = jnp.stack([self._box(h, references[i], i) for i, h in enumerate(normed)])
     return {"logits": logits, "boxes": boxes, "hidden": jnp.stack(normed),
             "interm_logits": interm_logits, "interm_boxes": interm_boxes}
 

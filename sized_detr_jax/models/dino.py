@@ -32,7 +32,8 @@ from sized_detr_jax import box_ops
 from sized_detr_jax import criterion
 from sized_detr_jax import method as method_lib
 from sized_detr_jax.models import denoising
-from sized_detr_jax.models.deformable_transformer import DeformableTransformer
+from sized_detr_jax.models.deformable_transformer import (QUERY_SELECTION_RULES,
+                                                          DeformableTransformer)
 from sized_detr_jax.models.position_encoding import downsample_mask, sine_position_embedding
 from sized_detr_jax.models.resnet import ResNet
 
@@ -104,6 +105,14 @@ class DINO(nn.Module):
       contrastive denoising (`denoising.py`); dn_number 0 disables it.
     padding_invariant: mask-aware backbone/GroupNorm/query embedding so outputs for real
       pixels do not depend on extra padding (not in PyTorch DINO; default off for fidelity).
+      Needs query_selection="valid_only".
+    query_selection: which encoder tokens may become queries (`deformable_transformer.
+      selection_scores`): "dino" (default, the official DINO / Semi-DETR / Co-DETR code:
+      padded tokens and border anchors compete in top-k with their constant logit) or
+      "valid_only" (they are excluded).
+    share_decoder_heads: True (DINO): one class Linear and one box MLP for all decoder layers;
+      False (Co-DETR): one pair per decoder layer (the encoder-proposal heads are separate in
+      both).
     dtype: "float32" or "bfloat16" compute (params stay float32).
     msda_implementation: `msda.IMPLEMENTATIONS` key.
     remat: rematerialise transformer layers in the backward pass (memory for compute).
@@ -131,6 +140,8 @@ class DINO(nn.Module):
   dn_labelbook_size: int = 91
   dn_groups: int = 0
   padding_invariant: bool = False
+  query_selection: str = "dino"
+  share_decoder_heads: bool = True
   dtype: str = "float32"
   msda_implementation: str = "gather"
   remat: bool = False
@@ -143,6 +154,12 @@ class DINO(nn.Module):
     if self.num_feature_levels < self.num_backbone_levels:
       raise ValueError(f"DINO: num_feature_levels {self.num_feature_levels} < "
                        f"num_backbone_levels {self.num_backbone_levels}")
+    if self.query_selection not in QUERY_SELECTION_RULES:
+      raise ValueError(f"DINO: query_selection must be one of {QUERY_SELECTION_RULES}, got "
+                       f"{self.query_selection!r}")
+    if self.padding_invariant and self.query_selection != "valid_only":
+      raise ValueError("DINO: padding_invariant=True needs query_selection='valid_only' (with "
+                       f"{self.query_selection!r} padded tokens compete for the queries)")
     dt = DTYPES[self.dtype]
     self.backbone = ResNet(tuple(self.backbone_blocks), self.backbone_width, dt,
                            norm=self.backbone_norm, num_levels=self.num_backbone_levels)
@@ -159,7 +176,9 @@ class DINO(nn.Module):
         dim_feedforward=self.dim_feedforward, num_queries=self.num_queries,
         enc_layers=self.enc_layers, dec_layers=self.dec_layers,
         n_levels=self.num_feature_levels, enc_n_points=self.enc_n_points,
-        dec_n_points=self.dec_n_points, padding_invariant=self.padding_invariant, dtype=dt,
+        dec_n_points=self.dec_n_points, padding_invariant=self.padding_invariant,
+        query_selection=self.query_selection, share_decoder_heads=self.share_decoder_heads,
+        dtype=dt,
         msda_implementation=self.msda_implementation, remat=self.remat)
 
   def __call__(self, images, pixel_mask, targets: Optional[Dict[str, jax.Array]] = None,

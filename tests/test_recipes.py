@@ -1,0 +1,43 @@
+"""The experiment configs carry the official recipes (values read from the official configs:
+JCZ404/Semi-DETR configs/detr_ssod + configs/dino_detr, IDEA-Research/DINO)."""
+import pathlib
+
+import pytest
+
+from sized_detr_jax import config_lib
+
+EXPERIMENTS = pathlib.Path(__file__).parents[1] / "experiments"
+
+
+def _config(name, arg=None):
+  return config_lib.load_config(str(EXPERIMENTS / name), arg)
+
+
+@pytest.mark.parametrize("arg", ["p1", "p10,fold3,sized_both", "full,sized_sup,rescale"])
+def test_semi_detr_coco_rows_use_semi_detrs_recipe(arg):
+  config = _config("semi_detr.py", arg)
+  # loss_cls1 / loss_cls2 loss_weight=2.0; L1 5 + xy 5 + wh 5 (effective 10); GIoU 2.
+  assert config.criterion.cls_loss_coef == 2.0
+  assert config.criterion.bbox_loss_coef == 10.0
+  assert config.criterion.giou_loss_coef == 2.0
+  # Labeled view: RandResize + RandFlip + one colour op, no crop.
+  assert not config.data.random_crop and config.data.labeled_color_op
+  # paramwise_cfg custom_keys={'backbone': lr_mult 0.1} only.
+  assert config.optimizer.lr == 1e-4
+  assert config.optimizer.lr_backbone_mult == 0.1
+  assert config.optimizer.lr_linear_proj_mult == 1.0
+  assert config.model.query_selection == "dino"
+
+
+def test_semi_detr_rescale_token():
+  assert _config("semi_detr.py", "p10,sized_sup,rescale").criterion.sized_l1_rescale
+  assert not _config("semi_detr.py", "p10,sized_sup").criterion.sized_l1_rescale
+  with pytest.raises(ValueError, match="'rescale' needs sized_both or sized_sup"):
+    _config("semi_detr.py", "p10,rescale")
+
+
+def test_query_selection_defaults():
+  assert _config("dino_r50.py").model.query_selection == "dino"
+  assert _config("dino_r50.py", "tiny,invariant").model.query_selection == "valid_only"
+  # The default run keeps the rule of its measured figures.
+  assert _config("synthetic.py").model.query_selection == "valid_only"
