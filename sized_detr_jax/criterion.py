@@ -42,9 +42,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sized_detr_jax import box_ops
 from sized_detr_jax import config_lib
 from sized_detr_jax import losses
 from sized_detr_jax import matching
+
+CLS_LOSSES = ("focal", "qfl")
 
 # COCO's area ranges (pycocotools COCOeval Params.areaRng): small < 32^2 <= medium < 96^2 <= large.
 SIZE_THRESHOLDS = (32.0**2, 96.0**2)
@@ -55,6 +58,8 @@ def default_criterion_config():
 
   Fields:
     cls_loss_coef, bbox_loss_coef, giou_loss_coef: loss weights (1.0, 5.0, 2.0).
+    cls_loss: "focal" (DINO) or "qfl" (Co-DINO's quality focal loss, IoU soft targets) in the
+      matched and denoising branches; qfl_beta its exponent (2.0).
     set_cost_class, set_cost_bbox, set_cost_giou: matching cost weights (2.0, 5.0, 2.0).
     focal_alpha, focal_gamma: focal loss and focal matching cost parameters (0.25, 2.0).
     bbox_loss: "l1" (DINO) or "sized_l1" (the paper), used in every branch.
@@ -82,6 +87,8 @@ class CriterionConfig:
   focal_gamma: float = 2.0
   bbox_loss: str = "l1"
   sized_l1_rescale: bool = False
+  cls_loss: str = "focal"
+  qfl_beta: float = 2.0
   matcher_box_cost: str = "l1"
   interm_loss_coef: float = 1.0
   use_dn: bool = True
@@ -90,11 +97,29 @@ class CriterionConfig:
   o2m_beta: float = 6.0
 
   def __post_init__(self):
+    if self.cls_loss not in CLS_LOSSES:
+      raise ValueError(f"criterion config: cls_loss must be one of {CLS_LOSSES}, got "
+                       f"{self.cls_loss!r}")
     for field in ("bbox_loss", "matcher_box_cost"):
       value = getattr(self, field)
       if value not in losses.BOX_LOSSES:
         raise ValueError(f"criterion config: {field} must be one of "
                          f"{tuple(losses.BOX_LOSSES)}, got {value!r}")
+
+  def classification_loss(self, logits, onehot, pred_boxes=None, target_boxes=None):
+    """Per-element classification loss against one-hot targets ([..., C], 0 rows: background).
+
+    "focal": DINO's sigmoid focal loss. "qfl": Co-DINO's quality focal loss, the positives'
+    target being the IoU of the (detached) predicted box with its ground truth: `pred_boxes`,
+    `target_boxes` [..., 4] normalised cxcywh, aligned with the logits' leading dims.
+    """
+    if self.cls_loss == "focal":
+      return losses.sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha,
+                                       gamma=self.focal_gamma)
+    iou = box_ops.elementwise_box_iou(
+        box_ops.box_cxcywh_to_xyxy(jax.lax.stop_gradient(pred_boxes).astype(jnp.float32)),
+        box_ops.box_cxcywh_to_xyxy(target_boxes.astype(jnp.float32)))
+    return losses.quality_focal_loss(logits, onehot, iou, beta=self.qfl_beta)
 
   def box_loss(self, pred, target, valid, *, axis_name=None):
     """The configured box regression loss per box (`losses.box_loss` of `bbox_loss`)."""
@@ -157,7 +182,10 @@ def _matched_terms(logits, boxes, targets, matches, cfg, axis_name):
   assigned = pair_valid[:, None, :] & (matches[:, None, :] == jnp.arange(num_queries)[:, None])
   query_label = jnp.sum(jnp.where(assigned, gt_labels[:, None, :] + 1, 0), axis=-1) - 1  # [B, Q]
   onehot = jax.nn.one_hot(query_label, logits.shape[-1], dtype=logits.dtype)
-  ce = losses.sigmoid_focal_loss(logits, onehot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+  query_target = None
+  if cfg.cls_loss != "focal":  # the box of the ground truth matched to each query
+    query_target = jnp.sum(jnp.where(assigned[..., None], gt_boxes[:, None, :, :], 0.0), axis=2)
+  ce = cfg.classification_loss(logits, onehot, boxes, query_target)
 
   src = jnp.take_along_axis(boxes, jnp.clip(matches, 0, num_queries - 1)[..., None], axis=1)
   box = cfg.box_loss(src, gt_boxes, pair_valid, axis_name=axis_name)  # [B, G]
@@ -230,8 +258,7 @@ def _dn_losses(dn_outputs, dn_meta, targets, cfg, axis_name):
   cls_target = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * positive[..., None]
   num_dn = jnp.maximum(losses.global_sum(positive.astype(jnp.float32), axis_name), 1.0)
 
-  ce = losses.sigmoid_focal_loss(logits, cls_target[None], alpha=cfg.focal_alpha,
-                                 gamma=cfg.focal_gamma)
+  ce = cfg.classification_loss(logits, cls_target[None], boxes, box_target[None])
   ce = jnp.where(dn_meta["valid"][None, ..., None], ce, 0.0)  # [L, B, D, C]
   box = cfg.box_loss(boxes, box_target[None], positive[None], axis_name=axis_name)  # [L, B, D]
   giou = losses.giou_loss(boxes, box_target[None], positive[None])

@@ -318,3 +318,24 @@ def test_positive_query_selection_slots():
   sel = model.select_positive_queries(jax.random.PRNGKey(1), jnp.asarray(small, jnp.int32),
                                       jnp.asarray(boxes), num_slots=12, min_slots=9)
   np.testing.assert_array_equal(np.asarray(sel["valid"]).sum(1), [9, 9, 5])
+
+
+def test_positive_query_slots_are_counted_per_device_group():
+  """Co-DETR counts the used slots per GPU: with a group per device shard, each group pads to
+  its own max positives (clipped to [min_slots, num_slots])."""
+  from sized_detr_jax.co_dino import model  # pylint: disable=g-import-not-at-top
+  gt_index = np.full((4, 30), assigners.NEGATIVE)
+  for i, count in enumerate([10, 2, 3, 1]):
+    gt_index[i, :count] = 0
+  boxes = np.tile(np.arange(30, dtype=np.float32)[None, :, None], (4, 1, 4))
+  args = (jax.random.PRNGKey(0), jnp.asarray(gt_index, jnp.int32), jnp.asarray(boxes))
+  one = model.select_positive_queries(*args, num_slots=12, min_slots=2)
+  two = model.select_positive_queries(*args, num_slots=12, min_slots=2, num_groups=2)
+  np.testing.assert_array_equal(np.asarray(one["valid"]).sum(1), [10, 10, 10, 10])
+  np.testing.assert_array_equal(np.asarray(two["valid"]).sum(1), [10, 10, 3, 3])
+  np.testing.assert_array_equal(np.asarray(two["positive"]).sum(1), [10, 2, 3, 1])
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:4])
+  with jax.set_mesh(mesh):  # the trainer's context: one group per device shard
+    assert model._device_groups(4) == 4 and model._device_groups(6) == 1  # pylint: disable=protected-access
+  assert model._device_groups(4) == 1  # pylint: disable=protected-access

@@ -40,6 +40,9 @@ def _batch():
 @pytest.fixture(scope="module")
 def setup():
   config = config_lib.load_config(CONFIG, "smoke")
+  # Slot counts per image (4 groups of 1): the same on 1 and on 4 devices (by default they
+  # follow the device shards, as Co-DETR's per-GPU count).
+  config.co_dino.pos_query_groups = BATCH
   method = co_dino.build(config)
   model, labels_fn = method.model, method.param_labels
   images, mask, targets = _batch()
@@ -93,10 +96,10 @@ def test_positive_query_slots(setup):
     q = jax.tree.map(np.asarray, outputs["co_outputs"]["pos_queries"][name])
     assert np.all(q["valid"] | ~q["positive"])
     num_pos = q["positive"].sum(1)
-    used = np.clip(num_pos.max(), config.co_dino.min_pos_queries, n)
-    # Positives first, then padding negatives up to the batch's slot count, then nothing.
+    used = np.clip(num_pos, config.co_dino.min_pos_queries, n)  # one image per group
+    # Positives first, then padding negatives up to the group's slot count, then nothing.
     slots = np.broadcast_to(np.arange(n), (BATCH, n))
-    np.testing.assert_array_equal(q["valid"], slots < used)
+    np.testing.assert_array_equal(q["valid"], slots < used[:, None])
     np.testing.assert_array_equal(q["positive"], slots < num_pos[:, None])
     assert num_pos[3] == 0 and num_pos[:3].min() > 0  # image 3 has no ground truth
     np.testing.assert_array_equal(q["labels"][~q["positive"]], -1)

@@ -379,3 +379,39 @@ def test_criterion_rejects_mismatched_shapes(example):
   bad = dict(targets, labels=targets["labels"][:, :-1])  # labels [B, G-1] vs valid [B, G]
   with pytest.raises(AssertionError):
     criterion.set_criterion(outputs, bad, matches)
+
+
+def np_iou(a, b):
+  """Elementwise IoU of cxcywh boxes in float64 (DINO's +1e-6 on the union)."""
+  xyxy = lambda x: np.concatenate([x[..., :2] - x[..., 2:] / 2, x[..., :2] + x[..., 2:] / 2], -1)
+  a, b = xyxy(np.asarray(a, np.float64)), xyxy(np.asarray(b, np.float64))
+  wh = np.clip(np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2]), 0, None)
+  inter = wh[..., 0] * wh[..., 1]
+  area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])
+  return inter / (area(a) + area(b) - inter + 1e-6)
+
+
+def test_quality_focal_classification_matches_numpy(example):
+  """cls_loss="qfl" (Co-DINO): the matched queries' soft target is the IoU of their box with
+  the ground truth; every other (query, class) is a negative, BCE * p^2."""
+  outputs, targets, matches = example
+  cfg = criterion.CriterionConfig(cls_loss="qfl", use_dn=False)
+  got = jax.jit(lambda o, t, m: criterion.set_criterion(o, t, m, cfg))(outputs, targets, matches)
+  logits = np.asarray(outputs["pred_logits"], np.float64)
+  soft = np.zeros_like(logits)
+  m = np.asarray(matches["final"])
+  for b in range(B):
+    for g in range(G):
+      if targets["valid"][b, g] and m[b, g] >= 0:
+        q = m[b, g]
+        soft[b, q, targets["labels"][b, g]] = np_iou(outputs["pred_boxes"][b, q],
+                                                     targets["boxes"][b, g])
+  p = 1 / (1 + np.exp(-logits))
+  qfl = -(soft * np.log(p) + (1 - soft) * np.log(1 - p)) * np.abs(soft - p) ** 2
+  np.testing.assert_allclose(float(got["loss_ce"]), qfl.sum() / max(targets["valid"].sum(), 1),
+                             rtol=1e-5)
+  focal = criterion.set_criterion(outputs, targets, matches, criterion.CriterionConfig(
+      use_dn=False))
+  assert float(got["loss_bbox"]) == float(focal["loss_bbox"])  # only classification changes
+  with pytest.raises(ValueError, match="cls_loss must be one of"):
+    criterion.CriterionConfig(cls_loss="ce")

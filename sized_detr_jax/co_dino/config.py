@@ -22,6 +22,8 @@ class AuxConfig:
   heads: subset of HEAD_KINDS ("rpn_roi": RPN + RoI head; "atss").
   num_pos_queries: static positive-query slots per head and image (Co-DETR max_pos_coords 300).
   min_pos_queries: least slots used per head (9 in Co-DETR).
+  pos_query_groups: the used slot count is the max positives within a group of images: 0 =
+    one group per device shard of the mesh (Co-DETR: per GPU), k > 0: k equal groups.
   feat_channels, gn_groups: ATSS/RPN conv width and ATSS GroupNorm groups (256, 32).
   atss_*: ATSS assigner topk (9) and anchor scale (8 x stride).
   rpn_*: anchors (octave base 4, 3 scales, ratios 0.5/1/2), assigner (0.7 / 0.3 / 0.3, low
@@ -33,6 +35,7 @@ class AuxConfig:
   heads: Tuple[str, ...] = HEAD_KINDS
   num_pos_queries: int = 300
   min_pos_queries: int = 9
+  pos_query_groups: int = 0
   feat_channels: int = 256
   gn_groups: int = 32
   atss_topk: int = 9

@@ -1,10 +1,10 @@
 """Co-DINO's training loss: DINO's set criterion on the main head, the auxiliary heads' losses
 and the positive-query losses, as one flat dict of scalars.
 
-* Main head: `criterion.dino_criterion` (Hungarian matching, focal / L1 or Sized L1 / GIoU
-  over final, auxiliary, encoder-proposal and denoising outputs) with `config.criterion`.
-  Co-DINO's main head uses quality focal loss; this reproduction keeps DINO's focal loss (see
-  experiments/co_dino.py).
+* Main head: `criterion.dino_criterion` (Hungarian matching, classification / L1 or Sized L1 /
+  GIoU over final, auxiliary, encoder-proposal and denoising outputs) with `config.criterion`;
+  Co-DINO's recipe sets `cls_loss="qfl"` (quality focal loss, IoU soft targets, as
+  co_dino_head.py) there and for the positive queries.
 * Auxiliary heads (`co_dino.aux_losses`): each weight is its base weight times
   `num_decoder_layers x lambda_2` (Co-DETR: 6 x 2 = 12): RPN CE 1 / L1 1, RoI CE 1 / GIoU 10,
   ATSS focal 1 / GIoU 2 / centerness 1.
@@ -44,7 +44,8 @@ def positive_query_losses(extra, queries, cfg, *, name, axis_name=None):
     extra: {"pred_logits": [L, B, N, C], "pred_boxes": [L, B, N, 4]} this head's slots.
     queries: {"labels": [B, N] int32 (-1 background), "boxes": [B, N, 4] normalised cxcywh
       targets, "positive": [B, N] bool, "valid": [B, N] bool}.
-    cfg: `criterion.CriterionConfig` of the main head (focal parameters, bbox_loss).
+    cfg: `criterion.CriterionConfig` of the main head (cls_loss: focal or quality focal,
+      bbox_loss).
     name: the head's name in the loss keys.
 
   Returns:
@@ -56,10 +57,9 @@ def positive_query_losses(extra, queries, cfg, *, name, axis_name=None):
   positive = queries["positive"] & valid
   onehot = jax.nn.one_hot(jnp.where(positive, queries["labels"], -1), logits.shape[-1],
                           dtype=logits.dtype)
-  ce = losses.sigmoid_focal_loss(logits, onehot[None], alpha=cfg.focal_alpha,
-                                 gamma=cfg.focal_gamma)
-  ce = jnp.where(valid[None, ..., None], ce, 0.0)
   target = jnp.broadcast_to(queries["boxes"][None], boxes.shape)
+  ce = cfg.classification_loss(logits, onehot[None], boxes, target)
+  ce = jnp.where(valid[None, ..., None], ce, 0.0)
   pos = jnp.broadcast_to(positive[None], boxes.shape[:-1])
   box = cfg.box_loss(boxes, target, pos, axis_name=axis_name)
   giou = losses.giou_loss(boxes, target, pos)

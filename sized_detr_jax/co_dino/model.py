@@ -17,16 +17,17 @@ co_dino_5scale_r50_1x_coco.py config (design.md section 8):
 3. Customized positive queries (CoDeformDETRHead.get_aux_targets, CoDinoTransformer.forward_aux):
    for each query-producing head (RoI head, then ATSS: Co-DETR's head order) up to `N =
    num_pos_queries` of its positive boxes per image (a random subset if more), padded with
-   random negatives (background class, no box loss) up to `clip(max positives in the batch,
-   min_pos_queries, N)` slots; slots beyond that are invalid (no loss, attend to nothing).
+   random negatives (background class, no box loss) up to `clip(max positives among the
+   images of the same device shard (Co-DETR: per GPU), min_pos_queries, N)` slots; slots beyond that are invalid (no loss, attend to nothing).
    The reference box of a slot is its anchor / RoI (normalised cxcywh), its content
    `LayerNorm(Linear(sine embedding of the box))` with a Linear/LN per head. Each head's slots
    form one isolated group of `DINO.decode`'s `extra_queries`: one decoder pass with the
    matching and denoising queries, equivalent to Co-DETR's separate pass per head (they see
    only their own head's slots; nobody sees them).
 4. Outputs: DINO's outputs dict plus `extra_outputs` ({head name: decoder predictions of its
-   positive queries on every layer, [L, B, N, .]}) and `co_outputs` (each auxiliary head's predictions with their
-   assigned targets, and the positive queries' targets) for `co_dino.criterion`.
+   positive queries on every layer, [L, B, N, .]}) and `co_outputs` (each auxiliary head's
+   predictions with their assigned targets, and the positive queries' targets) for
+   `co_dino.criterion`.
 
 With `train=False` (or without targets) the module returns plain DINO outputs: inference and
 evaluation use only `params["dino"]`, which is a DINO params tree.
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 from sized_detr_jax.co_dino import anchors as anchors_lib
 from sized_detr_jax.co_dino import assigners
 from sized_detr_jax.co_dino import config as co_config
+from sized_detr_jax import sharding
 from sized_detr_jax.co_dino import heads
 from sized_detr_jax.models import dino as dino_lib
 from sized_detr_jax.models.layers import inverse_sigmoid
@@ -50,10 +52,7 @@ from sized_detr_jax.models.position_encoding import sine_embedding_of_boxes
 from sized_detr_jax.models.roi_align import multi_level_roi_align
 
 
-
-
-
-def select_positive_queries(key, gt_index, boxes_xyxy, *, num_slots, min_slots):
+def select_positive_queries(key, gt_index, boxes_xyxy, *, num_slots, min_slots, num_groups=1):
   """Co-DETR's positive-query slots of one head (get_aux_targets), static shapes.
 
   Args:
@@ -63,20 +62,31 @@ def select_positive_queries(key, gt_index, boxes_xyxy, *, num_slots, min_slots):
     boxes_xyxy: [B, M, 4] the candidates' boxes (anchors / RoIs) in pixels.
     num_slots: N static slots (max_pos_coords).
     min_slots: least slots used (9).
+    num_groups: the batch's device shards: the used slot count is the max positives within
+      each image's shard (Co-DETR: per GPU), B must divide by it.
 
   Returns:
     dict of [B, N] arrays: `boxes_xyxy` [B, N, 4], `gt_index` (-1 for negatives and invalid
     slots), `positive`, `valid` (positive, or a padding negative within the used slots).
   """
   samples = assigners.random_sample(key, gt_index, num=num_slots, pos_fraction=1.0)
-  num_pos = jnp.sum(samples.positive, axis=1)
-  used = jnp.clip(jnp.max(num_pos), min_slots, num_slots)  # over the (global) batch
-  valid = samples.valid & (jnp.arange(num_slots)[None, :] < used)
+  num_pos = jnp.sum(samples.positive, axis=1)  # [B]
+  per_group = jnp.max(num_pos.reshape(num_groups, -1), axis=1, keepdims=True)  # per device
+  used = jnp.clip(jnp.broadcast_to(per_group, (num_groups, num_pos.shape[0] // num_groups)),
+                  min_slots, num_slots).reshape(-1)  # [B]
+  valid = samples.valid & (jnp.arange(num_slots)[None, :] < used[:, None])
   boxes = jnp.take_along_axis(boxes_xyxy, samples.index[..., None], axis=1)
   assigned = jnp.take_along_axis(gt_index, samples.index, axis=1)
   positive = samples.positive & valid
   return {"boxes_xyxy": boxes, "gt_index": jnp.where(positive, assigned, -1),
           "positive": positive, "valid": valid}
+
+
+def _device_groups(batch):
+  """Device shards of the batch axis under the mesh entered with `jax.set_mesh` (1 without)."""
+  mesh = sharding.context_mesh()
+  shards = 1 if mesh is None else mesh.shape[sharding.DATA_AXIS]
+  return shards if batch % shards == 0 else 1
 
 
 def _take(x, index):
@@ -173,7 +183,9 @@ class CoDINO(nn.Module):
       gt_index, boxes = candidates[name]
       sel = select_positive_queries(qkey, jax.lax.stop_gradient(gt_index),
                                     jax.lax.stop_gradient(boxes), num_slots=n,
-                                    min_slots=self.aux.min_pos_queries)
+                                    min_slots=self.aux.min_pos_queries,
+                                    num_groups=(self.aux.pos_query_groups
+                                                or _device_groups(gt_index.shape[0])))
       box = jnp.clip(anchors_lib.pixels_to_normalized(sel["boxes_xyxy"], image_size), 0.0, 1.0)
       unsig = inverse_sigmoid(box)
       embed = sine_embedding_of_boxes(jax.nn.sigmoid(unsig)[..., (1, 0, 2, 3)],

@@ -325,7 +325,7 @@ def _disjoint_groups(group):
 
 
 # config.model keys that configure loading/postprocessing, not the module.
-NON_MODULE_FIELDS = ("num_select", "pretrained_backbone", "pretrained")
+NON_MODULE_FIELDS = ("num_select", "soft_nms_iou", "pretrained_backbone", "pretrained")
 
 
 def build_dino(model_config) -> DINO:
