@@ -73,7 +73,9 @@ def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_e
   Fields: name, seed, total_steps, log_every, checkpoint_every (0: only at the end),
   keep_checkpoints, eval_every (0: only at the end), eval_at_end, num_devices (0: all),
   ema_momentum (None: no EMA params), eval_ema, log_grad_split (log the gradient norm of each
-  loss kind and the share of clipped steps), distributed (jax.distributed.initialize args).
+  loss kind and the share of clipped steps), init_from (a fresh run starts its detector from
+  another run's newest checkpoint, e.g. a supervised burn-in), distributed
+  (jax.distributed.initialize args).
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
@@ -89,6 +91,7 @@ def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_e
   config.ema_momentum = config_dict.placeholder(float)
   config.eval_ema = False
   config.log_grad_split = False
+  config.init_from = ""
   config.distributed = ml_collections.ConfigDict(dict(
       enabled=False,
       coordinator_address=config_dict.placeholder(str),

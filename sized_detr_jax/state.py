@@ -4,12 +4,15 @@ Shared by the training loop (`train.py`) and inference (`evaluate.py`), so neith
 other. `TrainState` is one pytree (checkpointed whole): params, frozen model variables,
 optimiser state, step, a raw PRNG key, and optional EMA ("teacher") params.
 """
+import os
 from typing import Any, NamedTuple, Optional
 
 from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 
 from sized_detr_jax import checkpointing
 from sized_detr_jax import convert_torch
@@ -79,6 +82,53 @@ def load_pretrained(state, shardings, model_config, ema_subtree):
   return state.replace(params=params, ema_params=ema)
 
 
+def _detector(params):
+  """The DINO inside a params tree: params["dino"] for methods that wrap one, else params."""
+  return params["dino"] if isinstance(params, dict) and "dino" in params else params
+
+
+def newest_step_dir(path):
+  """`path` (a workdir, its checkpoints/ folder, or one checkpoints/<step>/) -> the newest
+  complete step folder; FileNotFoundError naming `path` when there is none."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  folder = os.path.join(path, "checkpoints") if os.path.isdir(
+      os.path.join(path, "checkpoints")) else path
+  steps = sorted(int(n) for n in (os.listdir(folder) if os.path.isdir(folder) else ())
+                 if n.isdigit() and os.path.isdir(os.path.join(folder, n, "state")))
+  if not steps:
+    raise FileNotFoundError(f"init_from={path}: no checkpoint step folder found")
+  return os.path.join(folder, str(steps[-1]))
+
+
+def load_init_from(state, shardings, path, ema_subtree):
+  """Fresh run initialised from another run's trained detector (e.g. a supervised burn-in
+  before Semi-DETR): the newest checkpoint under `path` gives the DINO params (its
+  params["dino"] when it wraps one), copied into this state's DINO params and the EMA teacher.
+  The optimiser state and step stay fresh.
+
+  Raises:
+    ValueError: the two detectors differ (first differing param path and shapes).
+  """
+  step_dir = newest_step_dir(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    source = _detector(ckptr.restore(os.path.join(step_dir, "state"))["params"])
+  params = jax.device_get(state.params)
+  target = _detector(params)
+  mismatch = checkpointing.tree_mismatch(checkpointing.leaf_shapes(source),
+                                         checkpointing.leaf_shapes(target))
+  if mismatch is not None:
+    raise ValueError(f"init_from={step_dir}: its detector does not fit this config's: "
+                     + mismatch.replace("checkpoint", "init_from checkpoint"))
+  loaded = jax.tree.map(lambda t, v: np.asarray(v, t.dtype), target, source)
+  params = {**params, "dino": loaded} if isinstance(params, dict) and "dino" in params else loaded
+  params = jax.device_put(params, shardings.params)
+  logging.info("Initialised the detector from %s.", step_dir)
+  ema = None if state.ema_params is None else ema_subtree(params)
+  return state.replace(params=params, ema_params=ema)
+
+
 class RunSetup(NamedTuple):
   """What a run (training or inference) works with."""
   mesh: Any                       # jax.sharding.Mesh, axis DATA_AXIS
@@ -128,6 +178,8 @@ def setup(config, workdir, *, on_mismatch="error") -> RunSetup:
   if restored.step is not None:
     state = restored.state
     logging.info("Resumed from %s at step %d.", ckpt.directory, restored.step)
+  elif config.get("init_from"):
+    state = load_init_from(state, shardings, config.init_from, method.ema_subtree)
   elif config.model.get("pretrained") or config.model.get("pretrained_backbone"):
     state = load_pretrained(state, shardings, config.model, method.ema_subtree)
   return RunSetup(mesh, data_info, method, tx, schedule, state, shardings, ckpt, restored)
