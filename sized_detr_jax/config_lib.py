@@ -41,6 +41,12 @@ def parse_tokens(arg, known, source):
   return tokens
 
 
+def check_choice(name, value, choices):
+  """Raises ValueError("<name> must be one of <choices>, got <value>") unless value in choices."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
 def section_fields(section, known, name):
   """A config section (ConfigDict, dict or None) as a plain dict, its keys checked.
 

@@ -97,14 +97,10 @@ class CriterionConfig:
   o2m_beta: float = 6.0
 
   def __post_init__(self):
-    if self.cls_loss not in CLS_LOSSES:
-      raise ValueError(f"criterion config: cls_loss must be one of {CLS_LOSSES}, got "
-                       f"{self.cls_loss!r}")
+    config_lib.check_choice("criterion config: cls_loss", self.cls_loss, CLS_LOSSES)
     for field in ("bbox_loss", "matcher_box_cost"):
-      value = getattr(self, field)
-      if value not in losses.BOX_LOSSES:
-        raise ValueError(f"criterion config: {field} must be one of "
-                         f"{tuple(losses.BOX_LOSSES)}, got {value!r}")
+      config_lib.check_choice(f"criterion config: {field}", getattr(self, field),
+                              losses.BOX_LOSSES)
 
   def classification_loss(self, logits, onehot, pred_boxes=None, target_boxes=None):
     """Per-element classification loss against one-hot targets ([..., C], 0 rows: background).

@@ -42,12 +42,9 @@ class SemiConfig:
   projector_fc_dim: int = 1024
 
   def __post_init__(self):
-    if self.sized_l1_branches not in SIZED_L1_BRANCHES:
-      raise ValueError(f"config.semi.sized_l1_branches must be one of {SIZED_L1_BRANCHES}, "
-                       f"got {self.sized_l1_branches!r}")
-    if self.pseudo_method not in PSEUDO_METHODS:
-      raise ValueError(f"config.semi.pseudo_method must be one of {PSEUDO_METHODS}, "
-                       f"got {self.pseudo_method!r}")
+    config_lib.check_choice("config.semi.sized_l1_branches", self.sized_l1_branches,
+                            SIZED_L1_BRANCHES)
+    config_lib.check_choice("config.semi.pseudo_method", self.pseudo_method, PSEUDO_METHODS)
 
   @classmethod
   def from_config(cls, section=None):
