@@ -59,8 +59,11 @@ def single_stage(step: int) -> int:
 
 
 def labeled_batches(data_config, **kwargs) -> Iterator[Any]:
-  """`train_batches` of supervised methods: the labeled pipeline's batches."""
-  return pipeline.build_train_iterator(data_config, **kwargs)
+  """`train_batches` of supervised methods: the labeled pipeline's batches.
+
+  Training batches carry `image_index`, not the int32 `image_id` (COCO ids >= 2**31 work).
+  """
+  return pipeline.build_train_iterator(data_config, with_image_id=False, **kwargs)
 
 
 def detector_loss(model, criterion_fn) -> LossFn:

@@ -150,6 +150,29 @@ class _StopSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _StepCache:
+  """The jitted train step per stage, compiled (and its compile time logged) when first met."""
+
+  def __init__(self, run, config):
+    self._run, self._config, self._steps = run, config, {}
+
+  def __call__(self, state, batch, step):
+    method, stage = self._run.method, self._run.method.stage_at(step - 1)
+    if stage not in self._steps:
+      logging.info("Compiling the train step%s for %s (the first step waits for it) ...",
+                   f" of stage {stage}" if stage != 1 else "", _describe_images(batch))
+      start = time.perf_counter()
+      config = self._config
+      self._steps[stage] = make_train_step(
+          method.loss_fn(stage), self._run.tx, self._run.schedule, self._run.mesh,
+          self._run.shardings, ema_momentum=config.get("ema_momentum"),
+          ema_subtree=method.ema_subtree,
+          grad_split_every=config.log_every if config.get("log_grad_split") else 0
+      ).lower(state, batch).compile()
+      logging.info("Compiled in %.1f s.", time.perf_counter() - start)
+    return self._steps[stage](state, batch)
+
+
 def _evaluated_at(workdir, step):
   """Whether WORKDIR/eval_metrics.json holds the evaluation of `step`."""
   try:
@@ -181,23 +204,15 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
   method, mesh, state, ckpt = run.method, run.mesh, run.state, run.checkpointer
-  steps = {}  # stage -> jitted step (compiled when the stage is first met)
-
-  def train_step(state, batch, step):
-    stage = method.stage_at(step - 1)
-    if stage not in steps:
-      logging.info("Compiling the train step%s for %s (the first step waits for it) ...",
-                   f" of stage {stage}" if stage != 1 else "", _describe_images(batch))
-      start_compile = time.perf_counter()
-      steps[stage] = make_train_step(
-          method.loss_fn(stage), run.tx, run.schedule, mesh, run.shardings,
-          ema_momentum=config.get("ema_momentum"), ema_subtree=method.ema_subtree,
-          grad_split_every=config.log_every if config.get("log_grad_split") else 0
-      ).lower(state, batch).compile()
-      logging.info("Compiled in %.1f s.", time.perf_counter() - start_compile)
-    return steps[stage](state, batch)
-
+  train_step = _StepCache(run, config)
   predictor = evaluate.Predictor(method, mesh)
+
+  def evaluate_at(step, loss_share=None, share_title=""):
+    return evaluate.run_evaluation(
+        predictor, state.params, state.model_state, step, workdir, run.data_info,
+        evaluate.eval_batches(config), loss_share=loss_share, share_title=share_title,
+        title=f"{config.get('name', '')} step {step}")
+
   total = int(config.total_steps)
   start = int(jax.device_get(state.step))
   log = metrics_log.MetricsLog(workdir, total_steps=total, start_step=start)
@@ -236,11 +251,8 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
           if is_ckpt:
             ckpt.maybe_save(step, state, {**meta, "step": step}, force=True)
         if is_eval:
-          eval_metrics = evaluate.run_evaluation(
-              predictor, state.params, state.model_state, step, workdir, run.data_info,
-              evaluate.eval_batches(config), loss_share=evaluate.box_loss_share(recent),
-              share_title=f"last {len(recent)} logged steps",
-              title=f"{config.get('name', '')} step {step}")
+          eval_metrics = evaluate_at(step, evaluate.box_loss_share(recent),
+                                     f"last {len(recent)} logged steps")
         if step < total and stop.requested():
           _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
                         last_checked)
@@ -252,9 +264,7 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
           and config.get("eval_at_end", True) and not _evaluated_at(workdir, total)):
         # A finished run whose final evaluation did not complete (killed during it).
         logging.info("Step %d is trained but not evaluated: evaluating it now.", total)
-        eval_metrics = evaluate.run_evaluation(
-            predictor, state.params, state.model_state, total, workdir, run.data_info,
-            evaluate.eval_batches(config), title=f"{config.get('name', '')} step {total}")
+        eval_metrics = evaluate_at(total)
   finally:
     # Also on errors (a NaN loss): let pending async saves of good steps complete.
     ckpt.close()

@@ -16,8 +16,8 @@ from sized_detr_jax.semi import step
 
 def semi_batches(data_config, **kwargs):
   """`{"labeled": batch, "unlabeled": {"weak": view, "strong": view}}` per step."""
-  labeled = pipeline.build_train_iterator(data_config, **kwargs)
-  unlabeled = pipeline.build_unlabeled_iterator(data_config, **kwargs)
+  labeled = pipeline.build_train_iterator(data_config, with_image_id=False, **kwargs)
+  unlabeled = pipeline.build_unlabeled_iterator(data_config, with_image_id=False, **kwargs)
   if unlabeled is None:
     raise ValueError("config.method='semi_detr' needs unlabeled data: set config.data."
                      "unlabeled_ann/unlabeled_images (coco) or tfds_unlabeled_split (tfds)")
