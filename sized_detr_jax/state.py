@@ -67,6 +67,14 @@ def init_state(method, tx, config, example_batch, mesh):
   return jax.jit(init_fn, out_shardings=shardings)(rng), shardings
 
 
+def _teacher_copy(state, params, ema_subtree):
+  """The EMA teacher restarted from `params` as buffers of its own (the train step donates the
+  state: a buffer shared by params and ema_params would be donated twice), or None."""
+  if state.ema_params is None:
+    return None
+  return jax.tree.map(jnp.copy, ema_subtree(params))
+
+
 def load_pretrained(state, shardings, model_config, ema_subtree):
   """Fresh run: converted weights (convert_torch .npz) into the detector's params (and the EMA
   copy). Methods that wrap a DINO keep it under params["dino"]."""
@@ -78,8 +86,7 @@ def load_pretrained(state, shardings, model_config, ema_subtree):
   params = jax.device_put(params, shardings.params)
   logging.info("Loaded pretrained weights: backbone=%r full=%r",
                model_config.get("pretrained_backbone"), model_config.get("pretrained"))
-  ema = None if state.ema_params is None else ema_subtree(params)
-  return state.replace(params=params, ema_params=ema)
+  return state.replace(params=params, ema_params=_teacher_copy(state, params, ema_subtree))
 
 
 def _detector(params):
@@ -125,8 +132,7 @@ def load_init_from(state, shardings, path, ema_subtree):
   params = {**params, "dino": loaded} if isinstance(params, dict) and "dino" in params else loaded
   params = jax.device_put(params, shardings.params)
   logging.info("Initialised the detector from %s.", step_dir)
-  ema = None if state.ema_params is None else ema_subtree(params)
-  return state.replace(params=params, ema_params=ema)
+  return state.replace(params=params, ema_params=_teacher_copy(state, params, ema_subtree))
 
 
 class RunSetup(NamedTuple):

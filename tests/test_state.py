@@ -41,6 +41,9 @@ def test_semi_run_starts_student_and_teacher_from_a_supervised_checkpoint(tmp_pa
   chex.assert_trees_all_equal(out.params["projector"], projector)  # not a detector param
   chex.assert_trees_all_equal(out.opt_state, state.opt_state)  # optimiser state stays fresh
   assert int(out.step) == 0
+  # The train step donates the whole state: student and teacher must not share a buffer.
+  jax.block_until_ready(jax.jit(lambda s: jax.tree.map(lambda x: x + 0, s),
+                                donate_argnums=0)(out))
   # A plain DINO run (no wrapper) loads the same way; a step folder works as the path.
   plain = state_lib.load_init_from(_state(fresh_dino, None), jax.tree.map(
       lambda _: sharding.replicated(mesh), _state(fresh_dino, None)),
