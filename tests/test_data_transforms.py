@@ -120,15 +120,107 @@ def test_weak_to_strong_mapping_is_exact(xp):
   assert checked > 50
 
 
-def test_photometric_deterministic_and_erasing():
+def _official_matrix(kind, params, h, w):
+  """Semi-DETR's recorded matrix of a strong geometric op, from its own formulas (geo_utils.py
+  `_get_shift_matrix` / cv2.getRotationMatrix2D / `_get_shear_matrix` with rand_aug.py's
+  magnitudes), in float64, with the rotation centre moved to the continuous (w / 2, h / 2)."""
+  if kind == "translate_x":
+    return np.array([[1, 0, params[0] * w], [0, 1, 0], [0, 0, 1]], np.float64)
+  if kind == "translate_y":
+    return np.array([[1, 0, 0], [0, 1, params[0] * h], [0, 0, 1]], np.float64)
+  if kind == "rotate":  # cv2.getRotationMatrix2D(center, -angle, 1)
+    theta = np.deg2rad(-params[0])
+    alpha, beta = np.cos(theta), np.sin(theta)
+    cx, cy = w / 2, h / 2
+    return np.array([[alpha, beta, (1 - alpha) * cx - beta * cy],
+                     [-beta, alpha, beta * cx + (1 - alpha) * cy], [0, 0, 1]])
+  mx = np.tanh(-params[0] * np.pi / 180)  # RandShear.apply, horizontal first
+  my = np.tanh(params[1] * np.pi / 180)
+  first = np.array([[1, mx, 0], [0, 1, 0], [0, 0, 1]], np.float64)
+  second = np.array([[1, 0, 0], [my, 1, 0], [0, 0, 1]], np.float64)
+  return second @ first  # geo_utils.apply: new = op @ previous
+
+
+def test_strong_geometry_matches_the_official_matrices():
+  cfg = T.AugmentConfig(scales=(64, 80), max_size=120, hflip_prob=0.5)
+  kinds, shear_mags = [], []
+  for seed in range(400):
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(50, 100)), int(rng.integers(50, 100))
+    geom = T.plan_semi_view(np.random.default_rng(seed + 1000), h, w, cfg, strong=True)
+    pre = np.eye(3)
+    for op in geom.ops[:-1]:
+      assert op[0] in ("resize", "hflip")
+    _, mat, kind, params = geom.ops[-1]
+    kinds.append(kind)
+    vh, vw = geom.size
+    # The matrix before the affine op (resize, flip) maps the original image to the view.
+    pre = np.linalg.inv(mat) @ geom.matrix
+    assert abs(pre[0, 1]) < 1e-12 and abs(pre[1, 0]) < 1e-12  # axis aligned
+    np.testing.assert_allclose(mat, _official_matrix(kind, params, vh, vw), atol=1e-12)
+    limit = {"translate_x": 0.1, "translate_y": 0.1, "rotate": 30.0, "shear_xy": 30.0}[kind]
+    assert all(abs(p) <= limit for p in params)
+    assert len(params) == (2 if kind == "shear_xy" else 1)
+    if kind == "shear_xy":
+      shear_mags += [abs(mat[0, 1]), abs(mat[1, 0])]
+  counts = {k: kinds.count(k) for k in T.STRONG_AFFINES}
+  assert all(70 <= c <= 130 for c in counts.values()), counts  # OneOf: 100 each expected
+  assert max(shear_mags) <= np.tanh(np.pi / 6) + 1e-12 and max(shear_mags) > 0.4
+
+
+def test_erase_patches_match_the_official_draws():
+  cfg = T.AugmentConfig(erase_patches=(1, 4), erase_max_size=0.2)
+  counts = []
+  for seed in range(300):
+    h, w = 60 + seed % 37, 80 + seed % 53
+    patches = T.plan_erase(np.random.default_rng(seed), h, w, cfg)
+    # numpy reference of RandErase.get_magnitude with the same Generator stream.
+    ref_rng = np.random.default_rng(seed)
+    n = int(ref_rng.integers(1, 5))
+    assert len(patches) == n
+    counts.append(n)
+    for x0, y0, x1, y1 in patches:
+      r = ref_rng.uniform(0.0, 0.2)
+      ph, pw = int(r * h), int(r * w)
+      px, py = ref_rng.integers(0, w - pw), ref_rng.integers(0, h - ph)
+      assert (x0, y0, x1, y1) == (px, py, px + pw, py + ph)
+      assert 0 <= x0 and x1 < w and 0 <= y0 and y1 < h  # randint's exclusive upper bound
+      # One ratio for both sides: the patch has the image's aspect, not a square.
+      assert abs((y1 - y0) / h - (x1 - x0) / w) < 1.0 / min(h, w) + 1e-9
+  assert set(counts) == {1, 2, 3, 4} and all(c > 45 for c in np.bincount(counts)[1:])
+  img = np.zeros((30, 40, 3), np.uint8)
+  out = T.erase(img, [(2, 3, 10, 7), (5, 5, 6, 20), (0, 0, 0, 4)])
+  want = np.zeros((30, 40), bool)
+  want[3:7, 2:10] = want[5:20, 5:6] = True
+  np.testing.assert_array_equal((out == T.ERASE_FILL).all(-1), want)
+  assert not img.any()  # the input is not modified
+
+
+def test_strong_view_order_colour_and_erasing():
   img = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
-  cfg = T.AugmentConfig(erase_patches=(2, 2), erase_max_size=0.3, blur_prob=1.0)
-  a = T.apply_photometric(np.random.default_rng(5), img, cfg, erase=True)
-  b = T.apply_photometric(np.random.default_rng(5), img, cfg, erase=True)
+  cfg = T.AugmentConfig(scales=(40,), max_size=100, hflip_prob=0.0, erase_patches=(2, 2),
+                        erase_max_size=0.3, blur_prob=1.0)
+  geom = T.plan_semi_view(np.random.default_rng(0), 40, 50, cfg, strong=True)
+  a = T.apply_strong_view(np.random.default_rng(5), img, geom, cfg)
+  b = T.apply_strong_view(np.random.default_rng(5), img, geom, cfg)
   np.testing.assert_array_equal(a, b)
   assert a.shape == img.shape and a.dtype == np.uint8
-  no_erase = T.apply_photometric(np.random.default_rng(5), img, cfg, erase=False)
-  assert ((a == T.ERASE_FILL).all(-1) & ~(no_erase == T.ERASE_FILL).all(-1)).sum() > 0
+  # Without blur and erasing, the two orders are colour(affine(x)) and affine(colour(x)).
+  cfg = T.AugmentConfig(scales=(40,), max_size=100, hflip_prob=0.0, erase_patches=(0, 0))
+  orders = set()
+  for seed in range(40):
+    rng = np.random.default_rng(seed)
+    geom = T.plan_semi_view(rng, 40, 50, cfg, strong=True)
+    out = T.apply_strong_view(np.random.default_rng(seed), img, geom, cfg)
+    ref = np.random.default_rng(seed)
+    colour_first = ref.random() < 0.5
+    if colour_first:
+      want = T.apply_geometry(T.random_color_op(ref, img), geom)
+    else:
+      want = T.random_color_op(ref, T.apply_geometry(img, geom))
+    np.testing.assert_array_equal(out, want)
+    orders.add(bool(colour_first))
+  assert orders == {True, False}
   ops = set()
   for s in range(60):  # every colour op is reachable and keeps the shape
     r = np.random.default_rng(s)

@@ -442,9 +442,8 @@ def make_unlabeled_batch_fn(source, data_cfg, *, seed, process_index=0, process_
       _fill_view(batch["weak"], k, example, weak,
                  transforms.apply_geometry(example["image"], weak), data_cfg.max_boxes,
                  indices[slot])
-      pixels = transforms.apply_photometric(
-          _rng(seed, _UNLABELED, step, slot, _PHOTOMETRIC),
-          transforms.apply_geometry(example["image"], strong), aug, erase=True)
+      pixels = transforms.apply_strong_view(_rng(seed, _UNLABELED, step, slot, _PHOTOMETRIC),
+                                            example["image"], strong, aug)
       _fill_view(batch["strong"], k, example, strong, pixels, data_cfg.max_boxes, indices[slot])
     return batch
 

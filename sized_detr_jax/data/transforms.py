@@ -8,7 +8,7 @@ Every view is split in two steps:
    needs no pixels, every process can compute the output size of every example of a global batch
    and all agree on the padded shape bucket without communicating;
 2. `apply_geometry` runs the ops on the pixels (PIL), `transform_boxes` maps boxes with the
-   matrix, and `apply_photometric` runs the colour / blur / erasing ops of strong views.
+   matrix, and `apply_strong_view` runs a strong view (geometry, colour op, erasing).
 
 Coordinates are continuous pixels (pixel i covers [i, i+1)), so a resize by s maps x to s * x
 and a flip maps x to W - x exactly, as DETR's datasets/transforms.py (hflip, resize) does to
@@ -49,10 +49,12 @@ class AugmentConfig:
     eval_size, eval_max_size: eval resize of the shorter side, and its cap (800, 1333).
     labeled_color_op: apply one random colour op to labeled training views (Semi-DETR's
       supervised pipeline does; plain DINO does not).
-    strong_translate, strong_rotate, strong_shear: strong-view geometric jitter ranges, as a
-      fraction of the side, degrees and degrees (Semi-DETR: 0.1, 30, 30); one is drawn per view.
-    erase_patches: (min, max) number of square erasing patches (Semi-DETR: 1..4).
-    erase_max_size: max side of an erasing patch as a fraction of the shorter side (0.2).
+    strong_translate, strong_rotate, strong_shear: strong-view geometric ranges, as a
+      fraction of the side, degrees, and the shears' "degrees" (Semi-DETR: 0.1, 30, 30; see
+      `strong_affine`); one op is drawn per view.
+    erase_patches: (min, max) number of erasing patches, inclusive (Semi-DETR: 1..4).
+    erase_max_size: max ratio of an erasing patch's sides to the view's sides (0.2; one ratio
+      for both sides: the patch has the view's aspect).
     blur_prob: Gaussian blur probability on strong views (Semi-DETR: none; the issue's spec
       mentions blur, so it is available).
   """
@@ -78,8 +80,9 @@ class Geometry:
   """A planned geometric view.
 
   Attributes:
-    ops: ops in order: ("crop", x0, y0, w, h), ("resize", h, w), ("hflip",), ("affine", A)
-      with A a 3x3 float64 matrix acting on the current pixel coordinates.
+    ops: ops in order: ("crop", x0, y0, w, h), ("resize", h, w), ("hflip",), ("affine", A,
+      *record) with A a 3x3 float64 matrix acting on the current pixel coordinates (strong
+      views record (kind, params), see `strong_affine`).
     size: (h, w) of the view.
     matrix: float64 [3, 3], original pixel (x, y, 1) -> view pixel coordinates.
   """
@@ -139,8 +142,8 @@ class _Planner:
     self._then(("crop", x0, y0, cw, ch), np.array([[1.0, 0, -x0], [0, 1, -y0], [0, 0, 1]]),
                ch, cw)
 
-  def affine(self, mat):
-    self._then(("affine", mat), mat, self.h, self.w)
+  def affine(self, mat, *record):
+    self._then(("affine", mat) + tuple(record), mat, self.h, self.w)
 
   def geometry(self):
     return Geometry(tuple(self.ops), (self.h, self.w), self.matrix)
@@ -179,37 +182,94 @@ def plan_eval_view(h, w, cfg):
   return p.geometry()
 
 
-def plan_semi_view(rng, h, w, cfg, *, strong):
-  """Semi-DETR's unlabeled view geometry: resize, flip; strong views add one affine jitter.
+STRONG_AFFINES = ("translate_x", "translate_y", "rotate", "shear_xy")
 
-  As Soft Teacher / Semi-DETR's unsup pipeline: RandResize(scales, max_size), RandFlip, and
-  for the strong view one of translate x / translate y / rotate / shear around the centre with
-  the view size kept (the photometric part is `apply_photometric`).
+
+def strong_affine(kind, h, w, params):
+  """The 3x3 matrix (view pixel -> view pixel) of one of Semi-DETR's strong geometric ops.
+
+  As the ops of Semi-DETR's strong pipeline (detr_ssod/datasets/pipelines/rand_aug.py, matrices
+  as its geo_utils.py records them for the box mapping; mmcv's warps):
+    * "translate_x" / "translate_y": RandTranslate, params (fraction,): shift by fraction * w
+      (or h) pixels;
+    * "rotate": RandRotate, params (degrees,): cv2.getRotationMatrix2D(centre, -degrees, 1),
+      i.e. [[cos a, -sin a], [sin a, cos a]] about the centre (clockwise on screen for a > 0),
+      the centre being (w / 2, h / 2) in continuous pixels, which is where cv2 rotates the
+      image (the reference's box matrix uses ((w - 1) / 2, (h - 1) / 2), half a pixel off its
+      own image);
+    * "shear_xy": RandShear(x) then RandShear(y), params (x degrees, y degrees): horizontal
+      factor m_x = tanh(-x * pi / 180), vertical m_y = tanh(y * pi / 180) (the reference's
+      `np.tanh`, not tan: |m| <= 0.48 at 30 degrees), both about the origin (mmcv.imshear has
+      no centring): [[1, 0, 0], [m_y, 1, 0]] @ [[1, m_x, 0], [0, 1, 0]]. The pixels are
+      warped once with the product (the reference warps twice, losing what the first shear
+      moves out of the view) and boxes are the enclosing box of their corners under the
+      product, as the reference maps pseudo boxes between views (it boxes its strong-view
+      ground truth, unused for unlabeled images, after each shear).
+
+  Returns:
+    float64 [3, 3].
+  """
+  mat = np.eye(3)
+  if kind == "translate_x":
+    mat[0, 2] = params[0] * w
+  elif kind == "translate_y":
+    mat[1, 2] = params[0] * h
+  elif kind == "rotate":
+    a = np.deg2rad(params[0])
+    cx, cy = w / 2.0, h / 2.0
+    c, s = np.cos(a), np.sin(a)
+    mat = np.array([[c, -s, (1 - c) * cx + s * cy], [s, c, -s * cx + (1 - c) * cy], [0, 0, 1]])
+  elif kind == "shear_xy":
+    shear_x = np.array([[1.0, np.tanh(np.deg2rad(-params[0])), 0], [0, 1, 0], [0, 0, 1]])
+    shear_y = np.array([[1.0, 0, 0], [np.tanh(np.deg2rad(params[1])), 1, 0], [0, 0, 1]])
+    mat = shear_y @ shear_x
+  else:
+    raise ValueError(f"strong_affine: kind must be one of {STRONG_AFFINES}, got {kind!r}")
+  return mat
+
+
+def plan_semi_view(rng, h, w, cfg, *, strong):
+  """Semi-DETR's unlabeled view geometry: resize, flip; strong views add one geometric op.
+
+  As Semi-DETR's strong / weak pipelines (configs/detr_ssod/base_dino_detr_ssod_coco.py):
+  RandResize(scales, max_size), RandFlip, and for the strong view one of (uniformly, OneOf)
+  translate x by U(-t, t) * w, translate y by U(-t, t) * h, rotate by U(-r, r) degrees, or
+  shear x then shear y by U(-s, s) "degrees" each (`strong_affine`), the view size kept. The
+  op is recorded as ("affine", A, kind, params). Its pixels: `apply_strong_view`.
   """
   p = _Planner(h, w)
   p.resize(int(rng.choice(cfg.scales)), cfg.max_size)
   if rng.random() < cfg.hflip_prob:
     p.hflip()
   if strong:
-    kind = int(rng.integers(4))
-    if kind < 2:  # translate x or y by up to strong_translate of the side
-      shift = rng.uniform(-cfg.strong_translate, cfg.strong_translate) * (p.w, p.h)[kind]
-      mat = np.eye(3)
-      mat[kind, 2] = shift
+    kind = STRONG_AFFINES[int(rng.integers(len(STRONG_AFFINES)))]
+    if kind in ("translate_x", "translate_y"):
+      params = (float(rng.uniform(-cfg.strong_translate, cfg.strong_translate)),)
+    elif kind == "rotate":
+      params = (float(rng.uniform(-cfg.strong_rotate, cfg.strong_rotate)),)
     else:
-      cx, cy = p.w / 2.0, p.h / 2.0
-      to_centre = np.array([[1.0, 0, -cx], [0, 1, -cy], [0, 0, 1]])
-      back = np.array([[1.0, 0, cx], [0, 1, cy], [0, 0, 1]])
-      if kind == 2:
-        a = np.deg2rad(rng.uniform(-cfg.strong_rotate, cfg.strong_rotate))
-        core = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-      else:
-        t = np.tan(np.deg2rad(rng.uniform(-cfg.strong_shear, cfg.strong_shear)))
-        core = np.array([[1.0, t, 0], [0, 1, 0], [0, 0, 1]]) if rng.random() < 0.5 else (
-            np.array([[1.0, 0, 0], [t, 1, 0], [0, 0, 1]]))
-      mat = back @ core @ to_centre
-    p.affine(mat)
+      params = tuple(float(rng.uniform(-cfg.strong_shear, cfg.strong_shear)) for _ in range(2))
+    p.affine(strong_affine(kind, p.h, p.w, params), kind, params)
   return p.geometry()
+
+
+def _run_ops(image, ops):
+  """Runs planned geometry ops on a uint8 [H, W, 3] image (PIL)."""
+  pil = Image.fromarray(image)
+  for op in ops:
+    if op[0] == "resize":
+      pil = pil.resize((op[2], op[1]), Image.BILINEAR)
+    elif op[0] == "hflip":
+      pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+    elif op[0] == "crop":
+      _, x0, y0, cw, ch = op[:5]
+      pil = pil.crop((x0, y0, x0 + cw, y0 + ch))
+    else:
+      # PIL samples output pixel centre c at input inv(A) (c) in continuous coordinates.
+      inv = np.linalg.inv(op[1])
+      pil = pil.transform(pil.size, Image.AFFINE, data=tuple(inv[:2].ravel()),
+                          resample=Image.BILINEAR, fillcolor=(ERASE_FILL,) * 3)
+  return np.asarray(pil)
 
 
 def apply_geometry(image, geometry):
@@ -222,21 +282,7 @@ def apply_geometry(image, geometry):
   Returns:
     uint8 [h, w, 3] with (h, w) = geometry.size.
   """
-  pil = Image.fromarray(image)
-  for op in geometry.ops:
-    if op[0] == "resize":
-      pil = pil.resize((op[2], op[1]), Image.BILINEAR)
-    elif op[0] == "hflip":
-      pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
-    elif op[0] == "crop":
-      _, x0, y0, cw, ch = op
-      pil = pil.crop((x0, y0, x0 + cw, y0 + ch))
-    else:
-      # PIL samples output pixel centre c at input inv(A) (c) in continuous coordinates.
-      inv = np.linalg.inv(op[1])
-      pil = pil.transform(pil.size, Image.AFFINE, data=tuple(inv[:2].ravel()),
-                          resample=Image.BILINEAR, fillcolor=(ERASE_FILL,) * 3)
-  out = np.asarray(pil)
+  out = _run_ops(image, geometry.ops)
   assert out.shape[:2] == tuple(geometry.size), (out.shape, geometry.size)
   return out
 
@@ -325,31 +371,73 @@ def random_color_op(rng, image):
   return np.asarray(pil)
 
 
-def apply_photometric(rng, image, cfg, *, erase):
-  """Strong-view photometrics: a colour op, optional blur, optional square erasing patches.
+def plan_erase(rng, h, w, cfg):
+  """Semi-DETR's RandErase patches (n_iterations=(1, 5), size=[0, 0.2], squared=True).
+
+  As detr_ssod/datasets/pipelines/rand_aug.py RandErase: n ~ randint(lo, hi + 1) patches; each
+  draws one ratio r ~ U(0, erase_max_size) for both sides, so the patch has the image's aspect
+  (int(r * h) x int(r * w) pixels; "squared" means one ratio, not a square), and its top-left
+  corner px ~ randint(0, w - pw), py ~ randint(0, h - ph) (exclusive upper bounds, as
+  np.random.randint).
 
   Args:
     rng: numpy Generator.
-    image: uint8 [H, W, 3].
-    cfg: AugmentConfig.
-    erase: draw erasing patches (Soft Teacher's RandErase; boxes are unchanged).
+    h, w: view size.
+    cfg: AugmentConfig (`erase_patches` inclusive (min, max) count, `erase_max_size`).
 
   Returns:
-    uint8 [H, W, 3].
+    list of (x0, y0, x1, y1) int pixel patches (x1 - x0 = int(r * w), possibly 0).
   """
-  image = random_color_op(rng, image)
+  patches = []
+  for _ in range(int(rng.integers(cfg.erase_patches[0], cfg.erase_patches[1] + 1))):
+    r = float(rng.uniform(0.0, cfg.erase_max_size))
+    ph, pw = int(r * h), int(r * w)
+    px = int(rng.integers(0, max(w - pw, 1)))
+    py = int(rng.integers(0, max(h - ph, 1)))
+    patches.append((px, py, px + pw, py + ph))
+  return patches
+
+
+def erase(image, patches):
+  """A copy of uint8 [H, W, 3] `image` with every (x0, y0, x1, y1) patch set to ERASE_FILL."""
+  image = np.array(image)  # writable copy
+  for x0, y0, x1, y1 in patches:
+    image[y0:y1, x0:x1] = ERASE_FILL
+  return image
+
+
+def apply_strong_view(rng, image, geometry, cfg):
+  """The pixels of a strong view: Semi-DETR's strong pipeline on an original image.
+
+  Resize and flip (the geometry's ops before its affine op), then one colour op and the
+  geometric op in random order (ShuffledSequential: each order with probability 1/2), then
+  optional blur (`blur_prob`, not in Semi-DETR) and the erasing patches (`plan_erase`, always
+  last, boxes unchanged).
+
+  Args:
+    rng: numpy Generator for the photometric draws (order, colour op, blur, patches).
+    image: uint8 [H, W, 3] original image.
+    geometry: the strong view's `plan_semi_view(..., strong=True)` for this image.
+    cfg: AugmentConfig.
+
+  Returns:
+    uint8 [h, w, 3] with (h, w) = geometry.size.
+  """
+  ops = geometry.ops
+  split = next((i for i, op in enumerate(ops) if op[0] == "affine"), len(ops))
+  color_first = rng.random() < 0.5
+  out = _run_ops(image, ops[:split])
+  if color_first:
+    out = random_color_op(rng, out)
+  out = _run_ops(out, ops[split:])
+  if not color_first:
+    out = random_color_op(rng, out)
   if cfg.blur_prob > 0 and rng.random() < cfg.blur_prob:
     radius = float(rng.uniform(0.1, 2.0))
-    image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
-  if erase:
-    image = np.array(image)  # writable copy
-    h, w = image.shape[:2]
-    for _ in range(int(rng.integers(cfg.erase_patches[0], cfg.erase_patches[1] + 1))):
-      side = max(1, int(rng.uniform(0, cfg.erase_max_size) * min(h, w)))
-      y0 = int(rng.integers(0, h - side + 1))
-      x0 = int(rng.integers(0, w - side + 1))
-      image[y0:y0 + side, x0:x0 + side] = ERASE_FILL
-  return image
+    out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(radius)))
+  out = erase(out, plan_erase(rng, *out.shape[:2], cfg))
+  assert out.shape[:2] == tuple(geometry.size), (out.shape, geometry.size)
+  return out
 
 
 _NORM_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
