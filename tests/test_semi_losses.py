@@ -1,6 +1,8 @@
 """semi_losses: per-branch box loss choice (both | sup_only), stage-wise criterion, the
-unsupervised weight, and no unsupervised denoising loss before the switch."""
+unsupervised weight, no unsupervised denoising loss before the switch, and the class-agnostic
+encoder proposals."""
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -33,11 +35,12 @@ def _targets(rng, b=2, g=3, c=3):
           "size": np.array([[64, 80], [72, 64]], np.int32)}
 
 
-def _config(branches, bbox_loss="sized_l1", weight=4.0):
+def _config(branches, bbox_loss="sized_l1", weight=4.0, agnostic=False):
   """(CriterionConfig, SemiConfig) as the semi_detr method resolves them from a ConfigDict."""
   config = ml_collections.ConfigDict({
       "criterion": {"bbox_loss": bbox_loss, "cls_loss_coef": 2.0},
-      "semi": {"sized_l1_branches": branches, "unsup_weight": weight}})
+      "semi": {"sized_l1_branches": branches, "unsup_weight": weight,
+               "agnostic_interm": agnostic}})
   return (criterion.CriterionConfig.from_config(config.criterion),
           semi_config.SemiConfig.from_config(config.semi))
 
@@ -119,3 +122,42 @@ def test_bad_config(case):
     semi_losses.semi_losses(out_l, tgt_l, out_u, tgt_u, *_config("unsup_only"), 1)
   with pytest.raises(ValueError, match="stage"):
     semi_losses.semi_losses(out_l, tgt_l, out_u, tgt_u, *_config("both"), 3)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_agnostic_interm_is_the_interm_loss_with_every_label_zero(case, stage):
+  """Semi-DETR's encoder proposals: the interm terms equal the criterion's own interm terms on
+  the same boxes with all labels 0 (its separate matching / assignment path), the decoder and
+  denoising terms equal the labelled criterion's, and the totals add up with the weights."""
+  out_l, tgt_l, out_u, tgt_u = case
+  run = criterion.one_to_many_criterion if stage == 1 else criterion.dino_criterion
+  cfg = criterion.CriterionConfig(cls_loss_coef=2.0, bbox_loss="sized_l1", interm_loss_coef=0.7,
+                                  use_dn=stage == 2)
+
+  def fn(out, tgt):
+    zero = {**tgt, "labels": jnp.zeros_like(tgt["labels"])}
+    return (semi_losses.branch_losses(out, tgt, cfg, stage, agnostic_interm=True),
+            run(out, tgt, cfg), run(out, zero, cfg))
+
+  got, labelled, zero = jax.tree.map(float, (jax.jit(fn) if stage == 1 else fn)(out_u, tgt_u))
+  assert set(got) == set(labelled)
+  weights = criterion.loss_weights([k for k in got if k.startswith("loss_")], cfg)
+  for k in got:
+    if k.startswith("loss_") and k.endswith("_interm"):
+      assert got[k] == pytest.approx(zero[k], rel=1e-5, abs=1e-7), k
+    elif k.startswith("loss_") or k == "metric_num_boxes":
+      assert got[k] == pytest.approx(labelled[k], rel=1e-5, abs=1e-7), k
+  assert got["loss"] == pytest.approx(sum(weights[k] * got[k] for k in weights), rel=1e-5)
+  for kind in ("ce", "bbox", "giou"):
+    names = [k for k in weights if k == f"loss_{kind}" or k.startswith(f"loss_{kind}_")]
+    assert got[f"metric_weighted_{kind}"] == pytest.approx(
+        sum(weights[k] * got[k] for k in names), rel=1e-5)
+  # The labels matter for the classification term (the case is not degenerate).
+  assert abs(zero["loss_ce_interm"] - labelled["loss_ce_interm"]) > 1e-4
+  # semi_losses uses it in both branches.
+  both = semi_losses.semi_losses(out_l, tgt_l, out_u, tgt_u,
+                                 *_config("both", agnostic=True), stage)
+  assert float(both["unsup_loss_ce_interm"]) == pytest.approx(got["loss_ce_interm"], rel=1e-5)
+  sup = semi_losses.branch_losses(out_l, tgt_l, _config("both")[0], stage)
+  assert float(both["sup_loss_ce_interm"]) == pytest.approx(float(sup["loss_ce_interm"]),
+                                                            rel=1e-5)

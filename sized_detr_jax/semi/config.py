@@ -27,6 +27,8 @@ class SemiConfig:
     nms_candidates: (query, class) pairs entering NMS.
     max_detections: teacher detections kept after NMS.
     projector_fc_dim: hidden width of the consistency projector.
+    agnostic_interm: class-agnostic encoder-proposal targets (all labels 0) in both branches,
+      as Semi-DETR's head; False: DINO's labelled proposals.
   """
   sized_l1_branches: str = "both"
   unsup_weight: float = 4.0
@@ -40,6 +42,7 @@ class SemiConfig:
   nms_candidates: int = 1000
   max_detections: int = 300
   projector_fc_dim: int = 1024
+  agnostic_interm: bool = True
 
   def __post_init__(self):
     config_lib.check_choice("config.semi.sized_l1_branches", self.sized_l1_branches,
