@@ -145,3 +145,64 @@ def test_consistency_set():
              "initial_valid": np.array([[1, 1, 1, 0]], bool)}
   mined = np.array([[0, 1, 0, 1]], bool)
   np.testing.assert_array_equal(cons.consistency_set(targets, mined), [[1, 1, 0, 0]])
+
+
+def test_masked_consistency_queries_change_only_their_group():
+  """`semi.consistency_queries`: queries for the whole initial set with the loss masked to the
+  chosen boxes ("initial") leave the matching queries' outputs (so the detection losses and the
+  mining) exactly as without any consistency query, but the chosen queries' decoder states,
+  and so the consistency loss, change: the masked queries share self-attention with them. The
+  official set ("chosen") is what the decode sees when only the chosen boxes get queries."""
+  import pathlib
+  from sized_detr_jax import config_lib
+  from sized_detr_jax.models import dino
+  from sized_detr_jax.models.testing import random_params
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    config = config_lib.load_config_module(
+        str(pathlib.Path(__file__).parents[1] / "experiments" / "dino_r50.py")).get_config("smoke")
+    model = dino.build_dino(config.model)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
+    mask = jnp.ones((2, 64, 64), bool)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, mask)["params"]
+    variables = {"params": random_params(shapes, seed=1)}
+    enc = jax.jit(lambda x, m: model.apply(variables, x, m, method=model.encode))(images, mask)
+    rng = np.random.default_rng(0)
+    m, d = 4, model.hidden_dim
+    boxes = np.concatenate([rng.uniform(0.3, 0.7, (2, m, 2)), rng.uniform(0.1, 0.3, (2, m, 2))],
+                           -1).astype(np.float32)
+    content = rng.normal(size=(2, m, d)).astype(np.float32)
+    initial = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)
+    chosen = np.array([[1, 0, 1, 0], [0, 1, 0, 0]], bool)
+
+    @jax.jit
+    def decode(valid):
+      extra = cons.consistency_queries(boxes, content, valid, groups=2)
+      return model.apply(variables, enc, None, False, extra, method=model.decode)
+
+    plain = jax.jit(lambda: model.apply(variables, enc, method=model.decode))()
+    out_initial, out_chosen = decode(initial), decode(chosen)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
+  # Equal up to float rounding (the softmax runs over more, blocked, keys).
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for out in (out_initial, out_chosen):
+    for key in ("pred_logits", "pred_boxes"):
+      close(out[key], plain[key])
+      np.testing.assert_array_equal(out["interm_outputs"][key], plain["interm_outputs"][key])
+      for a, b in zip(out["aux_outputs"], plain["aux_outputs"]):
+        close(a[key], b[key])
+  loss_mask = np.concatenate([chosen] * 2, axis=1)
+  h_initial = np.asarray(out_initial["extra_outputs"]["hidden"])
+  h_chosen = np.asarray(out_chosen["extra_outputs"]["hidden"])
+  # The first decoder layer's self-attention already mixes the group: the chosen queries'
+  # states differ, and so does the loss against the same teacher states.
+  diff = np.abs(h_initial - h_chosen)[:, loss_mask].max(axis=(1, 2))
+  assert (diff > 1e-3).all(), diff
+  teacher = np.asarray(jax.random.normal(jax.random.PRNGKey(3), h_chosen.shape))
+  loss_i = float(cons.consistency_loss(h_initial, teacher, loss_mask)["loss_consistency"])
+  loss_c = float(cons.consistency_loss(h_chosen, teacher, loss_mask)["loss_consistency"])
+  ref_c = sum(_numpy_loss(h_chosen, teacher, loss_mask))
+  assert loss_c == pytest.approx(ref_c, rel=1e-5)
+  assert abs(loss_i - loss_c) > 1e-4 * abs(loss_c)

@@ -7,6 +7,7 @@ from sized_detr_jax import config_lib
 
 SIZED_L1_BRANCHES = ("both", "sup_only")
 PSEUDO_METHODS = ("nms", "topk")
+CONSISTENCY_QUERIES = ("chosen", "initial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,10 @@ class SemiConfig:
     nms_candidates: (query, class) pairs entering NMS.
     max_detections: teacher detections kept after NMS.
     projector_fc_dim: hidden width of the consistency projector.
+    consistency_queries: which pseudo boxes get consistency queries: "chosen" (Semi-DETR:
+      the final and the mined ones; one extra student decode for the mining) | "initial" (the
+      whole initial set, loss masked to the chosen ones; one decode, but the masked queries
+      share self-attention with the chosen ones, so the consistency loss differs).
     agnostic_interm: class-agnostic encoder-proposal targets (all labels 0) in both branches,
       as Semi-DETR's head; False: DINO's labelled proposals.
   """
@@ -42,11 +47,14 @@ class SemiConfig:
   nms_candidates: int = 1000
   max_detections: int = 300
   projector_fc_dim: int = 1024
+  consistency_queries: str = "chosen"
   agnostic_interm: bool = True
 
   def __post_init__(self):
     config_lib.check_choice("config.semi.sized_l1_branches", self.sized_l1_branches,
                             SIZED_L1_BRANCHES)
+    config_lib.check_choice("config.semi.consistency_queries", self.consistency_queries,
+                            CONSISTENCY_QUERIES)
     config_lib.check_choice("config.semi.pseudo_method", self.pseudo_method, PSEUDO_METHODS)
 
   @classmethod

@@ -198,8 +198,8 @@ def pseudo_targets(teacher_outputs, weak, strong, *, method="nms", max_pseudo=10
       `scores [B, M]` f32; `weak_boxes [B, M, 4]` normalised cxcywh and `weak_boxes_xyxy
       [B, M, 4]` pixels in the weak view (the teacher's consistency queries and RoIAlign);
       `size [B, 2]` the strong view's (h, w) (the criterion's per-size metrics);
-      `metric_pseudo_dropped [B]` int32 initial-set boxes beyond M; `exact [B]` see
-      `teacher_detections`.
+      `metric_pseudo_dropped [B]` / `metric_pseudo_final_dropped [B]` int32 initial-set /
+      final-set boxes beyond M; `exact [B]` see `teacher_detections`.
     A box whose mapped strong-view box has no area (moved out of the strong view) is invalid
     in both sets (Semi-DETR keeps it; a zero-size target would make Sized L1 divide by its eps).
   """
@@ -228,6 +228,7 @@ def pseudo_targets(teacher_outputs, weak, strong, *, method="nms", max_pseudo=10
       "weak_boxes_xyxy": weak_xyxy,
       "size": strong["size"],
       "metric_pseudo_dropped": jnp.sum(initial[:, m:], axis=-1).astype(jnp.int32),
+      "metric_pseudo_final_dropped": jnp.sum(final[:, m:], axis=-1).astype(jnp.int32),
       "exact": det["exact"],
   }
   return jax.lax.stop_gradient(targets)

@@ -14,16 +14,22 @@ Per step (design.md section 9, Semi-DETR's detr_ssod/models/dino_detr_ssod.py):
    boxes mapped into the strong view);
 2. student on the labeled batch (denoising from its ground truth) and on the strong view
    (denoising from the pseudo-labels in stage 2 only);
-3. stage 1 with `semi.consistency`: consistency queries for every initial pseudo box (content =
-   the student's projector over RoIAlign of the teacher's weak-view features, reference = the box
-   in each view), decoded in the student's strong-view pass and in a second decode of the
-   teacher's weak-view encoding; the loss counts the boxes in the final set or mined by the GMM
-   over the student's matched costs (gathered over the whole global batch by jit);
+3. stage 1 with `semi.consistency`: consistency queries (content = the student's projector
+   over RoIAlign of the teacher's weak-view features, reference = the box in each view) for the
+   boxes in the final set or mined by the GMM over the student's matched costs (gathered over
+   the whole global batch by jit), decoded in the student's strong-view pass and in a second
+   decode of the teacher's weak-view encoding;
 4. `semi.losses.semi_losses` (supervised + unsup_weight x unsupervised, per-branch box loss) plus
    unsup_weight x the consistency loss.
 
-Queries are built for the whole initial set and the mined subset only masks the loss, because
-mining needs the student's predictions of the same pass that carries the consistency queries.
+Which boxes get consistency queries (`semi.consistency_queries`): "chosen" (Semi-DETR: only
+the final + mined boxes) needs the mining before the queries exist, so the student's
+strong-view encoding is decoded twice, first without extra queries (the mining reads only the
+matching queries, which consistency queries never change: the same outputs as in the second
+decode, up to dropout), then with the queries (the loss pass). "initial": one decode with
+queries for the whole initial set, the loss masked to the chosen ones; the masked queries still
+share self-attention with the chosen ones of their group, so the consistency loss differs
+(tests/test_semi_consistency.py measures it); the detection losses do not.
 """
 import jax
 import jax.numpy as jnp
@@ -34,6 +40,23 @@ from sized_detr_jax.semi import gmm
 from sized_detr_jax.semi import losses as semi_losses_lib
 from sized_detr_jax.semi import model as semi_model
 from sized_detr_jax.semi import pseudo_labels
+
+
+def pseudo_metrics(pseudo):
+  """Pseudo-label counts of a step (means over the unlabeled images, [] f32 each).
+
+  `metric_pseudo_initial` / `metric_pseudo_final`: boxes per image in the initial (high-recall)
+  and final (score >= 0.4) sets; `metric_pseudo_dropped` / `metric_pseudo_final_dropped`:
+  boxes of those sets per image lost to the `max_pseudo` slots; `metric_pseudo_truncated`: the
+  fraction of images whose initial set did not fit.
+  """
+  dropped = pseudo["metric_pseudo_dropped"].astype(jnp.float32)
+  return {"metric_pseudo_initial": jnp.mean(jnp.sum(pseudo["initial_valid"], -1)),
+          "metric_pseudo_final": jnp.mean(jnp.sum(pseudo["valid"], -1)),
+          "metric_pseudo_dropped": jnp.mean(dropped),
+          "metric_pseudo_final_dropped": jnp.mean(
+              pseudo["metric_pseudo_final_dropped"].astype(jnp.float32)),
+          "metric_pseudo_truncated": jnp.mean((dropped > 0).astype(jnp.float32))}
 
 
 def make_semi_loss(model, crit, cfg, stage):
@@ -47,7 +70,8 @@ def make_semi_loss(model, crit, cfg, stage):
 
   Returns:
     loss_fn; its metrics are `semi.losses.semi_losses`' dict plus `loss_consistency*`,
-    `metric_pseudo_{initial,final,mined}` (mean boxes per image), `metric_gmm_threshold`.
+    `pseudo_metrics`, `metric_pseudo_mined` and `metric_consistency_boxes` (mean boxes per
+    image mined / given consistency queries), `metric_gmm_threshold`.
     The teacher is `state.ema_params` ({"dino": ...}); host matching follows the mesh entered
     with `jax.set_mesh`.
   """
@@ -75,31 +99,48 @@ def make_semi_loss(model, crit, cfg, stage):
     out_l = model.apply(student, batch_lib.model_images(labeled), labeled["pixel_mask"],
                         batch_lib.model_targets(labeled), train=True,
                         rngs={"dn": rng_l, "dropout": rng_drop})
-    extra_s = extra_t = None
+    metrics = pseudo_metrics(pseudo)
+    rngs_u = {"dn": rng_u, "dropout": rng_drop}
+    enc_s = model.apply(student, batch_lib.model_images(strong), strong["pixel_mask"],
+                        method=semi_model.encode)
+    decode_s = lambda extra=None: model.apply(student, enc_s, pseudo if stage == 2 else None,
+                                              True, extra, method=semi_model.decode, rngs=rngs_u)
     if use_consistency:
       initial = pseudo["initial_valid"]
+
+      def mine(outputs):
+        if not cfg.mining:
+          return jnp.zeros_like(initial)
+        costs, matched = gmm.matched_costs(outputs, pseudo, initial, crit)
+        mined, metrics["metric_gmm_threshold"] = gmm.mine_by_cost(costs, matched)
+        return mined
+
+      chosen_only = cfg.consistency_queries == "chosen"
+      if chosen_only:
+        # Mining reads only the matching queries, which no consistency query changes: a decode
+        # without them (the reference's first student pass) picks the boxes that get queries.
+        # Without mining the set is the final one, known already.
+        mined = mine(decode_s() if cfg.mining else None)
+        chosen = consistency.consistency_set(pseudo, mined)
+      queried = chosen if chosen_only else initial
       rois = consistency.roi_features(enc_t["srcs"], pseudo["weak_boxes_xyxy"])
-      content = model.apply(student, rois, initial, method=semi_model.project)
-      extra_s = consistency.consistency_queries(pseudo["boxes"], content, initial)
+      content = model.apply(student, rois, queried, method=semi_model.project)
+      extra_s = consistency.consistency_queries(pseudo["boxes"], content, queried)
       extra_t = consistency.consistency_queries(pseudo["weak_boxes"],
-                                                jax.lax.stop_gradient(content), initial)
-    out_u = model.apply(student, batch_lib.model_images(strong), strong["pixel_mask"],
-                        pseudo if stage == 2 else None, train=True,
-                        extra_queries=extra_s, rngs={"dn": rng_u, "dropout": rng_drop})
+                                                jax.lax.stop_gradient(content), queried)
+      out_u = decode_s(extra_s)
+      if not chosen_only:
+        mined = mine(out_u)
+        chosen = consistency.consistency_set(pseudo, mined)
+      metrics["metric_pseudo_mined"] = jnp.mean(jnp.sum(mined, -1))
+      metrics["metric_consistency_boxes"] = jnp.mean(jnp.sum(chosen, -1))
+    else:
+      out_u = decode_s()
 
     # 3. Losses.
     losses = semi_losses_lib.semi_losses(out_l, batch_lib.model_targets(labeled), out_u, pseudo,
                                          crit, cfg, stage)
-    metrics = {"metric_pseudo_initial": jnp.mean(jnp.sum(pseudo["initial_valid"], -1)),
-               "metric_pseudo_final": jnp.mean(jnp.sum(pseudo["valid"], -1))}
     if use_consistency:
-      mined = jnp.zeros_like(pseudo["valid"])
-      if cfg.mining:
-        costs, matched = gmm.matched_costs(out_u, pseudo, pseudo["initial_valid"], crit)
-        mined, threshold = gmm.mine_by_cost(costs, matched)
-        metrics["metric_gmm_threshold"] = threshold
-      metrics["metric_pseudo_mined"] = jnp.mean(jnp.sum(mined, -1))
-      chosen = consistency.consistency_set(pseudo, mined)
       out_tc = model.apply(teacher, enc_t, extra_queries=extra_t, method=semi_model.decode)
       groups = extra_s["valid"].shape[1] // chosen.shape[1]
       cons = consistency.consistency_loss(
