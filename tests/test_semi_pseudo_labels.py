@@ -243,3 +243,34 @@ def test_mapping_with_planned_semi_views():
   tgt = pl.pseudo_targets(outputs, weak, strong, method="topk", max_pseudo=g, max_detections=g)
   np.testing.assert_array_equal(tgt["labels"], np.tile(np.arange(g), (n, 1)))
   np.testing.assert_allclose(tgt["boxes"], np.asarray(want), atol=3e-5)
+
+
+def test_truncation_counts_and_step_metrics(outputs):
+  """Boxes of the initial / final sets beyond `max_pseudo` are counted per image (numpy
+  re-derivation of the sets from the detections), and the step's metrics average them."""
+  from sized_detr_jax.semi import step as semi_step
+  size = np.array([[50, 40]] * 2, np.int32)
+  view = {"size": size, "matrix": np.stack([np.eye(3, dtype=np.float32)] * 2)}
+  k = 8
+  det = pl.teacher_detections(outputs, size, max_detections=k, num_candidates=42)
+  scores, valid = np.asarray(det["scores"], np.float64), np.asarray(det["valid"])
+  boxes = np.asarray(det["boxes_xyxy"])
+  for m in (1, 2, k):
+    tgt = pl.pseudo_targets(outputs, view, view, max_pseudo=m, max_detections=k,
+                            num_candidates=42, final_threshold=0.1)
+    for i in range(2):
+      s = scores[i][valid[i]]
+      thr = s.mean() + s.std(ddof=1) if len(s) >= 2 else np.inf
+      positive = (boxes[i, :, 2] > boxes[i, :, 0]) & (boxes[i, :, 3] > boxes[i, :, 1])
+      initial = valid[i] & positive & (scores[i] >= thr)
+      final = initial & (scores[i] >= 0.1)
+      assert int(tgt["metric_pseudo_dropped"][i]) == initial[m:].sum()
+      assert int(tgt["metric_pseudo_final_dropped"][i]) == final[m:].sum()
+    if m == 1:
+      assert int(np.sum(tgt["metric_pseudo_dropped"])) > 0
+    metrics = semi_step.pseudo_metrics(tgt)
+    dropped = np.asarray(tgt["metric_pseudo_dropped"], np.float64)
+    assert float(metrics["metric_pseudo_dropped"]) == pytest.approx(dropped.mean())
+    assert float(metrics["metric_pseudo_truncated"]) == pytest.approx((dropped > 0).mean())
+    assert float(metrics["metric_pseudo_final_dropped"]) == pytest.approx(
+        np.asarray(tgt["metric_pseudo_final_dropped"], np.float64).mean())

@@ -359,9 +359,15 @@ def _fill_view(batch, k, example, geometry, pixels, max_boxes, index):
 
 
 class _Stream:
-  """Shared bookkeeping of a batch stream over one source."""
+  """Shared bookkeeping of a batch stream over one source.
 
-  def __init__(self, source, global_batch, process_index, process_count):
+  `layout(step) -> (count, start)`: the step's global example count and the stream position
+  of its first example (default: `global_batch` examples from `step * global_batch`); a
+  variable layout (Semi-DETR's random labeled / unlabeled split) changes the batch's leading
+  size from step to step, each count divisible by `process_count`.
+  """
+
+  def __init__(self, source, global_batch, process_index, process_count, layout=None):
     if global_batch % process_count:
       raise ValueError(f"global batch size {global_batch} is not divisible by process_count "
                        f"{process_count}")
@@ -371,35 +377,51 @@ class _Stream:
       raise ValueError("the data source is empty")
     self.source = source
     self.global_batch = global_batch
+    self.process_index, self.process_count = process_index, process_count
     self.local_batch = global_batch // process_count
     self.first_slot = process_index * self.local_batch
+    self.layout = layout or (lambda step: (global_batch, step * global_batch))
     self.sizes = source.image_sizes()
 
   def local_slots(self):
     return range(self.first_slot, self.first_slot + self.local_batch)
 
+  def step_layout(self, step):
+    """(global count, first stream position, this process's slots) of a step."""
+    count, start = (int(v) for v in self.layout(step))
+    if count % self.process_count:
+      raise ValueError(f"step {step}: batch of {count} examples is not divisible by "
+                       f"process_count {self.process_count}")
+    local = count // self.process_count
+    first = self.process_index * local
+    return count, start, range(first, first + local)
+
 
 def make_train_batch_fn(source, data_cfg, *, seed, process_index=0, process_count=1,
-                        with_image_id=True):
-  """step -> this process's labeled training batch (DINO augmentation, shuffled epochs)."""
+                        with_image_id=True, layout=None):
+  """step -> this process's labeled training batch (DINO augmentation, shuffled epochs).
+
+  `layout`: optional `step -> (global count, first stream position)` (see `_Stream`); default
+  `config.data.batch_size` examples per step.
+  """
   data_cfg = resolve_data_config(data_cfg)
-  stream = _Stream(source, data_cfg.batch_size, process_index, process_count)
+  stream = _Stream(source, data_cfg.batch_size, process_index, process_count, layout)
   aug, buckets, n = augment_config(data_cfg), buckets_from_config(data_cfg), len(source)
 
   def plan(step, slot, size):
     return transforms.plan_train_view(_rng(seed, _LABELED, step, slot, _GEOMETRY), *size, aug)
 
   def batch_fn(step):
-    indices = [_dataset_index(seed, _LABELED, step * stream.global_batch + j, n, True)
-               for j in range(stream.global_batch)]
+    count, start, slots = stream.step_layout(step)
+    indices = [_dataset_index(seed, _LABELED, start + j, n, True) for j in range(count)]
     view_sizes = None
     if stream.sizes is not None:
       view_sizes = [plan(step, j, stream.sizes[i]).size for j, i in enumerate(indices)]
-    batch = _empty_view_batch(stream.local_batch, choose_bucket(buckets, view_sizes),
+    batch = _empty_view_batch(len(slots), choose_bucket(buckets, view_sizes),
                               data_cfg.max_boxes, with_matrix=False,
                               host_normalize=data_cfg.host_normalize,
                               with_image_id=with_image_id)
-    for k, slot in enumerate(stream.local_slots()):
+    for k, slot in enumerate(slots):
       example = source[indices[slot]]
       geometry = plan(step, slot, example["image"].shape[:2])
       pixels = transforms.apply_geometry(example["image"], geometry)
@@ -413,10 +435,13 @@ def make_train_batch_fn(source, data_cfg, *, seed, process_index=0, process_coun
 
 
 def make_unlabeled_batch_fn(source, data_cfg, *, seed, process_index=0, process_count=1,
-                            with_image_id=True):
-  """step -> this process's unlabeled batch: {"weak": view batch, "strong": view batch}."""
+                            with_image_id=True, layout=None):
+  """step -> this process's unlabeled batch: {"weak": view batch, "strong": view batch}.
+
+  `layout`: as `make_train_batch_fn` (default `config.data.unlabeled_batch_size` per step).
+  """
   data_cfg = resolve_data_config(data_cfg)
-  stream = _Stream(source, data_cfg.unlabeled_batch_size, process_index, process_count)
+  stream = _Stream(source, data_cfg.unlabeled_batch_size, process_index, process_count, layout)
   aug, buckets, n = augment_config(data_cfg), buckets_from_config(data_cfg), len(source)
 
   def plans(step, slot, size):
@@ -425,18 +450,18 @@ def make_unlabeled_batch_fn(source, data_cfg, *, seed, process_index=0, process_
                  for stream_id, strong in ((_WEAK, False), (_STRONG, True)))
 
   def batch_fn(step):
-    indices = [_dataset_index(seed, _UNLABELED, step * stream.global_batch + j, n, True)
-               for j in range(stream.global_batch)]
+    count, start, slots = stream.step_layout(step)
+    indices = [_dataset_index(seed, _UNLABELED, start + j, n, True) for j in range(count)]
     bucket = {"weak": None, "strong": None}
     if stream.sizes is not None:
       planned = [plans(step, j, stream.sizes[i]) for j, i in enumerate(indices)]
       bucket = {name: choose_bucket(buckets, [p[v].size for p in planned])
                 for v, name in enumerate(("weak", "strong"))}
-    batch = {name: _empty_view_batch(stream.local_batch, b or buckets[-1], data_cfg.max_boxes,
+    batch = {name: _empty_view_batch(len(slots), b or buckets[-1], data_cfg.max_boxes,
                                      with_matrix=True, host_normalize=data_cfg.host_normalize,
                                      with_image_id=with_image_id)
              for name, b in bucket.items()}
-    for k, slot in enumerate(stream.local_slots()):
+    for k, slot in enumerate(slots):
       example = source[indices[slot]]
       weak, strong = plans(step, slot, example["image"].shape[:2])
       _fill_view(batch["weak"], k, example, weak,
@@ -546,25 +571,28 @@ class BatchIterator:
 
 
 def build_train_iterator(data_cfg, *, seed, process_index=0, process_count=1, start_step=0,
-                         with_image_id=True):
-  """Endless labeled training iterator of this process's batches, starting at `start_step`."""
+                         with_image_id=True, layout=None):
+  """Endless labeled training iterator of this process's batches, starting at `start_step`
+  (`layout`: see `make_train_batch_fn`)."""
   data_cfg = resolve_data_config(data_cfg)
   fn = make_train_batch_fn(get_source(data_cfg, "train"), data_cfg, seed=seed,
                            process_index=process_index, process_count=process_count,
-                           with_image_id=with_image_id)
+                           with_image_id=with_image_id, layout=layout)
   return BatchIterator(fn, start_step=start_step, num_threads=data_cfg.num_threads,
                        prefetch=data_cfg.prefetch)
 
 
 def build_unlabeled_iterator(data_cfg, *, seed, process_index=0, process_count=1,
-                             start_step=0, with_image_id=True):
-  """Endless weak/strong unlabeled iterator, or None if no unlabeled source is configured."""
+                             start_step=0, with_image_id=True, layout=None):
+  """Endless weak/strong unlabeled iterator, or None if no unlabeled source is configured
+  (`layout`: see `make_unlabeled_batch_fn`)."""
   data_cfg = resolve_data_config(data_cfg)
   source = get_source(data_cfg, "unlabeled")
   if source is None:
     return None
   fn = make_unlabeled_batch_fn(source, data_cfg, seed=seed, process_index=process_index,
-                               process_count=process_count, with_image_id=with_image_id)
+                               process_count=process_count, with_image_id=with_image_id,
+                               layout=layout)
   return BatchIterator(fn, start_step=start_step, num_threads=data_cfg.num_threads,
                        prefetch=data_cfg.prefetch)
 

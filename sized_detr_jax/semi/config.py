@@ -8,6 +8,7 @@ from sized_detr_jax import config_lib
 SIZED_L1_BRANCHES = ("both", "sup_only")
 PSEUDO_METHODS = ("nms", "topk")
 CONSISTENCY_QUERIES = ("chosen", "initial")
+BATCH_SAMPLERS = ("fixed", "by_prob")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +23,11 @@ class SemiConfig:
     consistency: cross-view query consistency (stage 1 only).
     mining: GMM cost-based mining (feeds the consistency set).
     pseudo_method: teacher detections: "nms" (Semi-DETR) | "topk".
-    max_pseudo: static pseudo-label slots per image.
+    max_pseudo: static pseudo-label slots per image (Semi-DETR has no cap); boxes of the
+      initial set beyond it (the lowest-scored) are dropped and logged
+      (`metric_pseudo_dropped`, `metric_pseudo_final_dropped`, `metric_pseudo_truncated`).
+      0: sized from the data when the method is built (`resolve_max_pseudo`): the largest
+      number of non-crowd boxes of one image in the labeled training annotations.
     final_threshold: score of the final pseudo-label set (0.4).
     nms_iou: class-wise NMS IoU of the teacher's detections and of stage-1 evaluation (0.6).
     nms_candidates: (query, class) pairs entering NMS.
@@ -32,6 +37,12 @@ class SemiConfig:
       the final and the mined ones; one extra student decode for the mining) | "initial" (the
       whole initial set, loss masked to the chosen ones; one decode, but the masked queries
       share self-attention with the chosen ones, so the consistency loss differs).
+    batch_sampler: labeled / unlabeled images per step: "fixed" (`config.data.batch_size` /
+      `unlabeled_batch_size` every step) | "by_prob" (Semi-DETR's SemiBalanceSampler with
+      by_prob=True: the step's `batch_size + unlabeled_batch_size` images form groups of
+      `images_per_group`, each group's labeled count drawn per step, see `semi.sampler`).
+    sample_ratio: ("by_prob") labeled : unlabeled sampling weights ((1, 4)).
+    images_per_group: ("by_prob") the reference's images per GPU (5).
     agnostic_interm: class-agnostic encoder-proposal targets (all labels 0) in both branches,
       as Semi-DETR's head; False: DINO's labelled proposals.
   """
@@ -49,13 +60,21 @@ class SemiConfig:
   projector_fc_dim: int = 1024
   consistency_queries: str = "chosen"
   agnostic_interm: bool = True
+  batch_sampler: str = "fixed"
+  sample_ratio: tuple = (1, 4)
+  images_per_group: int = 5
 
   def __post_init__(self):
+    object.__setattr__(self, "sample_ratio", tuple(self.sample_ratio))
     config_lib.check_choice("config.semi.sized_l1_branches", self.sized_l1_branches,
                             SIZED_L1_BRANCHES)
     config_lib.check_choice("config.semi.consistency_queries", self.consistency_queries,
                             CONSISTENCY_QUERIES)
+    config_lib.check_choice("config.semi.batch_sampler", self.batch_sampler, BATCH_SAMPLERS)
     config_lib.check_choice("config.semi.pseudo_method", self.pseudo_method, PSEUDO_METHODS)
+    if self.max_pseudo < 0:
+      raise ValueError(f"config.semi.max_pseudo must be >= 0 (0: from the data), "
+                       f"got {self.max_pseudo}")
 
   @classmethod
   def from_config(cls, section=None):
@@ -64,7 +83,8 @@ class SemiConfig:
                                            "config.semi"))
 
   def stage_at(self, step):
-    """1 before the switch, 2 from `switch_step` completed steps on (never if it is < 0)."""
+    """Detector stage: 1 before the switch, 2 from `switch_step` completed steps on (never if
+    it is < 0)."""
     return 2 if 0 <= self.switch_step <= step else 1
 
 
