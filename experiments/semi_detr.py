@@ -9,8 +9,8 @@ sized_detr_jax.data.coco_partial --ann instances_train2017.json --percent 10 --f
   python run.py --config=experiments/semi_detr.py:smoke                  # end to end, ~2 min
 
 `arg` tokens (comma-separated), one row of the paper's tables per combination:
-  p1 | p5 | p10 | full   COCO-partial 1/5/10% (120k iterations, 8 GPUs x 5 images at 1:4
-                         labeled:unlabeled, switch at 60k) or COCO-full (train2017 +
+  p1 | p5 | p10 | full   COCO-partial 1/5/10% (120k iterations, 8 GPUs x 5 images drawn at
+                         1:4 labeled:unlabeled, switch at 60k) or COCO-full (train2017 +
                          unlabeled2017, 240k, 8 x 8 images at 1:1, unsup weight 2.0, switch at
                          120k, lr x0.1 at 120k and 160k);
   fold1 .. fold5         the COCO-partial fold (file names only; default fold1);
@@ -40,9 +40,23 @@ configs/dino_detr/dino_detr_ssod_r50_coco_120k.py):
   * labeled view: resize 480-800 (max 1333), flip, one colour op, no random crop (train_pipeline:
     RandResize, RandFlip, OneOf colour ops);
   * AdamW lr 1e-4, only the backbone at x0.1 (paramwise_cfg custom_keys {'backbone': lr_mult
-    0.1}; DINO's extra x0.1 on sampling offsets does not apply), weight decay 1e-4, clip 0.1.
+    0.1}; DINO's extra x0.1 on sampling offsets does not apply), weight decay 1e-4, clip 0.1;
+  * batch composition (sampler SemiBalanceSampler, sample_ratio [1, 4], by_prob=True,
+    samples_per_gpu 5; detr_ssod/datasets/samplers/semi_sampler.py): each step's 40 images are
+    8 groups of 5 with a labeled count per group drawn as the reference's (semi.batch_sampler
+    "by_prob", E = 1.33 : 3.67 per group; `semi.sampler` says why one draw per step);
+    COCO-full: 1:1 in expectation, kept as the fixed 32 + 32;
+  * pseudo-label slots (max_pseudo 0): the most non-crowd boxes of one labeled image, so the
+    final set is truncated only in images more crowded than any labeled one (logged:
+    metric_pseudo_dropped / _final_dropped / _truncated); 30 would truncate more than 1% of
+    COCO images' ground-truth-sized sets (99% of COCO train images have 1..33 instances);
+  * method semantics of every variant (semi.* defaults): class-agnostic encoder proposals
+    (agnostic_interm), consistency queries for the final + mined boxes only
+    (consistency_queries="chosen"), the strong view's colour / geometric ops in random order,
+    shear x then y, 1-4 erase patches of the view's aspect (data.transforms).
 The synthetic / smoke variants keep the default run's recipe (cls 1, L1 5, lr 1e-3, sampling
-offsets x0.1), which their measured figures were obtained with.
+offsets x0.1, a fixed 4 + 4 batch, fixed max_pseudo), which their measured figures were
+obtained with; the method semantics above changed after those figures.
 
 Which Sized L1 form the paper rows use: the rescaled one, `sized_both,rescale` and
 `sized_sup,rescale` (e.g. `p10,fold1,sized_sup,rescale`). The paper says the weight term "can"
@@ -81,14 +95,21 @@ def _coco(config, dataset, fold):
       labeled_color_op=True))
   if dataset == "full":
     config.total_steps = 240_000
-    config.data.update(batch_size=32, unlabeled_batch_size=32)  # 8 GPUs x 8 images, 1:1
+    # 8 GPUs x 8 images at 1:1 in expectation: the reference's by-probability draw has
+    # E[labeled] = 4 of 8 (symmetric clamp), so the fixed 4 + 4 per group has its ratio with
+    # one batch shape (by_prob would add up to 7 compiled variants per stage).
+    config.data.update(batch_size=32, unlabeled_batch_size=32)
     config.semi.update(unsup_weight=2.0, switch_step=120_000)
     config.optimizer.lr_drop_steps = (120_000, 160_000)
   else:
     config.total_steps = 120_000
-    config.data.update(batch_size=8, unlabeled_batch_size=32)  # 8 GPUs x (1 + 4) images
-    config.semi.switch_step = 60_000
+    # 8 GPUs x 5 images, each image labeled with probability 1/5, at least one of each kind
+    # per GPU: 1.33 labeled : 3.67 unlabeled per GPU in expectation (semi.sampler).
+    config.data.update(batch_size=8, unlabeled_batch_size=32)
+    config.semi.update(switch_step=60_000, batch_sampler="by_prob", sample_ratio=(1, 4),
+                       images_per_group=5)
     config.optimizer.lr_drop_steps = ()  # Semi-DETR's steps at 120k/160k are never reached
+  config.semi.max_pseudo = 0  # sized from the labeled annotations (the reference has no cap)
   config.criterion.bbox_loss_coef = 10.0  # Semi-DETR's effective L1 weight (see docstring)
   config.criterion.cls_loss_coef = 2.0  # loss_cls1 / loss_cls2 loss_weight, every branch
   config.data.random_crop = False  # the labeled view has no resize-crop-resize

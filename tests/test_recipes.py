@@ -27,6 +27,17 @@ def test_semi_detr_coco_rows_use_semi_detrs_recipe(arg):
   assert config.optimizer.lr_backbone_mult == 0.1
   assert config.optimizer.lr_linear_proj_mult == 1.0
   assert config.model.query_selection == "dino"
+  # SemiBalanceSampler by_prob: 8 groups of 5 at 1:4 (partial); 1:1 in expectation (full).
+  if arg.startswith("full"):
+    assert config.semi.batch_sampler == "fixed"
+    assert config.data.batch_size == config.data.unlabeled_batch_size == 32
+  else:
+    assert config.semi.batch_sampler == "by_prob"
+    assert tuple(config.semi.sample_ratio) == (1, 4) and config.semi.images_per_group == 5
+    assert config.data.batch_size + config.data.unlabeled_batch_size == 40
+  assert config.semi.max_pseudo == 0  # sized from the labeled annotations
+  # The head's encoder targets, consistency set (defaults of every variant).
+  assert config.semi.agnostic_interm and config.semi.consistency_queries == "chosen"
 
 
 def test_semi_detr_rescale_token():
