@@ -151,26 +151,31 @@ class _StopSignal:
 
 
 class _StepCache:
-  """The jitted train step per stage, compiled (and its compile time logged) when first met."""
+  """The jitted train step per stage, compiled per batch layout (stage, image bucket, ...) when
+  first met, with its compile time logged."""
 
   def __init__(self, run, config):
-    self._run, self._config, self._steps = run, config, {}
+    self._run, self._config = run, config
+    self._jitted, self._compiled = {}, {}
 
   def __call__(self, state, batch, step):
     method, stage = self._run.method, self._run.method.stage_at(step - 1)
-    if stage not in self._steps:
-      logging.info("Compiling the train step%s for %s (the first step waits for it) ...",
-                   f" of stage {stage}" if stage != 1 else "", _describe_images(batch))
-      start = time.perf_counter()
+    if stage not in self._jitted:
       config = self._config
-      self._steps[stage] = make_train_step(
+      self._jitted[stage] = make_train_step(
           method.loss_fn(stage), self._run.tx, self._run.schedule, self._run.mesh,
           self._run.shardings, ema_momentum=config.get("ema_momentum"),
           ema_subtree=method.ema_subtree,
-          grad_split_every=config.log_every if config.get("log_grad_split") else 0
-      ).lower(state, batch).compile()
+          grad_split_every=config.log_every if config.get("log_grad_split") else 0)
+    layout = (stage, tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch)),
+              jax.tree.structure(batch))
+    if layout not in self._compiled:
+      logging.info("Compiling the train step%s for %s (the first step waits for it) ...",
+                   f" of stage {stage}" if stage != 1 else "", _describe_images(batch))
+      start = time.perf_counter()
+      self._compiled[layout] = self._jitted[stage].lower(state, batch).compile()
       logging.info("Compiled in %.1f s.", time.perf_counter() - start)
-    return self._steps[stage](state, batch)
+    return self._compiled[layout](state, batch)
 
 
 def _evaluated_at(workdir, step):
