@@ -218,3 +218,31 @@ def test_smoke_config_runs_end_to_end(experiment, data_root, tmp_path):
   logged = [r["step"] for r in _metrics(workdir)]
   assert logged[-1] == config.total_steps and all(np.isfinite(r["loss"])
                                                   for r in _metrics(workdir))
+
+
+def test_step_cache_compiles_one_step_per_batch_layout():
+  """Image buckets give batches of several shapes: each layout gets its own compiled step (a
+  compiled executable rejects other shapes)."""
+  import types
+  import jax.numpy as jnp
+  import optax
+  from sized_detr_jax import sharding
+  from sized_detr_jax import state as state_lib
+  mesh = sharding.make_mesh(1)
+  params = {"w": jnp.ones(())}
+  loss_fn = lambda p, state, batch, rng: (p["w"] * jnp.mean(batch["image"]),
+                                          {"loss": p["w"] * jnp.mean(batch["image"])})
+  method = types.SimpleNamespace(stage_at=lambda step: 1, loss_fn=lambda stage: loss_fn,
+                                 ema_subtree=lambda p: p)
+  tx = optax.sgd(0.5)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
+                               opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+  run = types.SimpleNamespace(method=method, tx=tx, schedule=lambda s: 0.5, mesh=mesh,
+                              shardings=shardings)
+  cache = train._StepCache(run, config_lib.load_config(CONFIG, "smoke"))  # pylint: disable=protected-access
+  for step, side in enumerate((4, 6, 4), start=1):
+    batch = {"image": jnp.full((1, side, side, 3), 2.0)}
+    state, metrics = cache(state, batch, step)
+  assert len(cache._compiled) == 2  # pylint: disable=protected-access
+  np.testing.assert_allclose(float(state.params["w"]), 1.0 - 3 * 0.5 * 2.0)
