@@ -41,10 +41,17 @@ def test_semi_detr_coco_rows_use_semi_detrs_recipe(arg):
 
 
 def test_semi_detr_rescale_token():
+  # The paper rows run the rescaled form (the study's); `plain` is the ablation.
   assert _config("semi_detr.py", "p10,sized_sup,rescale").criterion.sized_l1_rescale
-  assert not _config("semi_detr.py", "p10,sized_sup").criterion.sized_l1_rescale
+  assert _config("semi_detr.py", "p10,sized_sup").criterion.sized_l1_rescale
+  assert not _config("semi_detr.py", "p10,sized_sup,plain").criterion.sized_l1_rescale
+  for name in ("dino_r50.py", "co_dino.py"):
+    assert _config(name, "sized_l1").criterion.sized_l1_rescale
+    assert not _config(name, "sized_l1,plain").criterion.sized_l1_rescale
   with pytest.raises(ValueError, match="'rescale' needs sized_both or sized_sup"):
     _config("semi_detr.py", "p10,rescale")
+  with pytest.raises(ValueError, match="exclude each other"):
+    _config("semi_detr.py", "p10,sized_both,rescale,plain")
 
 
 def test_query_selection_defaults():
