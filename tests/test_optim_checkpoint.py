@@ -128,12 +128,14 @@ def test_checkpoint_resume_and_corrupt_fallback(tmp_path):
 
 
 def test_metrics_log_appends_across_runs(tmp_path):
-  for start in (0, 10):  # a run, then a "resumed" run in the same workdir
-    log = metrics_log.MetricsLog(str(tmp_path), total_steps=20, tensorboard=False)
+  for start in (0, 10):  # a run, then a run resumed from step 10 in the same workdir
+    log = metrics_log.MetricsLog(str(tmp_path), total_steps=20, start_step=start,
+                                 tensorboard=False)
     for step in (start + 5, start + 10):
       rec = log.write(step, {"loss": 1.0 / step, "loss_ce": 0.5, "lr": 1e-4}, images_per_step=2)
     log.close()
   lines = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
-  assert [l["step"] for l in lines] == [5, 10, 15, 20]
+  assert [l.get("step", l.get("event")) for l in lines] == [5, 10, "resume", 15, 20]
+  assert lines[2]["from_step"] == 10
   assert lines[1]["loss"] == pytest.approx(0.1) and "img_per_s" in lines[1]
   assert "step 20/20" in metrics_log.format_progress(rec, 20)
