@@ -398,7 +398,7 @@ def converted_params(state_dict, model_config):
 
 
 @contextlib.contextmanager
-def injected_selection(topk_index, use=True):
+def injected_selection(topk_index, use=True, record=None):
   """While tracing inside it, the model's query selection takes `topk_index` (in order).
 
   Patches `deformable_transformer.selection_scores` (looked up at trace time, so enter this
@@ -408,6 +408,8 @@ def injected_selection(topk_index, use=True):
   Args:
     topk_index: [B, Q] int32 encoder-token indices (e.g. `run_official(...)["topk"]`).
     use: bool or traced [] bool.
+    record: optional dict that receives the traced `scores` [B, S] (the model's own) and
+      `usable` [B, S] of the last call (return them from the jitted function to see them).
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from sized_detr_jax.models import deformable_transformer as dt  # pylint: disable=g-import-not-at-top
@@ -416,6 +418,8 @@ def injected_selection(topk_index, use=True):
 
   def scores(enc_logits, usable, rule):
     natural = original(enc_logits, usable, rule)
+    if record is not None:
+      record.update(scores=natural, usable=usable)
     b, q = topk_index.shape
     rank = jnp.broadcast_to(jnp.arange(q, 0, -1, dtype=jnp.float32), (b, q))
     forced = jnp.full(natural.shape, -jnp.inf, jnp.float32).at[
@@ -538,14 +542,19 @@ def describe(official: Optional[Official]) -> str:
 
 
 def jax_eval_fn(model):
-  """Jitted `(params, images, pixel_mask, topk [B, Q], use_topk []) -> outputs` (eval forward);
-  with use_topk the query selection is `topk` (`injected_selection`), else the model's own."""
+  """Jitted eval forward `(params, images, pixel_mask, topk [B, Q], use_topk []) -> (outputs,
+  selection)`: with use_topk the query selection is `topk` (`injected_selection`), else the
+  model's own; `selection` holds the model's own choice whichever was used: `own_topk` [B, Q]
+  int32, `scores` [B, S] float32 (`deformable_transformer.selection_scores`), `usable` [B, S]."""
   import jax  # pylint: disable=g-import-not-at-top
 
   @jax.jit
   def forward(params, images, pixel_mask, topk, use_topk):
-    with injected_selection(topk, use_topk):
-      return model.apply({"params": params}, images, pixel_mask)
+    record = {}
+    with injected_selection(topk, use_topk, record):
+      outputs = model.apply({"params": params}, images, pixel_mask)
+    own = jax.lax.top_k(record["scores"], model.num_queries)[1]  # the model's own rule
+    return outputs, {"own_topk": own, "scores": record["scores"], "usable": record["usable"]}
 
   return forward
 
@@ -573,3 +582,36 @@ def jax_train_losses_fn(model, criterion_config):
                                                      criterion_config)
 
   return step
+
+
+def compare_selection(own_topk, dino_topk, scores, usable):
+  """How this model's own top-Q tokens compare with DINO's (both [B, Q], in score order).
+
+  Unusable tokens (padding, border anchors) are interchangeable (same zeroed memory, box
+  (1, 1, 1, 1)), so a selected one counts as "unusable", not by index.
+
+  Args:
+    own_topk, dino_topk: [B, Q] int token indices; scores: [B, S] this model's selection scores;
+    usable: [B, S] bool.
+
+  Returns:
+    dict: `unusable_ours` / `unusable_dino` (lists, per image), `positions_differing` (list:
+    query positions whose token differs, unusable ones counted equal), `max_score_gap` (the
+    largest |score(ours) - score(DINO's)| at one position, under this model's scores: 0 when
+    the choices are the same, tiny when only near-tied tokens swapped places) and
+    `usable_sets_equal` (list of bool).
+  """
+  own, theirs = np.asarray(own_topk), np.asarray(dino_topk)
+  scores, usable = np.asarray(scores), np.asarray(usable, bool)
+  rows = np.arange(own.shape[0])[:, None]
+  own_usable, their_usable = usable[rows, own], usable[rows, theirs]
+  key = lambda index, ok: np.where(ok, index, -1)
+  gap = np.abs(scores[rows, own] - scores[rows, theirs])
+  return {
+      "unusable_ours": (~own_usable).sum(1).tolist(),
+      "unusable_dino": (~their_usable).sum(1).tolist(),
+      "positions_differing": (key(own, own_usable) != key(theirs, their_usable)).sum(1).tolist(),
+      "max_score_gap": float(gap.max()),
+      "usable_sets_equal": [set(o[u].tolist()) == set(t[v].tolist()) for o, u, t, v in
+                            zip(own, own_usable, theirs, their_usable)],
+  }
