@@ -46,9 +46,10 @@ def side_by_side():
                                           config.model)
   batch = official_dino.make_batch(SIZES, batch=2, boxes_per_image=BOXES, seed=0)
   targets = (batch["boxes"], batch["labels"], batch["valid"])
+  model = dino.build_dino(config.model)
   return {
       "od": official_dino, "official": official, "config": config, "params": params,
-      "batch": batch, "model": dino.build_dino(config.model),
+      "batch": batch, "model": model, "forward": official_dino.jax_eval_fn(model),
       "eval": official_dino.run_official(official, batch["image"], batch["pixel_mask"]),
       "train": official_dino.run_official(official, batch["image"], batch["pixel_mask"],
                                           targets, train=True, seed=0),
@@ -77,9 +78,8 @@ def test_conversion_fills_every_parameter(side_by_side):
 def test_eval_outputs_with_dino_selection(side_by_side):
   s = side_by_side
   od, batch = s["od"], s["batch"]
-  forward = od.jax_eval_fn(s["model"])
-  outputs, _ = forward(s["params"], batch["image"], batch["pixel_mask"], s["eval"]["topk"],
-                       True)
+  outputs, _ = s["forward"](s["params"], batch["image"], batch["pixel_mask"],
+                            s["eval"]["topk"], True)
   _assert_outputs_close(od.jax_outputs_numpy(outputs), s["eval"], od,
                         ("logits", "boxes", "interm_logits", "interm_boxes"))
 
@@ -88,9 +88,8 @@ def test_own_selection_follows_dino_rule(side_by_side):
   s = side_by_side
   od, batch = s["od"], s["batch"]
   assert s["config"].model.query_selection == "dino"
-  forward = od.jax_eval_fn(s["model"])
-  outputs, selection = forward(s["params"], batch["image"], batch["pixel_mask"],
-                               s["eval"]["topk"], False)
+  outputs, selection = s["forward"](s["params"], batch["image"], batch["pixel_mask"],
+                                    s["eval"]["topk"], False)
   report = od.compare_selection(selection["own_topk"], s["eval"]["topk"], selection["scores"],
                                 selection["usable"])
   # DINO's top-900 takes unusable tokens (padding / border anchors) and so does the "dino" rule.
