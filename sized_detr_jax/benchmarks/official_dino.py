@@ -412,8 +412,9 @@ def injected_selection(topk_index, use=True, record=None):
       `usable` [B, S] of the last call (return them from the jitted function to see them).
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sized_detr_jax.models import deformable_transformer as dt  # pylint: disable=g-import-not-at-top
+  from sized_detr_jax.models import deformable_transformer  # pylint: disable=g-import-not-at-top
 
+  dt = deformable_transformer
   original = dt.selection_scores
 
   def scores(enc_logits, usable, rule):
