@@ -261,12 +261,12 @@ def derive_buckets(sizes, pad_multiple=32):
 
 def buckets_from_config(data_cfg):
   """Padded (h, w) shapes, sorted by area: explicit `buckets` (rounded up to pad_multiple) or
-  derived from the resize settings (`derive_buckets`)."""
+  derived from the resize settings (`resolve_sizes`, `derive_buckets`)."""
   m = data_cfg.pad_multiple
   if data_cfg.buckets:
     buckets = [(_round_up(h, m), _round_up(w, m)) for h, w in data_cfg.buckets]
   else:
-    buckets = derive_buckets(data_cfg, m)
+    buckets = resolve_sizes(data_cfg)["buckets"]
   return sorted(set(buckets), key=lambda b: (b[0] * b[1], b))
 
 
