@@ -147,7 +147,8 @@ def test_one_size_knob_moves_the_other_sizes():
 @pytest.mark.parametrize("overrides, message", [
     (dict(size=256, scales=(160, 192)),
      r"config\.data\.scales=\(160, 192\) contradicts config\.data\.size=256"),
-    (dict(size=256, max_size=200), r"config\.data\.max_size=200 contradicts config\.data\.size=256"),
+    (dict(size=256, max_size=200),
+     r"config\.data\.max_size=200 contradicts config\.data\.size=256"),
     (dict(eval_size=300, eval_max_size=250),
      r"config\.data\.eval_max_size=250 contradicts config\.data\.eval_size=300"),
     (dict(size=256, buckets=((192, 192),)),
