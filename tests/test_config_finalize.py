@@ -1,8 +1,8 @@
 """config_lib.finalize: derived sizes, schedule, classes and name; contradictions fail early.
 
 No training here (no jax compile): configs are loaded, finalised and compared with values
-written down before the derivations existed (tests/data/config_snapshot.json, every
-experiments/ variant at commit a2e4961) and with DINO's / the paper's numbers.
+written down before the derivations existed (tests/data/config_snapshot.json: every
+experiments/ variant at commit 39c344a) and with DINO's / the paper's numbers.
 """
 import copy
 import json
