@@ -165,9 +165,14 @@ def _flat(tree, prefix=""):
 
 
 def config_differences(saved, expected):
-  """Dotted field names whose values differ between two config.json dicts."""
+  """Dotted field names whose values differ between two config.json dicts.
+
+  Fields `saved` does not have were added to the configs after that run was made (e.g. the
+  sources of derived values, `data.size` or `optimizer.lr_drop_fractions`): they are not
+  differences, the resolved values of the fields both have decide.
+  """
   a, b = _flat(saved), _flat(expected)
-  return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+  return sorted(k for k in a if a[k] != b.get(k, "<absent>"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -217,6 +217,19 @@ def test_synthetic_labelbook_follows_num_classes():
   assert config_lib.finalize(config).model.dn_labelbook_size == 10
 
 
+def test_study_accepts_runs_made_before_the_derivation_fields():
+  """A run's config.json written before `data.size` / `*_fraction` existed still matches."""
+  from sized_detr_jax import study  # pylint: disable=g-import-not-at-top
+  now = json.loads(config_lib.finalize(_load("synthetic.py:")).to_json_best_effort())
+  old = copy.deepcopy(now)
+  for section, key in (("data", "size"), ("data", "scale_step"), ("data", "min_scale_fraction"),
+                       ("optimizer", "lr_drop_fractions"), ("optimizer", "warmup_fraction")):
+    del old[section][key]
+  assert study.config_differences(old, now) == []
+  old["optimizer"]["lr_drop_steps"] = [1000]
+  assert study.config_differences(old, now) == ["optimizer.lr_drop_steps"]
+
+
 @pytest.mark.parametrize("ann, name", [
     ("/data/pets/annotations/instances_train.json", "pets"),  # generic folder: one higher
     ("/data/pets/train.json", "pets"),
