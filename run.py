@@ -128,9 +128,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     _check_workdir(FLAGS.workdir)
-    if FLAGS.mode != "summary":
-      config_lib.validate_config(FLAGS.config)  # before anything is built or compiled
-    _run_mode(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+    # Derived fields (classes from the data, sizes, schedule, name) resolved and the config
+    # validated before anything is built or compiled.
+    config = config_lib.finalize(FLAGS.config)
+    _run_mode(FLAGS.mode, config, FLAGS.workdir)
   except (ValueError, OSError, FloatingPointError) as e:
     # Bad input (config values, files, data), a full disk, a diverged run: one clear line.
     _fail(f"{type(e).__name__}: {e}")

@@ -127,7 +127,7 @@ def get_config(arg=None):
     config.optimizer.update(dict(lr=2e-4, lr_backbone_mult=0.1,
                                  # Co-DETR's paramwise_cfg has only the backbone multiplier.
                                  lr_linear_proj_mult=1.0,
-                                 lr_drop_steps=(11 * STEPS_PER_EPOCH,)))
+                                 lr_drop_fractions=(11 / 12,)))  # after epoch 11 of 12
   config.name = name
   config.method = "co_dino"
   _to_five_scale(config.model)

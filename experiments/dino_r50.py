@@ -32,6 +32,7 @@ Query selection (`model.query_selection`, models/deformable_transformer.py `sele
                 does not depend on padding).
 """
 import ml_collections
+from ml_collections import config_dict
 
 from sized_detr_jax import config_lib
 from sized_detr_jax.data import pipeline
@@ -100,16 +101,22 @@ STEPS_PER_EPOCH = 7_393
 
 
 def _optimizer_config():
-  """DINO-4scale's AdamW schedule (sized_detr_jax.optim fields): 12 epochs, lr x0.1 after 11."""
+  """DINO-4scale's AdamW schedule (sized_detr_jax.optim fields): 12 epochs, lr x0.1 after 11.
+
+  The schedule is in fractions of total_steps (config_lib.finalize resolves lr_drop_steps and
+  warmup_steps from them: 11/12 x 88,716 = 81,323), so --config.total_steps=N scales it.
+  """
   return ml_collections.ConfigDict(dict(
       lr=1e-4,
       lr_backbone_mult=0.1,  # DINO lr_backbone 1e-5
       lr_linear_proj_mult=0.1,  # sampling_offsets (dino.param_labels "linear_proj")
       weight_decay=1e-4,
       clip_norm=0.1,
-      lr_drop_steps=(11 * STEPS_PER_EPOCH,),
+      lr_drop_fractions=(11 / 12,),
+      lr_drop_steps=config_dict.placeholder(tuple),
       lr_drop_factor=0.1,
-      warmup_steps=0,
+      warmup_fraction=0.0,
+      warmup_steps=config_dict.placeholder(int),
   ))
 
 
@@ -153,7 +160,7 @@ def get_config(arg=None):
   if "smoke" in tokens:  # end to end in a minute or two on the embedded synthetic data
     config.data = config_lib.sibling_config(__file__, "synthetic.py", "smoke").data
     config.total_steps = 4
-    config.optimizer.lr_drop_steps = ()
+    config.optimizer.lr_drop_fractions = ()
     config.log_every = 2
     config.checkpoint_every = 2
   if "sized_l1" in tokens or "rescale" in tokens or "plain" in tokens:

@@ -104,16 +104,16 @@ def _coco(config, dataset, fold):
     # E[labeled] = 4 of 8 (symmetric clamp), so the fixed 4 + 4 per group has its ratio with
     # one batch shape (by_prob would add up to 7 compiled variants per stage).
     config.data.update(batch_size=32, unlabeled_batch_size=32)
-    config.semi.update(unsup_weight=2.0, switch_step=120_000)
-    config.optimizer.lr_drop_steps = (120_000, 160_000)
+    config.semi.update(unsup_weight=2.0, switch_fraction=0.5)  # at 120k
+    config.optimizer.lr_drop_fractions = (0.5, 2 / 3)  # at 120k and 160k
   else:
     config.total_steps = 120_000
     # 8 GPUs x 5 images, each image labeled with probability 1/5, at least one of each kind
     # per GPU: 1.33 labeled : 3.67 unlabeled per GPU in expectation (semi.sampler).
     config.data.update(batch_size=8, unlabeled_batch_size=32)
-    config.semi.update(switch_step=60_000, batch_sampler="by_prob", sample_ratio=(1, 4),
-                       images_per_group=5)
-    config.optimizer.lr_drop_steps = ()  # Semi-DETR's steps at 120k/160k are never reached
+    config.semi.update(switch_fraction=0.5, batch_sampler="by_prob", sample_ratio=(1, 4),
+                       images_per_group=5)  # switch at 60k
+    config.optimizer.lr_drop_fractions = ()  # Semi-DETR's steps at 120k/160k are never reached
   config.semi.max_pseudo = 0  # sized from the labeled annotations (the reference has no cap)
   config.criterion.bbox_loss_coef = 10.0  # Semi-DETR's effective L1 weight (see docstring)
   config.criterion.cls_loss_coef = 2.0  # loss_cls1 / loss_cls2 loss_weight, every branch
@@ -138,7 +138,7 @@ def _synthetic(config, smoke):
     config.data.update(root="data_cache/synthetic_semi_smoke", synthetic_num_images=8,
                        synthetic_num_unlabeled=16, synthetic_num_val=8,
                        batch_size=4, unlabeled_batch_size=4)
-    config.semi.update(switch_step=3, max_pseudo=8, nms_candidates=80, max_detections=40)
+    config.semi.update(switch_fraction=0.5, max_pseudo=8, nms_candidates=80, max_detections=40)
   else:
     config.data.update(root="data_cache/synthetic_semi10", synthetic_num_images=51,
                        synthetic_num_unlabeled=461, synthetic_num_val=128,
@@ -148,8 +148,10 @@ def _synthetic(config, smoke):
     # configured drop at 255 fell after the run while lr_schedule shifted drops by the warm-up).
     config.total_steps = 300
     config.log_every, config.checkpoint_every = 25, 150
-    config.optimizer.lr_drop_steps = ()
-    config.semi.update(switch_step=150, max_pseudo=16, nms_candidates=120, max_detections=100)
+    config.optimizer.lr_drop_fractions = ()
+    config.optimizer.warmup_fraction = 50 / 300  # the default run's 50 warm-up steps
+    config.semi.update(switch_fraction=0.5, max_pseudo=16, nms_candidates=120,
+                       max_detections=100)
   config.semi.projector_fc_dim = 256
 
 
@@ -170,7 +172,7 @@ def get_config(arg=None):
   config.criterion = base.criterion
   config.optimizer = base.optimizer
   config.optimizer.update(lr=1e-4, lr_backbone_mult=0.1, weight_decay=1e-4, clip_norm=0.1,
-                          warmup_steps=0)
+                          warmup_fraction=0.0)
   config.data = base.data
   config.semi = semi_config.default_semi_config()
   if synthetic:
@@ -179,7 +181,7 @@ def get_config(arg=None):
     _coco(config, dataset, fold)
   if "iters120k" in tokens or "iters300k" in tokens:
     config.total_steps = 120_000 if "iters120k" in tokens else 300_000
-    config.semi.switch_step = config.total_steps // 2
+    config.semi.switch_fraction = 0.5
   if "noswitch" in tokens:
     config.semi.switch_step = -1
   if box != "baseline":

@@ -10,6 +10,7 @@ The dataset (4 shape classes with small/medium/large boxes) is generated under
 config.data.root on first use (a few seconds).
 """
 import ml_collections
+from ml_collections import config_dict
 
 from sized_detr_jax import config_lib
 from sized_detr_jax.data import pipeline
@@ -24,12 +25,14 @@ def get_config(arg=None):
   config_lib.add_trainer_fields(config, name="synthetic" + "".join(f"_{t}" for t in tokens),
                                 total_steps=2000, log_every=100, checkpoint_every=500)
 
-  # Model: DINO-tiny, 4 classes (the pipeline gives contiguous labels 0..3).
+  # Model: DINO-tiny, 4 classes (the pipeline gives contiguous labels 0..3); the denoising
+  # label book follows num_classes (config_lib.finalize).
   config.model = base.model
   # Widened for capacity. The backbone keeps DINO's frozen stem/layer1 (random here): the
   # trainable `backbone_norm="group_norm"` variant learns from scratch but runs 3x slower on
   # CPU (3.1 vs 10.5 img/s), which does not fit the 10-minute budget of the default run.
-  config.model.update(num_classes=4, dn_labelbook_size=4, num_queries=30, num_select=30,
+  config.model.update(num_classes=4, dn_labelbook_size=config_dict.placeholder(int),
+                      num_queries=30, num_select=30,
                       dn_number=20, backbone_width=16, hidden_dim=64, dim_feedforward=256,
                       gn_groups=16)
   # The measured AP 0.308 run selected queries among usable tokens only; DINO's rule
@@ -47,27 +50,37 @@ def get_config(arg=None):
   # (AP 0.265 after 1000 steps vs 0.094 after 600), since steps are ~1.7x cheaper. For the same
   # 8000 images (same CPU time: img/s barely depends on the batch here), 2000 steps of 4 images
   # reach AP 0.308 against 0.265 for 1000 steps of 8 and 0.273 for 4000 steps of 2.
+  # One knob, `data.size` (192): scales 160/176/192 (size down to 0.8 x size in steps of 16),
+  # a square cap max_size = size (one 192x192 bucket, one compile), evaluation at the middle
+  # scale size - 16 = 176. max_size and eval_size are lazy references to size, so
+  # `--config.data.size=256` moves them too; each stays overridable (pipeline.resolve_sizes).
   config.data = pipeline.default_data_config()
   config.data.update(dict(
       root="data_cache/synthetic", synthetic_num_images=512, synthetic_seed=0,
-      batch_size=4, eval_batch_size=16, max_boxes=16,
-      scales=(160, 176, 192), max_size=192, random_crop=False,
-      eval_size=176, eval_max_size=192, buckets=((192, 192),)))
+      batch_size=4, eval_batch_size=16, max_boxes=16, random_crop=False))
+  pipeline.follow_size(config.data, size=192, scale_step=16, min_scale_fraction=0.8,
+                       crop_scales=(160, 192, 224), crop_size=(128, 224))  # unused: no crop
+  size = config.data.get_ref("size")
+  config.data.max_size = size.identity()
+  config.data.eval_size = size - 16
 
   config.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-3, lr_backbone_mult=1.0, lr_linear_proj_mult=0.1, weight_decay=1e-4,
-      # Drop at 1750 = the measured AP 0.308 run: it was configured as 1700 when
-      # optim.lr_schedule still shifted drop steps by the 50 warm-up steps.
-      clip_norm=0.1, lr_drop_steps=(int(config.total_steps * 0.875),), lr_drop_factor=0.1,
-      warmup_steps=50, train_all_backbone=False))  # True with model.backbone_norm="group_norm"
+      clip_norm=0.1, lr_drop_factor=0.1, train_all_backbone=False,  # True with group_norm
+      # Fractions of total_steps (config_lib.finalize): drop at 0.875 x 2000 = 1750 (the
+      # measured AP 0.308 run; it was configured as 1700 when optim.lr_schedule still shifted
+      # drop steps by the warm-up), warm-up 0.025 x 2000 = 50 steps. The absolute fields, when
+      # set (--config.optimizer.lr_drop_steps=...), replace them.
+      lr_drop_fractions=(0.875,), lr_drop_steps=config_dict.placeholder(tuple),
+      warmup_fraction=0.025, warmup_steps=config_dict.placeholder(int)))
   config.keep_checkpoints = 2
 
   if "smoke" in tokens:
     config.data.update(dict(synthetic_num_images=24, batch_size=4, eval_batch_size=8,
                             root="data_cache/synthetic_smoke"))
     config.total_steps = 6
-    config.optimizer.lr_drop_steps = ()
-    config.optimizer.warmup_steps = 0
+    config.optimizer.lr_drop_fractions = ()
+    config.optimizer.warmup_fraction = 0.0
     config.log_every = 2
     config.checkpoint_every = 3
   return config

@@ -1,4 +1,6 @@
-"""Loading `experiments/*.py` configs by path (as ml_collections' config_flags does)."""
+"""Loading `experiments/*.py` configs by path (as ml_collections' config_flags does), finalising
+them (`finalize`: derived fields resolved) and validating them (`validate_config`)."""
+import copy
 import importlib.util
 import math
 import os
@@ -182,7 +184,8 @@ _INT_FIELDS = (
     ("data.synthetic_num_val", 0), ("data.synthetic_num_unlabeled", 0),
     ("data.pad_multiple", 1), ("data.num_threads", 0), ("data.prefetch", 0),
     ("data.max_size", 1), ("data.eval_size", 1), ("data.eval_max_size", 1),
-    ("optimizer.warmup_steps", 0),
+    ("optimizer.warmup_steps", 0), ("data.size", 1), ("data.scale_step", 1),
+    ("model.num_classes", 1), ("model.dn_labelbook_size", 1),
 )
 # Float fields that must be >= 0.
 _NONNEGATIVE = ("optimizer.weight_decay", "optimizer.clip_norm", "optimizer.lr_drop_factor")
@@ -192,8 +195,9 @@ def validate_config(config):
   """Checks a trainer config before anything is built or compiled; one clear error per field.
 
   Checks `check_finite_config`, non-negative / positive integer fields (batch sizes, steps,
-  seeds...), `data.buckets` (None or (h, w) pairs of positive integers) and `data.scales`
-  (positive integers). Fields a config does not have are skipped.
+  seeds...), `data.buckets` (None or (h, w) pairs of positive integers), `data.scales`
+  (positive integers) and `model.dn_labelbook_size >= model.num_classes`. Fields a config does
+  not have, or has as None (derived by `finalize`), are skipped.
 
   Raises:
     ValueError: "config.<field>=<value> ..." naming the field, the value and what is allowed.
@@ -218,9 +222,164 @@ def validate_config(config):
       raise ValueError(f"config.data.buckets={buckets!r} must be None or a list of (height, "
                        "width) pairs of positive integers, e.g. ((192, 192),)")
   scales = _get(config, "data.scales")
-  if scales is not _MISSING:
+  if scales is not _MISSING and scales is not None:
     if (not isinstance(scales, (list, tuple)) or not scales
         or not all(_is_int(v) and v > 0 for v in scales)):
       raise ValueError(f"config.data.scales={scales!r} must be a non-empty list of positive "
                        "integers (shorter-side sizes in pixels)")
+  check_labelbook(config)
+  return config
+
+
+def check_labelbook(config):
+  """`model.dn_labelbook_size >= model.num_classes` where both are set.
+
+  The denoising queries embed ground-truth labels 0..num_classes-1 through a table of
+  dn_labelbook_size rows: a smaller table is indexed out of range, which JAX clamps or turns
+  into NaN a few steps later, so it is an error up front.
+  """
+  classes, book = _get(config, "model.num_classes"), _get(config, "model.dn_labelbook_size")
+  if _MISSING in (classes, book) or None in (classes, book):
+    return
+  if book < classes:
+    raise ValueError(
+        f"config.model.dn_labelbook_size={book} is smaller than config.model.num_classes="
+        f"{classes}: denoising embeds labels 0..{classes - 1}; set dn_labelbook_size >= "
+        "num_classes (unset: it follows num_classes)")
+
+
+# ----------------------------------------------------------------------------- finalisation
+# (absolute field, fraction field, kind) of the schedule: the absolute step count when set,
+# else round(fraction x total_steps).
+SCHEDULE_FIELDS = (
+    ("optimizer.lr_drop_steps", "optimizer.lr_drop_fractions", "steps"),
+    ("optimizer.warmup_steps", "optimizer.warmup_fraction", "step"),
+    ("semi.switch_step", "semi.switch_fraction", "step"),
+)
+# Folder names that say nothing about the dataset (the run name looks one folder higher).
+_GENERIC_FOLDERS = ("annotations", "annotation", "anns", "ann", "labels", "label", "json")
+
+
+def _set(config, dotted, value):
+  *parents, last = dotted.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[last] = value
+
+
+def dataset_name(data):
+  """A short name for the configured training data (for run names and plot titles).
+
+  COCO: the training json's folder (one higher for generic folders such as `annotations/`),
+  else its file stem; TFDS: the dataset name; synthetic: "synthetic".
+  """
+  source = data.get("source", "synthetic")
+  if source == "tfds":
+    return str(data.get("tfds_name", "tfds")).split("/")[0]
+  if source != "coco" or not data.get("train_ann"):
+    return source
+  path = os.path.abspath(data["train_ann"])
+  folders = os.path.dirname(path).split(os.sep)
+  for folder in reversed(folders[-2:]):
+    if folder and folder.lower() not in _GENERIC_FOLDERS:
+      return folder
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def _resolve_schedule(config):
+  """Absolute schedule steps from their fractions of `total_steps` (SCHEDULE_FIELDS)."""
+  total = config.get("total_steps")
+  for absolute, fraction, kind in SCHEDULE_FIELDS:
+    steps, frac = _get(config, absolute), _get(config, fraction)
+    if steps is _MISSING:
+      continue
+    frac = None if frac is _MISSING else frac
+    from_frac = None
+    if frac is not None:
+      fracs = tuple(frac) if kind == "steps" else (frac,)
+      if not all(_is_fraction(f) for f in fracs):
+        raise ValueError(f"config.{fraction}={frac!r} must be in [0, 1] (fraction(s) of "
+                         "config.total_steps)")
+      from_frac = tuple(int(round(f * total)) for f in fracs)
+      from_frac = from_frac if kind == "steps" else from_frac[0]
+    if steps is None:
+      steps = from_frac if from_frac is not None else (() if kind == "steps" else 0)
+      _set(config, absolute, steps)
+    elif from_frac is not None and not _same_steps(steps, from_frac):
+      _set(config, fraction, None)  # the absolute value replaces it; config.json says which
+    values = tuple(steps) if kind == "steps" else (steps,)
+    if any(v > total for v in values):
+      raise ValueError(
+          f"config.{absolute}={steps!r} is beyond config.total_steps={total} (the run ends "
+          f"first); use config.{fraction} (scales with total_steps) or a smaller value")
+
+
+def _is_fraction(f):
+  return isinstance(f, (int, float, np.integer, np.floating)) and not isinstance(
+      f, bool) and 0 <= f <= 1
+
+
+def _same_steps(a, b):
+  return (tuple(a) == tuple(b)) if isinstance(a, (list, tuple)) else a == b
+
+
+def _resolve_classes(config):
+  """model.num_classes from the training data's categories when None; dn_labelbook_size from
+  num_classes when None."""
+  model = config.get("model")
+  if model is None or "num_classes" not in model:
+    return
+  check_labelbook(config)  # both set: fail before reading any data
+  if model.num_classes is None:
+    from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    data = config.get("data") or {}
+    if data.get("source") == "coco" and not data.get("train_ann"):
+      raise ValueError("config.model.num_classes is unset and config.data.train_ann is empty: "
+                       "set the training json (its categories give the classes) or num_classes")
+    train = pipeline.get_source(config.data, "train")
+    model.num_classes = len(train.category_ids)
+  if "dn_labelbook_size" in model and model.dn_labelbook_size is None:
+    model.dn_labelbook_size = model.num_classes
+  check_labelbook(config)
+
+
+def finalize(config):
+  """The config with every derived field resolved: call it once, before anything is built.
+
+  A new ConfigDict (the argument is not modified); finalising a finalised config changes
+  nothing. In order:
+    * `validate_config` on the fields as given (None fields are skipped);
+    * schedule: `optimizer.lr_drop_steps`, `optimizer.warmup_steps`, `semi.switch_step` left
+      None become round(fraction x total_steps) of `lr_drop_fractions`, `warmup_fraction`,
+      `switch_fraction`; an absolute value, when set, replaces its fraction (set to None), and
+      one beyond `total_steps` is an error naming the field;
+    * data sizes: the size fields left None follow `data.size` (`pipeline.resolve_sizes`);
+      explicit ones that contradict each other fail (`pipeline.check_sizes`);
+    * classes: `model.num_classes` None -> the training data's category count (reads the
+      training json), `model.dn_labelbook_size` None -> num_classes; both set: checked
+      (dn_labelbook_size >= num_classes) before any data is read;
+    * `name`: "{dataset}" in it becomes `dataset_name(config.data)`;
+    * `validate_config` on the result.
+
+  Raises:
+    ValueError: one line naming the field(s), the value(s) and the fix.
+  """
+  validate_config(config)
+  config = copy.deepcopy(config)
+  if config.get("total_steps") is not None:
+    _resolve_schedule(config)
+  check_labelbook(config)
+  if config.get("data") is not None:
+    from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    resolved = pipeline.resolve_data_config(config.data)
+    pipeline.check_sizes(resolved)
+    for key in pipeline.SIZE_FIELDS:
+      if key in config.data:
+        config.data[key] = resolved[key]
+  _resolve_classes(config)
+  name = config.get("name")
+  if isinstance(name, str) and "{dataset}" in name:
+    config.name = name.replace("{dataset}", dataset_name(config.get("data") or {}))
+  validate_config(config)
   return config

@@ -23,6 +23,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from sized_detr_jax import config_lib
 from sized_detr_jax import criterion
 from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
@@ -302,6 +303,7 @@ def restore_for_inference(config, workdir, mode) -> Restored:
 
 def evaluate_only(config, workdir):
   """Evaluate the newest checkpoint of `workdir` (EMA params if `config.eval_ema`)."""
+  config = config_lib.finalize(config)
   r = restore_for_inference(config, workdir, "eval")
   metrics = run_evaluation(r.predictor, r.params, r.model_state, r.step, workdir, r.data_info,
                            eval_batches(config))
@@ -325,6 +327,7 @@ def output_names(paths):
 
 def predict(config, workdir, image_paths, *, min_score=0.3):
   """Detect objects in image files with the newest checkpoint; PNGs to WORKDIR/predictions/."""
+  config = config_lib.finalize(config)
   source = image_files.ImageFilesSource(image_paths)
   names = output_names(source.paths)
   r = restore_for_inference(config, workdir, "predict")

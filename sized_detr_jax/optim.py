@@ -23,6 +23,10 @@ def lr_schedule(opt_config):
 
   The drop steps are absolute (`optax.join_schedules` would shift them by the warm-up length).
   """
+  for field in ("lr_drop_steps", "warmup_steps"):
+    if field in opt_config and opt_config[field] is None:
+      raise ValueError(f"config.optimizer.{field} is unresolved (None): finalise the config "
+                       "with config_lib.finalize (its fraction x total_steps)")
   base = float(opt_config.lr)
   factor = float(opt_config.get("lr_drop_factor", 0.1))
   drops = tuple(int(s) for s in opt_config.get("lr_drop_steps", ()))

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sized_detr_jax import checkpointing
+from sized_detr_jax import config_lib
 from sized_detr_jax import convert_torch
 from sized_detr_jax import method as method_lib
 from sized_detr_jax import methods
@@ -146,18 +147,21 @@ class RunSetup(NamedTuple):
   shardings: Any                  # TrainState of NamedShardings
   checkpointer: checkpointing.Checkpointer
   restored: checkpointing.RestoreResult  # which step was restored and why (describe())
+  config: Any                     # the finalised config (config_lib.finalize) the run uses
 
 
 def setup(config, workdir, *, on_mismatch="error") -> RunSetup:
   """Mesh, data info, method, optimiser and state (restored when the workdir has a checkpoint).
 
   Args:
-    config: the experiment config.
+    config: the experiment config (finalised here with `config_lib.finalize` when it is not
+      yet; the result is `RunSetup.config`).
     workdir: the run's folder (its checkpoints/ is created if missing).
     on_mismatch: "error": checkpoints that do not fit this config raise
       `checkpointing.CheckpointMismatchError` naming the first differing param and the changed
       config fields; "fresh": they are moved aside and the run starts from step 0.
   """
+  config = config_lib.finalize(config)
   mesh = sharding.make_mesh(config.get("num_devices"))
   data_info = pipeline.dataset_info(config.data)
   if config.model.num_classes != data_info["num_classes"]:
@@ -188,4 +192,5 @@ def setup(config, workdir, *, on_mismatch="error") -> RunSetup:
     state = load_init_from(state, shardings, config.init_from, method.ema_subtree)
   elif config.model.get("pretrained") or config.model.get("pretrained_backbone"):
     state = load_pretrained(state, shardings, config.model, method.ema_subtree)
-  return RunSetup(mesh, data_info, method, tx, schedule, state, shardings, ckpt, restored)
+  return RunSetup(mesh, data_info, method, tx, schedule, state, shardings, ckpt, restored,
+                  config)

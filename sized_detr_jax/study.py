@@ -54,6 +54,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from sized_detr_jax import config_lib
 from sized_detr_jax import evaluate
 from sized_detr_jax import metrics_log
 
@@ -135,7 +136,8 @@ def parse_variants(text):
 
 
 def resolve_config(spec, overrides, seed):
-  """The ConfigDict run.py builds from `--config=spec --config.seed=seed --config.<o>...`."""
+  """The ConfigDict run.py builds from `--config=spec --config.seed=seed --config.<o>...`,
+  finalised as run.py does (`config_lib.finalize`; what config.json records)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   argv = ["run.py", f"--config={spec}", f"--config.seed={seed}",
           *[f"--config.{o}" for o in overrides]]
@@ -147,7 +149,10 @@ def resolve_config(spec, overrides, seed):
   except (KeyError, AttributeError, flags.Error) as e:
     msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
     raise ValueError(f"config {spec} with overrides {overrides}: {msg}") from None
-  return fv.config
+  try:
+    return config_lib.finalize(fv.config)
+  except ValueError as e:
+    raise ValueError(f"config {spec} with overrides {overrides}: {e}") from None
 
 
 def _flat(tree, prefix=""):
@@ -160,9 +165,14 @@ def _flat(tree, prefix=""):
 
 
 def config_differences(saved, expected):
-  """Dotted field names whose values differ between two config.json dicts."""
+  """Dotted field names whose values differ between two config.json dicts.
+
+  Fields `saved` does not have were added to the configs after that run was made (e.g. the
+  sources of derived values, `data.size` or `optimizer.lr_drop_fractions`): they are not
+  differences, the resolved values of the fields both have decide.
+  """
   a, b = _flat(saved), _flat(expected)
-  return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+  return sorted(k for k in a if a[k] != b.get(k, "<absent>"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sized_detr_jax import config_lib
 from sized_detr_jax import evaluate
 from sized_detr_jax import metrics_log
 from sized_detr_jax import sharding
@@ -200,7 +201,10 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
 
   `on_mismatch`: what to do with checkpoints that do not fit the config ("error" or "fresh",
   see `state.setup`). SIGTERM saves a checkpoint of the current step and raises `Preempted`.
+  The config is finalised first (`config_lib.finalize`: derived classes, sizes, schedule and
+  name); config.json records the finalised one.
   """
+  config = config_lib.finalize(config)
   sharding.maybe_initialize_distributed(config)
   workdir = workdir or default_workdir(config)
   os.makedirs(workdir, exist_ok=True)

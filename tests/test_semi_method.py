@@ -94,7 +94,7 @@ def smoke(tmp_path_factory):
   config = config_lib.load_config(CONFIG, "smoke")
   config.data.root = str(tmp_path_factory.mktemp("semi_data") / "synthetic")
   config.data.num_threads = 1
-  return config
+  return config_lib.finalize(config)  # semi.switch_step from its fraction, as run.py does
 
 
 def test_by_prob_batches_sizes_positions_and_resume(smoke):

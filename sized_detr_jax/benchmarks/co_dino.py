@@ -68,6 +68,7 @@ def main(argv=None):
     config = config_lib.load_config(_CONFIG, args.config_arg)
     if heads is not None:
       config.co_dino.heads = heads
+    config = config_lib.finalize(config)
     fn, params = _step_fn(config, images, mask, targets)
     key = jax.random.PRNGKey(1)
     start = time.perf_counter()

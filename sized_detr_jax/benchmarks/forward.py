@@ -44,6 +44,7 @@ def main(argv=None):
     config.model.dtype = args.dtype
   if args.msda:
     config.model.msda_implementation = args.msda
+  config = config_lib.finalize(config)
   model = dino.build_dino(config.model)
   b, h, w = args.batch, args.height, args.width
   images = jnp.asarray(np.random.default_rng(0).normal(size=(b, h, w, 3)), jnp.float32)

@@ -90,6 +90,7 @@ def main(argv=None):
   config = config_lib.load_config(args.config, args.config_arg or None)
   for assignment in args.set:
     _apply_override(config, assignment)
+  config = config_lib.finalize(config)
   data_cfg = pipeline.resolve_data_config(config.data)
   if args.size:
     height, width = (int(v) for v in args.size.lower().split("x"))

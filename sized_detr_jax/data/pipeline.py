@@ -44,6 +44,7 @@ import tempfile
 from absl import logging
 import grain
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 
 from sized_detr_jax.data import coco
@@ -54,8 +55,24 @@ from sized_detr_jax.data import transforms
 _LABELED, _UNLABELED, _GEOMETRY, _PHOTOMETRIC, _WEAK, _STRONG = range(6)
 
 
+# DETR / DINO's resize recipe at size 800: training scales 480..800 in steps of 32 (0.6 x 800
+# up to 800), longer side capped at 1333, evaluation at 800 / 1333, random crop: resize to
+# 400 / 500 / 600 then crop a side in [384, 600]. `resolve_sizes` scales it to any `size`.
+DETR_MAX_SIZE_RATIO = 1333 / 800
+DETR_CROP_SCALE_FRACTIONS = (0.5, 0.625, 0.75)
+DETR_CROP_SIZE_FRACTIONS = (0.48, 0.75)
+# The fields `resolve_sizes` derives (None: follow data.size) and `check_sizes` cross-checks.
+SIZE_FIELDS = ("size", "scales", "max_size", "eval_size", "eval_max_size", "crop_scales",
+               "crop_size", "buckets")
+
+
 def default_data_config():
-  """config.data defaults: the embedded synthetic dataset at its native (~128-256 px) scale."""
+  """config.data defaults: the embedded synthetic dataset at its native (~128-256 px) scale.
+
+  Sizes: `size` is the one knob (the largest training shorter side); the other size fields
+  left None follow it (`resolve_sizes`), explicit ones are kept and cross-checked
+  (`check_sizes`). Here the scales are explicit and `size` follows them (256).
+  """
   return ml_collections.ConfigDict(dict(
       source="synthetic",          # "synthetic" | "coco" | "tfds"
       # synthetic: generated under `root` on first use
@@ -70,11 +87,15 @@ def default_data_config():
       gt_cache_dir="",             # where the TFDS eval ground-truth json is written
       # batching (global sizes, divided over processes)
       batch_size=4, unlabeled_batch_size=4, eval_batch_size=4, max_boxes=32,
-      buckets=None,                # list of (h, w), or None to derive from the resize settings
+      # list of (h, w); None: derived from the sizes (resolve_sizes)
+      buckets=config_dict.placeholder(tuple),
       pad_multiple=32, num_threads=2, prefetch=4,
       # False: `image` is uint8 (4x less host work and transfer); the trainer must apply
       # transforms.normalize_image_jax inside its jitted step. True: f32 per the contract.
       host_normalize=True,
+      # Sizes (resolve_sizes): `size` = the largest training shorter side; None: max(scales).
+      # Scales left None are `size` down to min_scale_fraction x size in steps of scale_step.
+      size=config_dict.placeholder(int), scale_step=32, min_scale_fraction=0.6,
       # augmentation (transforms.AugmentConfig fields)
       scales=(192, 208, 224, 240, 256), max_size=384, random_crop=True,
       crop_scales=(160, 192, 224), crop_size=(128, 224), hflip_prob=0.5,
@@ -84,18 +105,117 @@ def default_data_config():
   ))
 
 
+def follow_size(cfg, **explicit):
+  """Sets the derived size fields of `cfg` to None (typed placeholders: still overridable on
+  the command line), then `explicit`."""
+  cfg.update(dict(scales=config_dict.placeholder(tuple), max_size=config_dict.placeholder(int),
+                  eval_size=config_dict.placeholder(int),
+                  eval_max_size=config_dict.placeholder(int),
+                  crop_scales=config_dict.placeholder(tuple),
+                  crop_size=config_dict.placeholder(tuple)))
+  cfg.update(explicit)
+  return cfg
+
+
 def coco_data_config(**overrides):
-  """config.data for COCO at DINO's settings (multi-scale 480-800, max 1333, 100 boxes)."""
-  cfg = default_data_config()
-  cfg.update(dict(source="coco", scales=tuple(range(480, 801, 32)), max_size=1333,
-                  crop_scales=(400, 500, 600), crop_size=(384, 600), eval_size=800,
-                  eval_max_size=1333, max_boxes=100, batch_size=16, eval_batch_size=16))
+  """config.data for COCO at DINO's settings (multi-scale 480-800, max 1333, 100 boxes).
+
+  Only `size=800` is set; scales, max_size (1333), eval sizes, crop sizes and buckets follow it
+  (`resolve_sizes`), so `--config.data.size=N` rescales all of them.
+  """
+  cfg = follow_size(default_data_config(), size=800)
+  cfg.update(dict(source="coco", max_boxes=100, batch_size=16, eval_batch_size=16))
   cfg.update(overrides)
   return cfg
 
 
+def _detr_scales(size, step, min_fraction):
+  """Shorter sides from `size` down to `min_fraction * size` in steps of `step`, ascending."""
+  lowest = size * min_fraction - 1e-6  # 0.6 * 800 = 480 exactly, despite float rounding
+  scales = [size - k * step for k in range(size // step + 1) if size - k * step >= lowest]
+  return tuple(s for s in reversed(scales) if s > 0)
+
+
+def resolve_sizes(data_cfg):
+  """The size fields of `data_cfg` with those left None derived (a dict of `SIZE_FIELDS`).
+
+  Rules (DETR's, scaled to `size`; explicit values are kept as given):
+    size: the largest training shorter side; None -> max(scales).
+    scales: None -> `size` down to `min_scale_fraction` x size in steps of `scale_step`
+      (DINO: 480..800 step 32 for 800).
+    max_size: None -> round(size x 1333 / 800) (DINO: 1333 for 800).
+    eval_size: None -> size. eval_max_size: None -> max_size.
+    crop_scales: None -> size x (0.5, 0.625, 0.75); crop_size: None -> size x (0.48, 0.75).
+    buckets: None -> derived from the sizes (`derive_buckets`).
+
+  Raises:
+    ValueError: neither `size` nor `scales` is set.
+  """
+  get = lambda k, default=None: data_cfg[k] if k in data_cfg else default
+  size, scales = get("size"), get("scales")
+  if size is None and not scales:
+    raise ValueError("config.data.size (the largest training shorter side, e.g. 800) or "
+                     "config.data.scales must be set")
+  if scales is None:
+    scales = _detr_scales(int(size), int(get("scale_step", 32)),
+                          float(get("min_scale_fraction", 0.6)))
+  size = max(scales) if size is None else size
+  max_size = get("max_size")
+  max_size = round(size * DETR_MAX_SIZE_RATIO) if max_size is None else max_size
+  eval_size = size if get("eval_size") is None else get("eval_size")
+  eval_max_size = max_size if get("eval_max_size") is None else get("eval_max_size")
+  crop_scales = get("crop_scales")
+  if crop_scales is None:
+    crop_scales = tuple(round(size * f) for f in DETR_CROP_SCALE_FRACTIONS)
+  crop_size = get("crop_size")
+  if crop_size is None:
+    crop_size = tuple(round(size * f) for f in DETR_CROP_SIZE_FRACTIONS)
+  out = dict(size=size, scales=tuple(scales), max_size=max_size, eval_size=eval_size,
+             eval_max_size=eval_max_size, crop_scales=tuple(crop_scales),
+             crop_size=tuple(crop_size))
+  buckets = get("buckets")
+  out["buckets"] = (tuple(tuple(b) for b in buckets) if buckets else
+                    derive_buckets(out, get("pad_multiple", 32)))
+  return out
+
+
+def check_sizes(data_cfg):
+  """Explicit size fields that contradict each other: one error naming both fields.
+
+  `data_cfg` is resolved (`resolve_sizes`). Contradictions: max(scales) != size, max_size <
+  size, eval_max_size < eval_size, and buckets of which none holds a square view of the
+  largest shorter side (min(max(size, eval_size), max(max_size, eval_max_size)), rounded up
+  to pad_multiple).
+
+  Raises:
+    ValueError: "config.data.<a>=... contradicts config.data.<b>=..." and how to fix it.
+  """
+  d = {k: data_cfg[k] for k in SIZE_FIELDS}
+  if max(d["scales"]) != d["size"]:
+    raise ValueError(
+        f"config.data.scales={tuple(d['scales'])} contradicts config.data.size={d['size']}: "
+        "size is the largest training scale; set one of them (scales left unset follow size)")
+  if d["max_size"] < d["size"]:
+    raise ValueError(
+        f"config.data.max_size={d['max_size']} contradicts config.data.size={d['size']}: the "
+        "longer-side cap is below the shorter side; raise max_size (unset: size x 1333/800)")
+  if d["eval_max_size"] < d["eval_size"]:
+    raise ValueError(
+        f"config.data.eval_max_size={d['eval_max_size']} contradicts config.data.eval_size="
+        f"{d['eval_size']}: the longer-side cap is below the shorter side (unset: max_size)")
+  m = data_cfg["pad_multiple"] if "pad_multiple" in data_cfg else 32
+  side = _round_up(min(max(d["size"], d["eval_size"]), max(d["max_size"], d["eval_max_size"])),
+                   m)
+  if not any(_round_up(h, m) >= side and _round_up(w, m) >= side for h, w in d["buckets"]):
+    raise ValueError(
+        f"config.data.buckets={tuple(tuple(b) for b in d['buckets'])} contradicts "
+        f"config.data.size={d['size']} / max_size={d['max_size']}: no bucket holds a "
+        f"{side}x{side} view; enlarge the buckets or leave them unset (derived from the sizes)")
+
+
 def resolve_data_config(data_cfg):
-  """config.data over default_data_config(): missing fields get defaults, unknown ones fail.
+  """config.data over default_data_config(): missing fields get defaults, unknown ones fail,
+  size fields left None are derived (`resolve_sizes`).
 
   Raises:
     ValueError: naming a field that default_data_config does not have (likely a typo).
@@ -106,6 +226,7 @@ def resolve_data_config(data_cfg):
   if unknown:
     raise ValueError(f"config.data has unknown field(s) {unknown}; known: {sorted(resolved)}")
   resolved.update(given)
+  resolved.update(resolve_sizes(resolved))
   return resolved
 
 
@@ -121,20 +242,31 @@ def _round_up(v, m):
   return int(-(-int(v) // m) * m)
 
 
-def buckets_from_config(data_cfg):
-  """Padded (h, w) shapes, sorted by area: explicit `buckets` or derived from resize settings.
+def derive_buckets(sizes, pad_multiple=32):
+  """Padded (h, w) shapes holding every view of the resize settings, sorted by area.
 
-  Derived: S = largest shorter side, L = largest longer side (rounded up to pad_multiple):
+  S = largest shorter side, L = largest longer side (both rounded up to pad_multiple):
   (S, L) holds any landscape view, (L, S) any portrait one, (L, L) a batch mixing both.
+
+  Args:
+    sizes: mapping with scales, eval_size, max_size, eval_max_size.
   """
+  m = pad_multiple
+  short = _round_up(max(max(sizes["scales"]), sizes["eval_size"]), m)
+  long = _round_up(max(sizes["max_size"], sizes["eval_max_size"]), m)
+  long = max(long, short)
+  return tuple(sorted({(short, long), (long, short), (long, long)},
+                      key=lambda b: (b[0] * b[1], b)))
+
+
+def buckets_from_config(data_cfg):
+  """Padded (h, w) shapes, sorted by area: explicit `buckets` (rounded up to pad_multiple) or
+  derived from the resize settings (`resolve_sizes`, `derive_buckets`)."""
   m = data_cfg.pad_multiple
   if data_cfg.buckets:
     buckets = [(_round_up(h, m), _round_up(w, m)) for h, w in data_cfg.buckets]
   else:
-    short = _round_up(max(max(data_cfg.scales), data_cfg.eval_size), m)
-    long = _round_up(max(data_cfg.max_size, data_cfg.eval_max_size), m)
-    long = max(long, short)
-    buckets = [(short, long), (long, short), (long, long)]
+    buckets = resolve_sizes(data_cfg)["buckets"]
   return sorted(set(buckets), key=lambda b: (b[0] * b[1], b))
 
 

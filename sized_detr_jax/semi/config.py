@@ -1,7 +1,9 @@
 """Semi-DETR's settings (`config.semi`), resolved once into a frozen `SemiConfig`."""
 import dataclasses
+from typing import Optional
 
 import ml_collections
+from ml_collections import config_dict
 
 from sized_detr_jax import config_lib
 
@@ -19,7 +21,10 @@ class SemiConfig:
     sized_l1_branches: "both" (the criterion's bbox_loss in both branches) | "sup_only" (plain
       L1 on the pseudo-labels).
     unsup_weight: weight of every unsupervised term (4.0; 2.0 on COCO-full).
-    switch_step: one-to-many -> one-to-one switch; < 0: never (Table 5).
+    switch_step: one-to-many -> one-to-one switch (completed steps); < 0: never (Table 5).
+      None: round(switch_fraction x total_steps), set by `config_lib.finalize`.
+    switch_fraction: the switch as a fraction of `total_steps` (Semi-DETR: half way, 60k of
+      120k); used when switch_step is None.
     consistency: cross-view query consistency (stage 1 only).
     mining: GMM cost-based mining (feeds the consistency set).
     pseudo_method: teacher detections: "nms" (Semi-DETR) | "topk".
@@ -48,7 +53,8 @@ class SemiConfig:
   """
   sized_l1_branches: str = "both"
   unsup_weight: float = 4.0
-  switch_step: int = 60000
+  switch_step: Optional[int] = None
+  switch_fraction: Optional[float] = 0.5
   consistency: bool = True
   mining: bool = True
   pseudo_method: str = "nms"
@@ -85,9 +91,14 @@ class SemiConfig:
   def stage_at(self, step):
     """Detector stage: 1 before the switch, 2 from `switch_step` completed steps on (never if
     it is < 0)."""
+    if self.switch_step is None:
+      raise ValueError("config.semi.switch_step is unresolved (None): finalise the config with "
+                       "config_lib.finalize (switch_fraction x total_steps)")
     return 2 if 0 <= self.switch_step <= step else 1
 
 
 def default_semi_config():
   """`config.semi` defaults as a ConfigDict (the fields of `SemiConfig`)."""
-  return ml_collections.ConfigDict(dataclasses.asdict(SemiConfig()))
+  fields = dataclasses.asdict(SemiConfig())
+  fields["switch_step"] = config_dict.placeholder(int)  # overridable; finalize resolves it
+  return ml_collections.ConfigDict(fields)
