@@ -35,6 +35,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   config = config_lib.load_config(args.config, args.config_arg)
   config.num_devices = 1
+  config = config_lib.finalize(config)
   workdir = tempfile.mkdtemp()  # an empty workdir: a fresh initialisation, nothing saved
   run = state_lib.setup(config, workdir)
   base = criterion.CriterionConfig.from_config(config.criterion)

@@ -103,7 +103,7 @@ def _batch(args):
 def _jax_config(args):
   from sized_detr_jax import config_lib  # pylint: disable=g-import-not-at-top
   path = args.config if os.path.isabs(args.config) else os.path.join(_ROOT, args.config)
-  return config_lib.load_config(path, args.config_arg or None)
+  return config_lib.finalize(config_lib.load_config(path, args.config_arg or None))
 
 
 def _jax_params(args, model_config, model, batch):
