@@ -14,7 +14,7 @@ Conventions shared by every method:
     flat dict of [] scalars including `loss`;
   * `stage` is a static Python int: the trainer compiles one step per stage it meets.
 """
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 
