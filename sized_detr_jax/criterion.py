@@ -66,6 +66,11 @@ def default_criterion_config():
     sized_l1_rescale: rescale Sized L1 by the mean target width/height (losses.sized_l1_loss).
     matcher_box_cost: "l1" (DINO and the paper) or "sized_l1" box term of the matching cost
       (rescaled like the loss when sized_l1_rescale is set).
+    matcher_prune: send the host only each ground truth's G cheapest queries instead of the
+      whole [Q, G] matching cost (`matching.hungarian_matching(prune=True)`: the same optimal
+      totals; 0.02 vs 1.15 MiB per step at 6 x 8 x 900 queries x 7 GT, 3.7 vs 16.5 MiB at 100
+      GT; `benchmarks.matching --host_table`). Off by default: with tied costs the chosen
+      assignment may differ, so runs would not repeat the unpruned ones bit for bit.
     interm_loss_coef: extra factor on the encoder-proposal losses (1.0).
     use_dn: add the denoising losses when the outputs carry `dn_outputs`.
     o2m_topk, o2m_alpha, o2m_beta: task-aligned assigner of `one_to_many_criterion` (Semi-DETR
@@ -90,6 +95,7 @@ class CriterionConfig:
   cls_loss: str = "focal"
   qfl_beta: float = 2.0
   matcher_box_cost: str = "l1"
+  matcher_prune: bool = False
   interm_loss_coef: float = 1.0
   use_dn: bool = True
   o2m_topk: int = 13
@@ -419,7 +425,8 @@ def compute_matches(outputs, targets, config=None, *, axis_name=None):
 
   Args:
     outputs, targets: as `set_criterion`.
-    config: matching costs from `set_cost_*`, `focal_*`, `matcher_box_cost`, `sized_l1_rescale`.
+    config: matching costs from `set_cost_*`, `focal_*`, `matcher_box_cost`, `sized_l1_rescale`;
+      `matcher_prune` for the host transfer.
     axis_name: only inside `jax.shard_map`, for a global mean box size in the rescaled
       Sized L1 cost.
 
@@ -440,7 +447,8 @@ def compute_matches(outputs, targets, config=None, *, axis_name=None):
   costs = [jnp.pad(c, ((0, 0), (0, max_queries - c.shape[-2]), (0, 0)),
                    constant_values=matching.NONFINITE_COST) for c in costs]
   # One host call per device shard of the mesh entered with jax.set_mesh (one call without).
-  stacked = matching.hungarian_matching(jnp.stack(costs), targets["valid"])  # [N, B, G]
+  stacked = matching.hungarian_matching(jnp.stack(costs), targets["valid"],
+                                        prune=cfg.matcher_prune)  # [N, B, G]
   limit = jnp.asarray(num_queries, jnp.int32)[:, None, None]
   stacked = jnp.where(stacked < limit, stacked, -1)
   result = {"final": stacked[0]}

@@ -9,7 +9,9 @@ device shard. With a `mesh`, the callback runs inside `jax.shard_map`, so each d
 own slice of the batch on its own host: under a plain `jit` with a sharded input the callback
 would gather the whole batch to one device first (design.md section 6). Within one call, the
 independent per-image problems are solved by a pool of host threads (scipy releases the GIL;
-`set_host_workers` / $SIZED_DETR_MATCHING_WORKERS, default all host cores).
+`set_host_workers` / $SIZED_DETR_MATCHING_WORKERS, default all host cores). With `prune=True`
+only each ground truth's G cheapest queries travel to the host ([..., G, G] costs and indices
+instead of the [..., Q, G] cost), which provably keeps the optimum (`hungarian_matching`).
 
 Caveat, JAX CPU runtime (jax 0.10.2): on a client with several CPU devices (the forced
 `--xla_force_host_platform_device_count` used by tests), the sharded call can deadlock when a
@@ -36,6 +38,7 @@ Degenerate cases (all tested in tests/test_matching.py):
     a valid assignment and never raises or hangs; the non-finite loss itself surfaces in the
     criterion, where the trainer's finiteness check reports it.
 """
+import functools
 import os
 import threading
 from concurrent import futures
@@ -196,11 +199,59 @@ def _thread_pool(workers):
     return _pool
 
 
+def _finite(cost):
+  """Non-finite cost entries -> +-NONFINITE_COST (NaN = the worst pairing); numpy or jax."""
+  xp = np if isinstance(cost, np.ndarray) else jnp
+  return xp.nan_to_num(cost, nan=NONFINITE_COST, posinf=NONFINITE_COST, neginf=-NONFINITE_COST)
+
+
 def _solve_one(cost, cols):
-  """One problem: cost [Q, G] on its valid columns `cols` -> (rows, picked column positions)."""
-  sub = np.nan_to_num(cost[:, cols].astype(np.float64), nan=NONFINITE_COST,
-                      posinf=NONFINITE_COST, neginf=-NONFINITE_COST)
-  return optimize.linear_sum_assignment(sub)
+  """One problem: cost [Q, G] on its valid columns `cols` -> (query rows, picked column positions)."""
+  return optimize.linear_sum_assignment(_finite(cost[:, cols].astype(np.float64)))
+
+
+def _solve_one_candidates(values, indices, cols):
+  """One pruned problem: each valid column's len(cols) cheapest queries.
+
+  values, indices: [G, k] costs and query indices of every column's k cheapest queries
+  (ascending cost, k >= len(cols)). The problem is rebuilt over the union of the candidate
+  queries of the valid columns, pairs outside a column's candidates forbidden (inf); see
+  `hungarian_matching(prune=True)` for why its optimum is the full problem's.
+  """
+  n = cols.size
+  rows, inverse = np.unique(indices[cols, :n], return_inverse=True)
+  sub = np.full((rows.size, n), np.inf)
+  sub[inverse.reshape(n, n), np.arange(n)[:, None]] = values[cols, :n]
+  picked_rows, picked = optimize.linear_sum_assignment(sub)
+  return rows[picked_rows], picked
+
+
+def _solve_problems(flat_valid, solve_one, num_rows):
+  """Runs `solve_one(i, cols)` -> (query rows, column positions) for every problem i of
+  `flat_valid` [P, G] with a valid column; in the thread pool when there is enough work.
+
+  Returns [P, G] int32 query index per column, -1 for unmatched/padded columns.
+  """
+  out = np.full(flat_valid.shape, -1, np.int32)
+  problems = [] if num_rows == 0 else [
+      (i, cols) for i, cols in enumerate(np.flatnonzero(v) for v in flat_valid) if cols.size]
+  workers = min(host_workers(), len(problems))
+  entries = num_rows * sum(cols.size for _, cols in problems)
+  if workers > 1 and entries >= _PARALLEL_MIN_ENTRIES:
+    solve_chunk = lambda chunk: [solve_one(i, cols) for i, cols in chunk]
+    chunks = _balanced_chunks(problems, workers)
+    solved = _thread_pool(workers).map(solve_chunk, chunks)
+    problems = [p for chunk in chunks for p in chunk]
+    solved = [result for chunk in solved for result in chunk]
+  else:
+    solved = (solve_one(i, cols) for i, cols in problems)
+  for (i, cols), (rows, picked) in zip(problems, solved):
+    out[i, cols[picked]] = rows
+  return out
+
+
+def _flat_valid(gt_valid, lead, num_gt):
+  return np.broadcast_to(np.asarray(gt_valid, bool), lead + (num_gt,)).reshape((-1, num_gt))
 
 
 def _solve_on_host(cost, gt_valid):
@@ -214,22 +265,22 @@ def _solve_on_host(cost, gt_valid):
   num_queries, num_gt = cost.shape[-2:]
   lead = cost.shape[:-2]
   flat_cost = cost.reshape((-1, num_queries, num_gt))
-  flat_valid = np.broadcast_to(np.asarray(gt_valid, bool), lead + (num_gt,)).reshape((-1, num_gt))
-  out = np.full(flat_valid.shape, -1, np.int32)
-  problems = [] if num_queries == 0 else [
-      (i, cols) for i, cols in enumerate(np.flatnonzero(v) for v in flat_valid) if cols.size]
-  workers = min(host_workers(), len(problems))
-  entries = num_queries * sum(cols.size for _, cols in problems)
-  if workers > 1 and entries >= _PARALLEL_MIN_ENTRIES:
-    solve_chunk = lambda chunk: [_solve_one(flat_cost[i], cols) for i, cols in chunk]
-    chunks = _balanced_chunks(problems, workers)
-    solved = _thread_pool(workers).map(solve_chunk, chunks)
-    problems = [p for chunk in chunks for p in chunk]
-    solved = [result for chunk in solved for result in chunk]
-  else:
-    solved = (_solve_one(flat_cost[i], cols) for i, cols in problems)
-  for (i, cols), (rows, picked) in zip(problems, solved):
-    out[i, cols[picked]] = rows
+  out = _solve_problems(_flat_valid(gt_valid, lead, num_gt),
+                        lambda i, cols: _solve_one(flat_cost[i], cols), num_queries)
+  return out.reshape(lead + (num_gt,))
+
+
+def _solve_candidates_on_host(values, indices, gt_valid):
+  """Host solver of the pruned problems: values f32 / indices i32 [..., G, k] (each column's k
+  cheapest queries), gt_valid [..., G] -> [..., G] int32 query indices."""
+  values, indices = np.asarray(values), np.asarray(indices)
+  num_gt, k = values.shape[-2:]
+  lead = values.shape[:-2]
+  flat_values = values.reshape((-1, num_gt, k)).astype(np.float64)
+  flat_indices = indices.reshape((-1, num_gt, k))
+  out = _solve_problems(_flat_valid(gt_valid, lead, num_gt),
+                        lambda i, cols: _solve_one_candidates(flat_values[i], flat_indices[i],
+                                                              cols), k)
   return out.reshape(lead + (num_gt,))
 
 
@@ -244,10 +295,27 @@ def _balanced_chunks(problems, workers):
   return [c for c in chunks if c]
 
 
-def _host_matching(cost, gt_valid):
-  """One pure_callback to `_solve_on_host` for all leading dims of `cost`."""
+def candidate_queries(cost, k):
+  """Each ground truth's k cheapest queries: cost [..., Q, G] -> (values [..., G, k] float32
+  ascending, indices [..., G, k] int32). Non-finite costs are replaced as the host solver does."""
+  neg, indices = jax.lax.top_k(-jnp.swapaxes(_finite(cost.astype(jnp.float32)), -1, -2), k)
+  return -neg, indices.astype(jnp.int32)
+
+
+def prunes(num_queries, num_gt):
+  """Whether `hungarian_matching(prune=True)` sends candidates for a [Q, G] problem: when the
+  [G, G] candidate costs and indices are smaller than the [Q, G] cost (G < Q / 2)."""
+  return 2 * num_gt < num_queries
+
+
+def _host_matching(cost, gt_valid, prune=False):
+  """One pure_callback for all leading dims of `cost` (pruned to candidates with `prune`)."""
   out_shape = jax.ShapeDtypeStruct(gt_valid.shape, jnp.int32)
-  # Look the solver up at call time (not trace time) so tests can wrap it to count host calls.
+  # Look the solvers up at call time (not trace time) so tests can wrap them to count host calls.
+  if prune and prunes(*cost.shape[-2:]):
+    values, indices = candidate_queries(cost, cost.shape[-1])
+    return jax.pure_callback(lambda v, i, m: _solve_candidates_on_host(v, i, m), out_shape,
+                             values, indices, gt_valid, vmap_method="broadcast_all")
   return jax.pure_callback(lambda c, v: _solve_on_host(c, v), out_shape, cost, gt_valid,
                            vmap_method="broadcast_all")
 
@@ -263,7 +331,7 @@ def _lay_out(x, mesh, spec):
   return jax.lax.with_sharding_constraint(x, layout)
 
 
-def hungarian_matching(cost, gt_valid, *, mesh=None, data_axis="data"):
+def hungarian_matching(cost, gt_valid, *, mesh=None, data_axis="data", prune=False):
   """Optimal one-to-one assignment of queries to ground truth, solved on the host.
 
   Usable inside `jax.jit`; no gradient flows through it (the cost is `stop_gradient`-ed).
@@ -279,6 +347,16 @@ def hungarian_matching(cost, gt_valid, *, mesh=None, data_axis="data"):
       `jax.shard_map`, so every device shard makes its own host call on its own images. The
       batch size must be divisible by that axis' size. With neither: one host call.
     data_axis: name of the mesh axis that shards the batch.
+    prune: send the host only each ground-truth column's G cheapest queries (costs and
+      indices, [..., G, G] twice instead of the [..., Q, G] cost; `candidate_queries` on
+      device), when that is smaller (`prunes`: G < Q / 2). The host solves each image over the
+      union of its valid columns' first G_valid candidates, other pairs forbidden. The optimum
+      is kept: take an optimal assignment where column g holds a query r outside its G_valid
+      cheapest; the other G_valid - 1 columns hold at most G_valid - 1 of those, so one, r', is
+      free, and moving g to r' costs no more (cost[r', g] <= cost[r, g]). Repeating this moves
+      every column into its candidates without raising the total, so the pruned problem has a
+      full-problem optimum, and it is feasible (any s columns' candidates hold >= G_valid >= s
+      queries). Totals are equal; with tied costs the assignment may differ.
 
   Returns:
     [..., G] int32: for every ground-truth column, the index of the query matched to it; -1 for
@@ -295,7 +373,7 @@ def hungarian_matching(cost, gt_valid, *, mesh=None, data_axis="data"):
   if mesh is None:
     mesh = sharding.context_mesh(data_axis)
   if mesh is None:
-    return _host_matching(cost, gt_valid)
+    return _host_matching(cost, gt_valid, prune)
   if cost.ndim < 3:
     raise ValueError(f"hungarian_matching: with a mesh, cost needs a batch axis [..., B, Q, G], "
                      f"got shape {cost.shape}")
@@ -309,7 +387,7 @@ def hungarian_matching(cost, gt_valid, *, mesh=None, data_axis="data"):
   # sharded on `data_axis` this is a no-op (no data moves).
   cost = _lay_out(cost, mesh, cost_spec)
   gt_valid = _lay_out(gt_valid, mesh, valid_spec)
-  run = jax.shard_map(_host_matching, mesh=mesh, in_specs=(cost_spec, valid_spec),
+  run = jax.shard_map(functools.partial(_host_matching, prune=prune), mesh=mesh, in_specs=(cost_spec, valid_spec),
                       out_specs=valid_spec, check_vma=False)
   return run(cost, gt_valid)
 

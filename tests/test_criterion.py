@@ -1,5 +1,7 @@
 """Tests for sized_detr_jax.criterion against a float64 numpy re-derivation of DINO's losses,
 sharded vs unsharded normalisation, the one-host-call matching wrapper, and gradients."""
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -289,6 +291,38 @@ def test_compute_matches_one_host_call_and_optimal(example, jit_matches, count_h
   assert sorted(count_host_calls) == [(LAYERS + 1, B // 4, Q, G)] * 4
   for key in matches:
     np.testing.assert_array_equal(np.asarray(sharded[key]), np.asarray(matches[key]))
+
+
+def test_compute_matches_pruned_keeps_optimal_totals(example, count_host_calls):
+  """criterion.matcher_prune=True: per device shard, the host gets [N, B/4, G, G] candidates
+  (not the cost) and every branch's matching has the unpruned optimal total."""
+  outputs, targets, _ = example
+  # Repeat the queries with shifted boxes (Q = 10 > 2 G) so pruning applies.
+  widen = lambda b: {"pred_logits": jnp.concatenate([b["pred_logits"], -b["pred_logits"]], 1),
+                     "pred_boxes": jnp.concatenate([b["pred_boxes"], b["pred_boxes"][:, ::-1]],
+                                                   1)}
+  outputs = dict(widen(outputs), aux_outputs=[widen(a) for a in outputs["aux_outputs"]],
+                 interm_outputs=widen(outputs["interm_outputs"]))
+  assert matching.prunes(2 * Q, G)
+  match = jax.jit(criterion.compute_matches, static_argnums=2)
+  full = match(outputs, targets, criterion.CriterionConfig())
+  count_host_calls.clear()
+  with jax.set_mesh(jax.make_mesh((4,), ("data",))):
+    pruned = match(outputs, targets, criterion.CriterionConfig(matcher_prune=True))
+  jax.block_until_ready(pruned)
+  assert count_host_calls == []  # the candidates solver ran, not the full-cost one
+  branches = [outputs] + outputs["aux_outputs"] + [outputs["interm_outputs"]]
+  cost = np.asarray(jax.jit(matching.matching_cost)(
+      np.stack([b["pred_logits"] for b in branches]), np.stack([b["pred_boxes"] for b in branches]),
+      targets["labels"], targets["boxes"], targets["valid"]), np.float64)  # [N, B, Q, G]
+  stack = lambda m: np.concatenate([m["final"][None], m["aux"], m["interm"][None]])
+  got, want = stack(pruned), stack(full)
+  for n, b in itertools.product(range(len(branches)), range(B)):
+    cols = np.flatnonzero(targets["valid"][b])
+    assert np.all(got[n, b, ~targets["valid"][b]] == -1)
+    assert len(set(got[n, b, cols].tolist())) == len(cols) and np.all(got[n, b, cols] >= 0)
+    np.testing.assert_allclose(cost[n, b][got[n, b, cols], cols].sum(),
+                               cost[n, b][want[n, b, cols], cols].sum(), rtol=1e-9)
 
 
 def test_dino_criterion_value_and_finite_gradients(example, jit_matches):

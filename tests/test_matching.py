@@ -1,5 +1,6 @@
 """Tests for sized_detr_jax.matching: costs vs float64 numpy, Hungarian vs scipy / brute force,
 sharded host calls, degenerate cases, and the task-aligned one-to-many assigner."""
+import functools
 import itertools
 import os
 import threading
@@ -355,3 +356,55 @@ def test_task_aligned_focal_loss_matches_numpy():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   grad = jax.grad(lambda x: jnp.sum(losses.task_aligned_focal_loss(x, targets)))(logits)
   assert np.all(np.isfinite(np.asarray(grad)))
+
+
+_jit_match_pruned = jax.jit(functools.partial(matching.hungarian_matching, prune=True))
+
+
+def _scipy_total(cost, cols):
+  sub = np.nan_to_num(cost[:, cols].astype(np.float64), nan=1e8, posinf=1e8, neginf=-1e8)
+  rows, picked = optimize.linear_sum_assignment(sub)
+  return sub[rows, picked].sum()
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_pruned_matching_keeps_the_optimum(count_host_calls, ties):
+  """prune=True (each column's G cheapest queries go to the host) reaches scipy's optimal total
+  on the full [Q, G] problem for every image, a valid one-to-one assignment, with padded
+  columns anywhere, NaN/inf costs, an image without ground truth and one with all G valid; with
+  integer costs (many ties) the totals still agree. The host gets [.., G, G] candidates."""
+  rng = np.random.default_rng(5 + ties)
+  layers, batch, queries, num_gt = 2, 6, 50, 9
+  cost = rng.normal(size=(layers, batch, queries, num_gt)).astype(np.float32)
+  if ties:
+    cost = np.round(cost * 2).astype(np.float32)
+  # A few queries cheap for every column: pruning must still find a full assignment.
+  cost[:, :, :3] -= 5.0
+  cost[0, 1, 7, 2], cost[1, 2, 4, 0], cost[1, 3, 9, 5] = np.nan, np.inf, -np.inf
+  valid = rng.random((batch, num_gt)) < 0.6
+  valid[3], valid[4] = False, True
+  got = np.asarray(_jit_match_pruned(cost, valid))
+  assert count_host_calls == []  # the full-cost solver was not used
+  for layer, image in itertools.product(range(layers), range(batch)):
+    cols = np.flatnonzero(valid[image])
+    m = got[layer, image]
+    assert np.all(m[~valid[image]] == -1)
+    if not cols.size:
+      continue
+    assert np.all(m[cols] >= 0) and len(set(m[cols])) == cols.size
+    finite = np.nan_to_num(cost[layer, image].astype(np.float64), nan=1e8, posinf=1e8,
+                           neginf=-1e8)
+    total = finite[m[cols], cols].sum()
+    np.testing.assert_allclose(total, _scipy_total(cost[layer, image], cols), rtol=1e-12)
+
+
+def test_pruned_matching_falls_back_when_not_smaller(count_host_calls):
+  """With G >= Q / 2 the candidates would not be smaller: the full cost goes to the host and
+  the result is the unpruned one."""
+  rng = np.random.default_rng(2)
+  cost = rng.normal(size=(3, 10, 6)).astype(np.float32)
+  valid = np.ones((3, 6), bool)
+  pruned = np.asarray(_jit_match_pruned(cost, valid))
+  assert count_host_calls == [(3, 10, 6)]
+  np.testing.assert_array_equal(pruned, _jit_match(cost, valid))
+  assert matching.prunes(10, 4) and not matching.prunes(10, 5)

@@ -17,7 +17,9 @@ criterion), batch 8, 900 queries, 91 classes, 100 valid ground-truth boxes per i
 
 --host_table instead prints the host solve alone (`matching._solve_on_host` on a ready numpy
 cost, what one callback does) for 6 layers x 8 images x 900 queries x {7, 30, 100} valid ground
-truth, on 1, 2 and all host threads, and whether scipy's solver releases the GIL (how fast a
+truth, on 1, 2 and all host threads, for the full [Q, G] cost and for the pruned candidates of
+`hungarian_matching(prune=True)` (each column's G cheapest queries: [G, G] costs + indices;
+their optimal totals are checked equal; MiB = what the host receives), and whether scipy's solver releases the GIL (how fast a
 Python loop in the main thread runs while another thread solves, relative to when it is idle:
 ~0% if the GIL were held, 50-100% if released).
 """
@@ -73,6 +75,12 @@ def gil_released_fraction(size=1500):
   return busy / idle, solve
 
 
+def matching_total(cost, matches):
+  """Summed cost [..., Q, G] of matches [..., G] (all valid), in float64."""
+  picked = np.take_along_axis(cost.astype(np.float64), matches[..., None, :], axis=-2)
+  return picked.sum(axis=(-2, -1))
+
+
 def host_table(args):
   """Prints the host solve time per callback for {7, 30, 100} valid GT on 1, 2, all threads."""
   cores = os.cpu_count() or 1
@@ -82,8 +90,8 @@ def host_table(args):
         f"({solve * 1e3:.0f} ms): {fraction * 100:.0f}% of idle")
   print(f"host solve of {args.layers} layers x {args.batch} images x {args.queries} queries "
         f"(median ms of {args.reps}, os.cpu_count()={cores}, load {os.getloadavg()[0]:.1f})")
-  print(f"  {'valid GT':>8s} " + " ".join(f"{t:>6d} thr" for t in thread_counts)
-        + "   speed-up")
+  print(f"  {'valid GT':>8s} {'cost':>6s} {'MiB':>7s} "
+        + " ".join(f"{t:>6d} thr" for t in thread_counts) + "   vs full, 1 thread")
   keys = iter(jax.random.split(jax.random.key(1), 16))
   for num_gt in (7, 30, 100):
     logits = jax.random.normal(next(keys), (args.layers, args.batch, args.queries, args.classes))
@@ -93,21 +101,31 @@ def host_table(args):
     valid = np.ones((args.batch, num_gt), bool)
     cost = np.asarray(jax.jit(matching.matching_cost)(logits, boxes, labels, gt_boxes, valid))
 
+    values, indices = (np.asarray(x) for x in jax.jit(
+        matching.candidate_queries, static_argnums=1)(cost, num_gt))
+
     def solve(threads, cost=cost, valid=valid):
       matching.set_host_workers(threads)
       return matching._solve_on_host(cost, valid)  # pylint: disable=protected-access
 
+    def solve_pruned(threads, values=values, indices=indices, valid=valid):
+      matching.set_host_workers(threads)
+      return matching._solve_candidates_on_host(  # pylint: disable=protected-access
+          values, indices, valid)
+
     first = solve(1)
     for threads in thread_counts:
       np.testing.assert_array_equal(solve(threads), first)
-    times = time_interleaved({t: functools.partial(solve, t) for t in thread_counts},
-                             reps=args.reps, warmup=1)
-    entries = cost.size
-    sequential = entries < matching._PARALLEL_MIN_ENTRIES  # pylint: disable=protected-access
-    print(f"  {num_gt:8d} " + " ".join(f"{times[t] * 1e3:10.1f}" for t in thread_counts)
-          + f"   {times[1] / times[thread_counts[-1]]:8.2f}x"
-          + ("   (under the thread threshold: solved in the calling thread)" if sequential
-             else ""))
+    pruned = solve_pruned(1)
+    np.testing.assert_allclose(matching_total(cost, pruned), matching_total(cost, first),
+                               rtol=1e-9)
+    runs = {("full", t): functools.partial(solve, t) for t in thread_counts}
+    runs.update({("pruned", t): functools.partial(solve_pruned, t) for t in thread_counts})
+    times = time_interleaved(runs, reps=args.reps, warmup=1)
+    for kind, sent in (("full", cost.nbytes), ("pruned", values.nbytes + indices.nbytes)):
+      print(f"  {num_gt:8d} {kind:>6s} {sent / 2**20:7.2f} "
+            + " ".join(f"{times[kind, t] * 1e3:10.1f}" for t in thread_counts)
+            + f"   {times['full', 1] / times[kind, thread_counts[-1]]:8.2f}x")
   matching.set_host_workers(None)
 
 
