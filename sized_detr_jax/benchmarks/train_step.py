@@ -10,10 +10,23 @@ Builds the step exactly as training does (`state.init_state` + `train.make_train
 ground-truth boxes per image, and prints the compile time, the median seconds per step over
 `--steps` steps (after one untimed step) and images per second. The image is padded to
 `--size` (default: the config's smallest bucket, i.e. the padded shape of a training batch).
+
+The step is also split, timed in alternation with it:
+  * forward: the jitted loss alone (model forward + criterion with its host matching);
+  * backward + update: step - forward (backward pass, optimiser, EMA);
+  * matching callback: host seconds inside the step's Hungarian callback (the scipy solves,
+    measured around the host function; the device-to-host copy of the cost is not in it), and
+    its share of the step;
+plus memory (the compiled step's argument / output / temporary bytes from XLA's memory
+analysis; the device's peak bytes in use where it reports them, GPU/TPU; else the process's
+peak RSS) and MFU: the compiled step's FLOPs (XLA cost analysis, which counts gathers and the
+callback as zero) / step seconds / the device's dense bf16 peak (`PEAK_TFLOPS` by device kind,
+or `--peak_tflops`).
 """
 import argparse
 import ast
 import os
+import resource
 import time
 
 import jax
@@ -21,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sized_detr_jax import config_lib
+from sized_detr_jax import matching
 from sized_detr_jax import optim
 from sized_detr_jax import methods
 from sized_detr_jax import sharding
@@ -48,6 +62,68 @@ def _apply_override(config, assignment):
   if leaf not in node:
     raise ValueError(f"--set {key}: no field {leaf!r}; known: {sorted(node.keys())}")
   node[leaf] = value
+
+
+# Dense bf16 peak TFLOP/s per device, by (a substring of) jax's device_kind, from the vendors'
+# data sheets (SXM parts; sparsity not counted).
+PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),
+               ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0),
+               ("TPU v5e", 197.0), ("TPU v4", 275.0))
+
+
+def peak_tflops(device_kind):
+  """The dense bf16 peak of a device kind, or None when unknown (CPUs)."""
+  for name, tflops in PEAK_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return tflops
+  return None
+
+
+class CallbackTimer:
+  """Accumulates the host seconds spent in the Hungarian solvers (both forms) while active.
+
+  The callbacks look the solvers up at call time, so wrapping the module attributes counts
+  every host call of already compiled functions.
+  """
+  _NAMES = ("_solve_on_host", "_solve_candidates_on_host")
+
+  def __init__(self):
+    self.seconds = 0.0
+    self.calls = 0
+    self._real = {name: getattr(matching, name) for name in self._NAMES}
+    for name, real in self._real.items():
+      setattr(matching, name, self._timed(real))
+
+  def _timed(self, real):
+    def timed(*args):
+      start = time.perf_counter()
+      try:
+        return real(*args)
+      finally:
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+    return timed
+
+  def close(self):
+    for name, real in self._real.items():
+      setattr(matching, name, real)
+
+
+def compiled_flops(compiled):
+  """FLOPs of a compiled executable by XLA's cost analysis (None when not reported)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops else None
+
+
+def peak_memory(device):
+  """('device peak', bytes) where the device reports it, else ('process peak RSS', bytes)."""
+  stats = device.memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return "device peak", int(stats["peak_bytes_in_use"])
+  return "process peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def random_batch(batch, height, width, max_boxes, num_boxes, seed=0):
@@ -85,6 +161,8 @@ def main(argv=None):
   parser.add_argument("--devices", type=int, default=1)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. model.dec_layers=3 (repeatable)")
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="device peak for MFU (default: PEAK_TFLOPS by device kind)")
   args = parser.parse_args(argv)
 
   config = config_lib.load_config(args.config, args.config_arg or None)
@@ -120,35 +198,68 @@ def main(argv=None):
   init_s = time.perf_counter() - start
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
-  step_fn = train.make_train_step(method.loss_fn(method.stage_at(0)), tx, schedule, mesh,
-                                  shardings, ema_momentum=config.get("ema_momentum"),
+  loss_fn = method.loss_fn(method.stage_at(0))
+  step_fn = train.make_train_step(loss_fn, tx, schedule, mesh, shardings,
+                                  ema_momentum=config.get("ema_momentum"),
                                   ema_subtree=method.ema_subtree)
   batch = sharding.global_batch(random_batch(b, height, width, data_cfg.max_boxes, args.boxes),
                                 mesh)
-  start = time.perf_counter()
+  rng = jax.random.PRNGKey(1)
   with jax.set_mesh(mesh):  # as the trainer: host matching per device shard
+    start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+    compile_s = time.perf_counter() - start
+    forward = jax.jit(lambda p, s, x, r: loss_fn(p, s, x, r)[0]).lower(
+        state.params, state, batch, rng).compile()
 
-  losses = []
+  losses, callback_s, callback_calls, timer = [], [], [], CallbackTimer()
 
   def one_step():  # the state is donated: carry it from step to step
     nonlocal state
+    before, calls = timer.seconds, timer.calls
     state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    callback_s.append(timer.seconds - before)
+    callback_calls.append(timer.calls - calls)
     losses.append(metrics["loss"])
     return metrics["loss"]
 
-  step_s = time_interleaved({"train_step": one_step}, reps=args.steps, warmup=1)["train_step"]
+  try:
+    times = time_interleaved({"train_step": one_step,
+                              "forward": lambda: forward(state.params, state, batch, rng)},
+                             reps=args.steps, warmup=1)
+  finally:
+    timer.close()
+  step_s, forward_s = times["train_step"], times["forward"]
+  match_s = float(np.median(callback_s[1:] or callback_s))
   loss = float(losses[-1])
   device = jax.devices()[0]
+  memory = compiled.memory_analysis()
+  where, peak = peak_memory(device)
+  flops = compiled_flops(compiled)
+  peak_t = args.peak_tflops or peak_tflops(device.device_kind)
   print(f"train_step: {device.platform} ({device.device_kind}) x {args.devices}, config "
         f"{os.path.basename(args.config)}:{args.config_arg or 'default'}"
-        f"{' ' + ' '.join(args.set) if args.set else ''}")
+        f"{' ' + ' '.join(args.set) if args.set else ''}, load {os.getloadavg()[0]:.1f}")
   print(f"model: {num_params:,} params, dtype {config.model.get('dtype', 'float32')}; batch "
         f"{b} x {height}x{width}, {min(args.boxes, data_cfg.max_boxes)} boxes/image; "
         f"loss after {args.steps + 1} steps {loss:.4f}")
   print(f"init_s: {init_s:.1f}  compile_s: {compile_s:.1f}")
   print(f"step_s: {step_s:.3f} (median of {args.steps})  img_per_s: {b / step_s:.2f}")
+  print(f"split: forward {forward_s:.3f} s ({forward_s / step_s:.0%}), backward + update "
+        f"{step_s - forward_s:.3f} s ({1 - forward_s / step_s:.0%}), matching callback "
+        f"{match_s * 1e3:.1f} ms ({match_s / step_s:.1%} of the step, "
+        f"{max(callback_calls)} host call(s) per step)")
+  if memory is not None:
+    print(f"memory: compiled step arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB, "
+          f"outputs {memory.output_size_in_bytes / 2**30:.2f} GiB, temporaries "
+          f"{memory.temp_size_in_bytes / 2**30:.2f} GiB; {where} {peak / 2**30:.2f} GiB")
+  if flops:
+    achieved = flops / step_s / 1e12
+    mfu = f"MFU {achieved / peak_t:.1%} of {peak_t:.0f} TFLOP/s bf16" if peak_t else (
+        "MFU n/a (unknown device peak: --peak_tflops)")
+    print(f"flops: {flops / 1e12:.3f} TFLOP per step (per device), {achieved:.3f} TFLOP/s; "
+          f"{mfu}")
 
 
 if __name__ == "__main__":

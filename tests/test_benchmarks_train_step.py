@@ -1,0 +1,37 @@
+"""The train_step benchmark's measuring parts: the host-callback timer, FLOPs, device peaks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sized_detr_jax import matching
+from sized_detr_jax.benchmarks import train_step
+
+
+def test_callback_timer_counts_both_solvers_and_restores():
+  real = (matching._solve_on_host, matching._solve_candidates_on_host)  # pylint: disable=protected-access
+  full = jax.jit(matching.hungarian_matching)
+  pruned = jax.jit(lambda c, v: matching.hungarian_matching(c, v, prune=True))
+  cost = np.random.default_rng(0).normal(size=(2, 12, 3)).astype(np.float32)
+  valid = np.ones((2, 3), bool)
+  jax.block_until_ready((full(cost, valid), pruned(cost, valid)))  # compiled before timing
+  timer = train_step.CallbackTimer()
+  try:
+    got = np.asarray(full(cost, valid)), np.asarray(pruned(cost, valid))
+  finally:
+    timer.close()
+  assert timer.calls == 2 and timer.seconds > 0
+  assert (matching._solve_on_host, matching._solve_candidates_on_host) == real  # pylint: disable=protected-access
+  full(cost, valid)
+  assert timer.calls == 2  # closed: no longer counting
+  np.testing.assert_array_equal(got[0] >= 0, got[1] >= 0)
+
+
+def test_compiled_flops_of_a_matmul_and_device_peaks():
+  n = 32
+  compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((n, n)), jnp.ones((n, n))).compile()
+  assert train_step.compiled_flops(compiled) == 2 * n**3
+  assert train_step.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+  assert train_step.peak_tflops("TPU v5 lite") == 197.0
+  assert train_step.peak_tflops("cpu") is None
+  where, peak = train_step.peak_memory(jax.devices()[0])
+  assert where == "process peak RSS" and peak > 10 * 2**20
