@@ -109,7 +109,10 @@ def _optimizer_config():
   return ml_collections.ConfigDict(dict(
       lr=1e-4,
       lr_backbone_mult=0.1,  # DINO lr_backbone 1e-5
-      lr_linear_proj_mult=0.1,  # sampling_offsets (dino.param_labels "linear_proj")
+      # DINO_4scale.py sets lr_linear_proj_names/mult (0.1) but param_dict_type='default',
+      # whose get_param_dict makes two groups only (backbone at lr_backbone, the rest at lr):
+      # the x0.1 on sampling_offsets / reference_points applies to 'ddetr_in_mmdet' alone.
+      lr_linear_proj_mult=1.0,
       weight_decay=1e-4,
       clip_norm=0.1,
       lr_drop_fractions=(11 / 12,),

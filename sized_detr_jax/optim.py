@@ -1,9 +1,11 @@
 """AdamW with DINO's parameter groups, gradient clipping and a step-wise learning-rate schedule.
 
-DINO (IDEA-Research/DINO main.py, `param_dict_type='default'`) trains three groups: the backbone
-at `lr_backbone` (lr x 0.1), the deformable attention `sampling_offsets` and `reference_points`
-projections at lr x `lr_linear_proj_mult` (0.1), and the rest at lr; weight decay 1e-4 on all of
-them (norms and biases included); global-norm clipping at 0.1; lr x 0.1 at the drop step(s).
+DINO-4scale (IDEA-Research/DINO, `param_dict_type='default'` in util/get_param_dicts.py) trains
+two groups: the backbone at `lr_backbone` (lr x 0.1) and the rest at lr; Deformable-DETR's
+recipe (`'ddetr_in_mmdet'`) adds a third, the deformable attention `sampling_offsets` and
+`reference_points` projections at lr x `lr_linear_proj_mult` (0.1; 1.0 merges it into the rest,
+as experiments/dino_r50.py does). Weight decay 1e-4 on all of them (norms and biases included);
+global-norm clipping at 0.1; lr x 0.1 at the drop step(s).
 Frozen parameters (ResNet stem, layer1, frozen BatchNorm) have their gradients zeroed before
 clipping (so they do not count in the norm, like PyTorch's requires_grad=False) and a
 multiplier of 0: no update, no decay. Groups come from the model (`dino.param_labels`).

@@ -54,6 +54,15 @@ def test_semi_detr_rescale_token():
     _config("semi_detr.py", "p10,sized_both,rescale,plain")
 
 
+def test_dino_r50_optimizer_is_dino_4scale():
+  """DINO_4scale.py: AdamW lr 1e-4, lr_backbone 1e-5, weight decay 1e-4, clip 0.1, and
+  param_dict_type='default' (util/get_param_dicts.py: backbone and the rest, no linear-proj
+  group), so sampling offsets train at the full lr."""
+  opt = _config("dino_r50.py").optimizer
+  assert (opt.lr, opt.lr_backbone_mult, opt.lr_linear_proj_mult) == (1e-4, 0.1, 1.0)
+  assert (opt.weight_decay, opt.clip_norm) == (1e-4, 0.1)
+
+
 def test_query_selection_defaults():
   assert _config("dino_r50.py").model.query_selection == "dino"
   assert _config("dino_r50.py", "tiny,invariant").model.query_selection == "valid_only"
