@@ -35,3 +35,16 @@ def test_compiled_flops_of_a_matmul_and_device_peaks():
   assert train_step.peak_tflops("cpu") is None
   where, peak = train_step.peak_memory(jax.devices()[0])
   assert where == "process peak RSS" and peak > 10 * 2**20
+
+
+def test_residual_groups_count_what_the_backward_keeps():
+  """sum(tanh(x @ w)) keeps x (for w's gradient: 8 x 16 floats) and [8, 4] arrays for tanh's
+  gradient; groups add up to the total, largest first."""
+  x = jnp.ones((8, 16), jnp.float32)
+  total, rows = train_step.residual_groups(lambda w: jnp.sum(jnp.tanh(x @ w)),
+                                           jnp.ones((16, 4), jnp.float32))
+  assert total == sum(r[0] for r in rows)
+  assert (8 * 16 * 4, 1, "float32[8,16]") in [r[:3] for r in rows]
+  others = [r for r in rows if r[2] != "float32[8,16]"]
+  assert others and all(r[2] == "float32[8,4]" and r[0] == r[1] * 8 * 4 * 4 for r in others)
+  assert rows == sorted(rows, reverse=True)

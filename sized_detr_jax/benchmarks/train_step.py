@@ -22,14 +22,21 @@ analysis; the device's peak bytes in use where it reports them, GPU/TPU; else th
 peak RSS) and MFU: the compiled step's FLOPs (XLA cost analysis, which counts gathers and the
 callback as zero) / step seconds / the device's dense bf16 peak (`PEAK_TFLOPS` by device kind,
 or `--peak_tflops`).
+
+For memory work without running a step: `--compile_only` prints the compiled step's memory
+analysis and FLOPs; `--residuals N` the N largest groups of activations kept for the backward
+pass (by shape and source line; tracing only).
 """
 import argparse
 import ast
 import os
+import re
 import resource
 import time
 
 import jax
+# saved_residuals (the data behind jax.ad_checkpoint.print_saved_residuals) is not public.
+from jax._src import ad_checkpoint  # pylint: disable=g-direct-tensorflow-import
 import jax.numpy as jnp
 import numpy as np
 
@@ -126,6 +133,33 @@ def peak_memory(device):
   return "process peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def residual_groups(fn, params):
+  """Activations `jax.grad(fn)` keeps from forward to backward, grouped.
+
+  Returns:
+    (total bytes, [(bytes, count, shape, source) ...] largest first), grouped by shape and
+    source line (`jax.ad_checkpoint` saved residuals, before XLA fuses or reuses anything).
+  """
+  groups, total = {}, 0
+  for aval, source in ad_checkpoint.saved_residuals(fn, params):
+    size = int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
+    total += size
+    source = re.sub(r"^.*/(sized_detr_jax|flax|jax)/", r"\1/", source.split(" from ")[-1])
+    key = (aval.str_short(), source)
+    count, bytes_ = groups.get(key, (0, 0))
+    groups[key] = (count + 1, bytes_ + size)
+  rows = sorted(((b, c, shape, src) for (shape, src), (c, b) in groups.items()), reverse=True)
+  return total, rows
+
+
+def print_residuals(fn, params, top):
+  total, rows = residual_groups(fn, params)
+  print(f"saved residuals: {total / 2**30:.2f} GiB in {sum(r[1] for r in rows)} arrays; "
+        f"the {top} largest groups:")
+  for size, count, shape, source in rows[:top]:
+    print(f"  {size / 2**20:9.1f} MiB  {count:3d} x {shape:28s} {source}")
+
+
 def random_batch(batch, height, width, max_boxes, num_boxes, seed=0):
   """A training batch (data contract, numpy): random pixels, `num_boxes` valid random boxes.
 
@@ -161,6 +195,13 @@ def main(argv=None):
   parser.add_argument("--devices", type=int, default=1)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. model.dec_layers=3 (repeatable)")
+  parser.add_argument("--compile_only", action="store_true",
+                      help="compile the step and print its memory analysis and FLOPs only "
+                      "(no step runs: cheap on a busy machine, deterministic figures)")
+  parser.add_argument("--residuals", type=int, default=0, metavar="N",
+                      help="print the N largest groups of activations the loss keeps from "
+                      "forward to backward (jax saved_residuals, by shape and source line) and "
+                      "their total, then exit (tracing only: seconds, no compile)")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="device peak for MFU (default: PEAK_TFLOPS by device kind)")
   args = parser.parse_args(argv)
@@ -199,16 +240,25 @@ def main(argv=None):
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
   loss_fn = method.loss_fn(method.stage_at(0))
+  batch = sharding.global_batch(random_batch(b, height, width, data_cfg.max_boxes, args.boxes),
+                                mesh)
+  if args.residuals:
+    with jax.set_mesh(mesh):
+      print_residuals(lambda p: loss_fn(p, state, batch, jax.random.PRNGKey(1))[0],
+                      state.params, args.residuals)
+    return
   step_fn = train.make_train_step(loss_fn, tx, schedule, mesh, shardings,
                                   ema_momentum=config.get("ema_momentum"),
                                   ema_subtree=method.ema_subtree)
-  batch = sharding.global_batch(random_batch(b, height, width, data_cfg.max_boxes, args.boxes),
-                                mesh)
   rng = jax.random.PRNGKey(1)
   with jax.set_mesh(mesh):  # as the trainer: host matching per device shard
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    if args.compile_only:
+      header(config, args, num_params, b, height, width, data_cfg, init_s, compile_s)
+      memory_and_flops(compiled, args)
+      return
     forward = jax.jit(lambda p, s, x, r: loss_fn(p, s, x, r)[0]).lower(
         state.params, state, batch, rng).compile()
 
@@ -232,34 +282,46 @@ def main(argv=None):
     timer.close()
   step_s, forward_s = times["train_step"], times["forward"]
   match_s = float(np.median(callback_s[1:] or callback_s))
-  loss = float(losses[-1])
-  device = jax.devices()[0]
-  memory = compiled.memory_analysis()
-  where, peak = peak_memory(device)
-  flops = compiled_flops(compiled)
-  peak_t = args.peak_tflops or peak_tflops(device.device_kind)
-  print(f"train_step: {device.platform} ({device.device_kind}) x {args.devices}, config "
-        f"{os.path.basename(args.config)}:{args.config_arg or 'default'}"
-        f"{' ' + ' '.join(args.set) if args.set else ''}, load {os.getloadavg()[0]:.1f}")
-  print(f"model: {num_params:,} params, dtype {config.model.get('dtype', 'float32')}; batch "
-        f"{b} x {height}x{width}, {min(args.boxes, data_cfg.max_boxes)} boxes/image; "
-        f"loss after {args.steps + 1} steps {loss:.4f}")
-  print(f"init_s: {init_s:.1f}  compile_s: {compile_s:.1f}")
+  header(config, args, num_params, b, height, width, data_cfg, init_s, compile_s,
+         f"; loss after {args.steps + 1} steps {float(losses[-1]):.4f}")
   print(f"step_s: {step_s:.3f} (median of {args.steps})  img_per_s: {b / step_s:.2f}")
   print(f"split: forward {forward_s:.3f} s ({forward_s / step_s:.0%}), backward + update "
         f"{step_s - forward_s:.3f} s ({1 - forward_s / step_s:.0%}), matching callback "
         f"{match_s * 1e3:.1f} ms ({match_s / step_s:.1%} of the step, "
         f"{max(callback_calls)} host call(s) per step)")
+  memory_and_flops(compiled, args, step_s)
+
+
+def header(config, args, num_params, b, height, width, data_cfg, init_s, compile_s, extra=""):
+  """Prints what was measured: device, config, model size, batch, init and compile seconds."""
+  device = jax.devices()[0]
+  print(f"train_step: {device.platform} ({device.device_kind}) x {args.devices}, config "
+        f"{os.path.basename(args.config)}:{args.config_arg or 'default'}"
+        f"{' ' + ' '.join(args.set) if args.set else ''}, load {os.getloadavg()[0]:.1f}")
+  print(f"model: {num_params:,} params, dtype {config.model.get('dtype', 'float32')}; batch "
+        f"{b} x {height}x{width}, {min(args.boxes, data_cfg.max_boxes)} boxes/image{extra}")
+  print(f"init_s: {init_s:.1f}  compile_s: {compile_s:.1f}")
+
+
+def memory_and_flops(compiled, args, step_s=None):
+  """Prints the compiled step's memory analysis, the peak memory, FLOPs and (timed) MFU."""
+  device = jax.devices()[0]
+  memory = compiled.memory_analysis()
+  where, peak = peak_memory(device)
   if memory is not None:
     print(f"memory: compiled step arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB, "
           f"outputs {memory.output_size_in_bytes / 2**30:.2f} GiB, temporaries "
           f"{memory.temp_size_in_bytes / 2**30:.2f} GiB; {where} {peak / 2**30:.2f} GiB")
-  if flops:
+  flops = compiled_flops(compiled)
+  if flops and step_s:
+    peak_t = args.peak_tflops or peak_tflops(device.device_kind)
     achieved = flops / step_s / 1e12
     mfu = f"MFU {achieved / peak_t:.1%} of {peak_t:.0f} TFLOP/s bf16" if peak_t else (
         "MFU n/a (unknown device peak: --peak_tflops)")
     print(f"flops: {flops / 1e12:.3f} TFLOP per step (per device), {achieved:.3f} TFLOP/s; "
           f"{mfu}")
+  elif flops:
+    print(f"flops: {flops / 1e12:.3f} TFLOP per step (per device)")
 
 
 if __name__ == "__main__":
