@@ -27,6 +27,14 @@ config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':
 flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, detections). "
                     "Default: a fresh folder under ./runs/ named after the config.")
 flags.DEFINE_enum("mode", "train", _MODES, "What to do.")
+flags.DEFINE_string(
+    "compilation_cache", os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "sized_detr_jax", "xla"),
+    "JAX persistent compilation cache folder ('' turns it off; $JAX_COMPILATION_CACHE_DIR, "
+    "when set, wins). Re-runs load the compiled init, evaluation and prediction functions "
+    "(the smoke run: 113 -> 82 s wall); the train step is compiled every run, as JAX never "
+    "caches an executable that calls back into Python (the host Hungarian matching).")
 flags.DEFINE_multi_string("image", [], "--mode=predict: image file(s) to run the detector on.")
 flags.DEFINE_float("min_score", 0.3, "--mode=predict: draw detections scoring at least this.")
 flags.DEFINE_bool("fresh_start", False, "--mode=train: when the workdir's checkpoints do not fit "
@@ -122,10 +130,19 @@ def _config_file_error(argv):
   return None
 
 
+def _enable_compilation_cache(folder):
+  """Points JAX's persistent compilation cache at `folder` unless the user set one."""
+  if not folder or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_compilation_cache_dir", folder)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _enable_compilation_cache(FLAGS.compilation_cache)
   try:
     _check_workdir(FLAGS.workdir)
     # Derived fields (classes from the data, sizes, schedule, name) resolved and the config
