@@ -19,7 +19,8 @@ Then it writes, from what finished:
     sample standard deviation over seeds, None for one seed) and n of `METRICS`; per variant
     and metric the paired per-seed difference to the baseline variant (mean, t-based 95%
     confidence interval, two-sided paired t-test and sign-test p-values, seeds higher/lower);
-  * `DIR/study.md`: the same as tables;
+  * `DIR/study.md`: the same as tables (with `--log_metrics`, also per variant the mean over
+    seeds of each run's mean of those metrics.jsonl keys, e.g. Semi-DETR's pseudo-label count);
   * `DIR/study_ap_by_size.png`: AP, APs, APm, APl per variant (+- std), class-aware and
     class-agnostic;
   * `DIR/study_curves.png`: loss terms over steps, the box-loss share by size and, when the runs
@@ -88,6 +89,10 @@ flags.DEFINE_string("overrides", "", "Overrides for every variant, applied befor
                     "e.g. 'total_steps=500,log_every=50'.")
 flags.DEFINE_bool("report_only", False, "Run nothing; rewrite the reports from the finished runs "
                   "(e.g. with another --baseline or a subset of --variants).")
+flags.DEFINE_list("log_metrics", [], "metrics.jsonl keys whose per-run mean over the logged steps "
+                  "(from --log_from) the reports summarise per variant, e.g. "
+                  "metric_pseudo_final (pseudo-labels per image of Semi-DETR's final set).")
+flags.DEFINE_integer("log_from", 0, "First step counted in the --log_metrics means.")
 flags.DEFINE_string("report_name", "study", "Reports are DIR/<name>.json, .md, "
                     "<name>_ap_by_size.png and <name>_curves.png.")
 FLAGS = flags.FLAGS
@@ -525,6 +530,18 @@ def read_metrics_jsonl(path):
   return [by_step[s] for s in sorted(by_step)]
 
 
+def log_means(records, keys, from_step=0):
+  """{key: mean over the records at step >= from_step that have a finite key} for each key
+  some such record has (records: read_metrics_jsonl's)."""
+  out = {}
+  for k in keys:
+    values = [r[k] for r in records if r["step"] >= from_step and isinstance(r.get(k), (int, float))
+              and math.isfinite(r[k])]
+    if values:
+      out[k] = float(np.mean(values))
+  return out
+
+
 def box_loss_share(record):
   """{size: share} of the final layer's box loss of one metrics record (`evaluate.
   box_loss_share`); None when the record has none of them or they sum to 0."""
@@ -609,6 +626,17 @@ def format_markdown(study):
         ci_text = f"[{_fmt(ci[0], sign=True)}, {_fmt(ci[1], sign=True)}]{star}" if ci else "-"
         lines.append(f"| {v} | {m} | {d['n']} | {_fmt(d['mean'], sign=True)} | {ci_text} | "
                      f"{_seed_count(d)} | {_fmt(d['p_t'])} | {_fmt(d['p_sign'])} |")
+  if study.get("log_metrics"):
+    names = study["log_metrics"]
+    lines += ["", "## Training-log metrics", "",
+              f"Per run the mean over its logged steps >= {study['log_from']} (metrics.jsonl), "
+              "then mean ± std over seeds.", "",
+              "| variant | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for v in variants:
+      s = study["log_summary"][v]
+      n = max((s[m]["n"] for m in names), default=0)
+      lines.append(f"| {v} | {n} | " + " | ".join(
+          _mean_std(s[m]) if s[m]["n"] else "-" for m in names) + " |")
   lines += ["", "## Runs", "",
             "| variant | seed | status | AP | APs | wall s | attempts | load (1/5/15 min) |",
             "|---|---|---|---|---|---|---|---|"]
@@ -684,7 +712,7 @@ def plot_curves(curves, variants, path):
 
 
 def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, common_overrides=(),
-                 command="", name="study"):
+                 command="", name="study", log_metrics=(), log_from=0):
   """Collect metrics of finished runs, compute the statistics, write study.{json,md} and plots.
 
   Args:
@@ -693,11 +721,13 @@ def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, comm
     jobs: plan_jobs output; results: {job.name: run_job result} (failed ones are reported).
     common_overrides: the --overrides list; command: the command line to print.
     name: report file stem (study.json, study.md, study_ap_by_size.png, study_curves.png).
+    log_metrics, log_from: metrics.jsonl keys summarised per variant (`log_means` per run).
 
   Returns:
     the study dict written to study.json.
   """
   gt_paths, gt_cache, per_run, runs, curves_in, failed = {}, {}, {}, [], {}, []
+  per_run_log = {}
   for job in jobs:
     res = results.get(job.name, {"status": "not run"})
     record = _read_json(os.path.join(job.workdir, "study_run.json"), {"attempts": []})
@@ -724,8 +754,11 @@ def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, comm
       run["gt_json"] = gt_paths[data_key]
       run["metrics"] = run_metrics(job.workdir, step, gt_paths[data_key], gt_cache)
       per_run.setdefault(job.variant, {})[job.seed] = run["metrics"]
-      curves_in.setdefault(job.variant, []).append(
-          read_metrics_jsonl(os.path.join(job.workdir, "metrics.jsonl")))
+      records = read_metrics_jsonl(os.path.join(job.workdir, "metrics.jsonl"))
+      curves_in.setdefault(job.variant, []).append(records)
+      if log_metrics:
+        run["log_means"] = log_means(records, log_metrics, log_from)
+        per_run_log.setdefault(job.variant, {})[job.seed] = run["log_means"]
     runs.append(run)
   names = list(variants)
   summary = summarize({v: per_run.get(v, {}) for v in names})
@@ -740,7 +773,9 @@ def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, comm
            "overrides": list(common_overrides), "seeds": list(seeds), "baseline": baseline,
            "metrics": list(METRICS), "std_ddof": STD_DDOF, "confidence": CONFIDENCE,
            "gt_json": sorted(set(gt_paths.values())), "summary": summary, "paired": paired,
-           "wall": wall, "runs": runs, "failed": failed}
+           "wall": wall, "runs": runs, "failed": failed,
+           "log_metrics": list(log_metrics), "log_from": log_from,
+           "log_summary": summarize({v: per_run_log.get(v, {}) for v in names}, log_metrics)}
   os.makedirs(study_dir, exist_ok=True)
   _write_json(os.path.join(study_dir, f"{name}.json"), study)
   with open(os.path.join(study_dir, f"{name}.md"), "w") as f:
@@ -799,7 +834,8 @@ def main(argv):
     results = run_jobs(jobs, FLAGS.parallel)
   command = shlex.join(["python", "-m", "sized_detr_jax.study", *sys.argv[1:]])
   study = build_report(os.path.abspath(FLAGS.workdir), FLAGS.config, variants, seeds, baseline,
-                       jobs, results, common, command, FLAGS.report_name)
+                       jobs, results, common, command, FLAGS.report_name,
+                       log_metrics=FLAGS.log_metrics, log_from=FLAGS.log_from)
   print(format_console(study))
   stem = os.path.join(FLAGS.workdir, FLAGS.report_name)
   print(f"[study] wrote {stem}.md, .json, _ap_by_size.png, _curves.png after "

@@ -131,6 +131,13 @@ def _hand_gt():
                "area": 14400, "iscrowd": 0}]}                                     # large
 
 
+def test_log_means_by_hand():
+  records = [{"step": 10, "a": 1.0, "b": 4.0}, {"step": 20, "a": 3.0},
+             {"step": 30, "a": float("nan"), "b": 8.0}, {"step": 40, "a": 5.0, "b": "x"}]
+  assert study.log_means(records, ["a", "b", "c"]) == {"a": 3.0, "b": 6.0}
+  assert study.log_means(records, ["a", "b"], from_step=20) == {"a": 4.0, "b": 8.0}
+
+
 def test_detection_metrics_by_hand():
   # Small box found with the right class at IoU 280 / 520 = 0.54 (hit at 0.5, miss at 0.55+);
   # the large box found exactly but under the wrong class.
@@ -251,7 +258,8 @@ _SEEDS = (0, 1)
 def _study_cmd(workdir):
   return [sys.executable, "-m", "sized_detr_jax.study", "--config=experiments/synthetic.py:smoke",
           f"--variants={_VARIANTS}", f"--seeds={','.join(map(str, _SEEDS))}",
-          f"--workdir={workdir}", "--baseline=l1", "--overrides=total_steps=2,log_every=1"]
+          f"--workdir={workdir}", "--baseline=l1", "--overrides=total_steps=2,log_every=1",
+          "--log_metrics=loss_bbox,loss"]
 
 
 def _snapshot(folder):
@@ -361,5 +369,13 @@ def test_statistics_equal_numpy_on_the_run_files(smoke_study):
                                atol=1e-12)
     assert (got["higher"], got["lower"]) == ((diffs > 0).sum(), (diffs < 0).sum())
   assert "l1" not in result["paired"]
+  for v in ("l1", "sized"):  # --log_metrics: per run the mean over logged steps, then seeds
+    for key in ("loss_bbox", "loss"):
+      per_seed = [np.mean([json.loads(line)[key] for line in open(
+          os.path.join(workdir, v, f"seed{s}", "metrics.jsonl")) if key in json.loads(line)])
+                  for s in _SEEDS]
+      got = result["log_summary"][v][key]
+      np.testing.assert_allclose([got["mean"], got["std"]],
+                                 [np.mean(per_seed), np.std(per_seed, ddof=1)], rtol=1e-12)
   wall = [r["wall_s"] for r in result["runs"] if r["variant"] == "l1"]
   assert result["wall"]["l1"]["mean_s"] == pytest.approx(np.mean(wall))
