@@ -48,3 +48,10 @@ def test_residual_groups_count_what_the_backward_keeps():
   others = [r for r in rows if r[2] != "float32[8,16]"]
   assert others and all(r[2] == "float32[8,4]" and r[0] == r[1] * 8 * 4 * 4 for r in others)
   assert rows == sorted(rows, reverse=True)
+
+
+def test_compare_option_values_parse_to_xla_types():
+  assert train_step._option_value("false") is False  # pylint: disable=protected-access
+  assert train_step._option_value("True") is True  # pylint: disable=protected-access
+  assert train_step._option_value("3") == 3  # pylint: disable=protected-access
+  assert train_step._option_value("abc") == "abc"  # pylint: disable=protected-access

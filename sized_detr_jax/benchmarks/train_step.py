@@ -198,6 +198,10 @@ def main(argv=None):
   parser.add_argument("--compile_only", action="store_true",
                       help="compile the step and print its memory analysis and FLOPs only "
                       "(no step runs: cheap on a busy machine, deterministic figures)")
+  parser.add_argument("--compare_option", action="append", default=[], metavar="KEY=VALUE",
+                      help="also compile the step with this XLA option (repeatable; e.g. "
+                      "xla_cpu_enable_concurrency_optimized_scheduler=false) and time both "
+                      "executables in alternation: step seconds, compile seconds, memory")
   parser.add_argument("--residuals", type=int, default=0, metavar="N",
                       help="print the N largest groups of activations the loss keeps from "
                       "forward to backward (jax saved_residuals, by shape and source line) and "
@@ -259,6 +263,9 @@ def main(argv=None):
       header(config, args, num_params, b, height, width, data_cfg, init_s, compile_s)
       memory_and_flops(compiled, args)
       return
+    if args.compare_option:
+      state = compare_options(step_fn, state, batch, compiled, compile_s, args)
+      return
     forward = jax.jit(lambda p, s, x, r: loss_fn(p, s, x, r)[0]).lower(
         state.params, state, batch, rng).compile()
 
@@ -290,6 +297,48 @@ def main(argv=None):
         f"{match_s * 1e3:.1f} ms ({match_s / step_s:.1%} of the step, "
         f"{max(callback_calls)} host call(s) per step)")
   memory_and_flops(compiled, args, step_s)
+
+
+def _option_value(text):
+  lowered = text.lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def compare_options(step_fn, state, batch, compiled, compile_s, args):
+  """Times the default executable against one compiled with `args.compare_option`."""
+  options = {}
+  for item in args.compare_option:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--compare_option expects KEY=VALUE, got {item!r}")
+    options[key] = _option_value(value)
+  with jax.set_mesh(sharding.make_mesh(args.devices)):
+    start = time.perf_counter()
+    other = step_fn.lower(state, batch).compile(compiler_options=options)
+    other_s = time.perf_counter() - start
+  runs = {"default": compiled, "with options": other}
+
+  def timed(executable):
+    def run():
+      nonlocal state
+      state, metrics = executable(state, batch)
+      return metrics["loss"]
+    return run
+
+  times = time_interleaved({k: timed(v) for k, v in runs.items()}, reps=args.steps, warmup=1)
+  print(f"compare: {options}, load {os.getloadavg()[0]:.1f}")
+  for name, executable in runs.items():
+    memory = executable.memory_analysis()
+    temp = f"{memory.temp_size_in_bytes / 2**30:.2f} GiB" if memory is not None else "-"
+    print(f"  {name:13s} step_s {times[name]:.3f} (median of {args.steps})  compile_s "
+          f"{compile_s if name == 'default' else other_s:.1f}  temporaries {temp}")
+  print(f"  ratio (with options / default): {times['with options'] / times['default']:.3f}")
+  return state
 
 
 def header(config, args, num_params, b, height, width, data_cfg, init_s, compile_s, extra=""):
