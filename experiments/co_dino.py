@@ -13,8 +13,9 @@ Launch:
   smoke      a few steps end to end on CPU (tiny model, synthetic smoke data);
   sized_l1   Sized L1 instead of L1 in the main DETR head (matching-branch, denoising and
              positive-query box losses); the auxiliary heads keep their losses (the paper).
-             The rescaled form (mean-size rescaling), which the study on the embedded data
-             supports (README "Does Sized L1 help?");
+             The rescaled form (mean-size rescaling, the paper's compensation): the form that
+             does not collapse on the embedded data; no form beat L1 there (README "Does
+             Sized L1 help?", which has the Co-DINO comparison too);
   plain      with sized_l1: the plain form, without the rescale (ablation);
   rescale    accepted for compatibility (the rescale is the default);
   no_aux     no auxiliary heads / positive queries: the same 5-scale DINO trained alone (the

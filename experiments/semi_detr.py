@@ -62,15 +62,16 @@ obtained with; the method semantics above changed after those figures.
 
 Which Sized L1 form the paper rows use: the rescaled one, which `sized_both` / `sized_sup` run
 (e.g. `p10,fold1,sized_sup`; `rescale` is accepted and changes nothing). The paper says the
-weight term "can"
-be adjusted by the average box dimensions "to compensate for the potential change in the scale
-of the loss", and it keeps Semi-DETR's hyper-parameters (the box weight stays 10). Without the
-rescale Sized L1 is L1 divided by the box size (for COCO's mean normalised side ~0.2, about 5x
-larger, far more for small boxes) at an unchanged weight; measured on the embedded data at
-weight 5 (design.md section 4) the plain form starves classification (AP 0.010 vs 0.229
-rescaled), and the study on the embedded data (README "Does Sized L1 help?", seed 0 so far)
-measured AP 0.032 plain vs 0.095 rescaled vs 0.114 L1, APs 0.004 / 0.048 / 0.026. The plain
-form stays available with the `plain` token (e.g. `p10,sized_sup,plain`) for that ablation.
+weight term "can" be adjusted by the average box dimensions "to compensate for the potential
+change in the scale of the loss", and it keeps Semi-DETR's hyper-parameters (the box weight
+stays 10). Without the rescale Sized L1 is L1 divided by the box size (for COCO's mean
+normalised side ~0.2, about 5x larger, far more for small boxes) at an unchanged weight;
+measured on the embedded data at weight 5 the plain form starves classification (README "Does
+Sized L1 help?", DINO, seeds 0-2: AP 0.021 plain vs 0.057 rescaled vs 0.125 L1). With the
+rescale, Sized L1 did not beat L1 in the Semi-DETR pilot either (synthetic 10% split from a
+supervised burn-in, 2 seeds: AP 0.096 L1, 0.088 sized_both, 0.083 sized_sup; README), so
+these rows run the paper's loss in the form that does not collapse, not one the study found
+better. The plain form stays available with the `plain` token (e.g. `p10,sized_sup,plain`) for that ablation.
 The per-branch box-loss magnitudes are logged as `sup_loss_bbox` / `unsup_loss_bbox`.
 """
 import ml_collections
