@@ -11,12 +11,20 @@ import logging as pylogging
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+# XLA's CPU scheduler ordered for memory instead of concurrency: DINO-4scale R50 train step at
+# batch 2 x 320x416 on a 2-core CPU, idle: peak RSS 9.52 -> 8.37 GB, compiled temporaries
+# 6.62 -> 5.50 GiB, 5.76 vs 5.66 s per step, identical loss (benchmarks.train_step). Read when
+# the XLA backend starts, so set before any computation; a value the user gives wins.
+_XLA_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+if _XLA_CPU_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_XLA_CPU_FLAG}=false".strip()
 
-from sized_detr_jax import config_lib
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from sized_detr_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "synthetic.py")
 _MODES = ("train", "eval", "predict", "summary")
