@@ -53,15 +53,20 @@ from sized_detr_jax.data import pipeline
 _EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments")
 
 
+def _literal(text):
+  """A Python literal, else the text itself."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def _apply_override(config, assignment):
   """`a.b.c=value` (value a Python literal, else a string) onto a ConfigDict."""
   key, sep, text = assignment.partition("=")
   if not sep:
     raise ValueError(f"--set expects key=value, got {assignment!r}")
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text
+  value = _literal(text)
   *parents, leaf = key.split(".")
   node = config
   for name in parents:
@@ -264,7 +269,7 @@ def main(argv=None):
       memory_and_flops(compiled, args)
       return
     if args.compare_option:
-      state = compare_options(step_fn, state, batch, compiled, compile_s, args)
+      compare_options(step_fn, state, batch, compiled, compile_s, args)
       return
     forward = jax.jit(lambda p, s, x, r: loss_fn(p, s, x, r)[0]).lower(
         state.params, state, batch, rng).compile()
@@ -303,24 +308,21 @@ def _option_value(text):
   lowered = text.lower()
   if lowered in ("true", "false"):
     return lowered == "true"
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+  return _literal(text)
 
 
 def compare_options(step_fn, state, batch, compiled, compile_s, args):
-  """Times the default executable against one compiled with `args.compare_option`."""
+  """Times the default executable against one compiled with `args.compare_option` (called
+  under the step's mesh, `jax.set_mesh`; the state is donated and carried between them)."""
   options = {}
   for item in args.compare_option:
     key, sep, value = item.partition("=")
     if not sep:
       raise ValueError(f"--compare_option expects KEY=VALUE, got {item!r}")
     options[key] = _option_value(value)
-  with jax.set_mesh(sharding.make_mesh(args.devices)):
-    start = time.perf_counter()
-    other = step_fn.lower(state, batch).compile(compiler_options=options)
-    other_s = time.perf_counter() - start
+  start = time.perf_counter()
+  other = step_fn.lower(state, batch).compile(compiler_options=options)
+  other_s = time.perf_counter() - start
   runs = {"default": compiled, "with options": other}
 
   def timed(executable):
@@ -338,7 +340,6 @@ def compare_options(step_fn, state, batch, compiled, compile_s, args):
     print(f"  {name:13s} step_s {times[name]:.3f} (median of {args.steps})  compile_s "
           f"{compile_s if name == 'default' else other_s:.1f}  temporaries {temp}")
   print(f"  ratio (with options / default): {times['with options'] / times['default']:.3f}")
-  return state
 
 
 def header(config, args, num_params, b, height, width, data_cfg, init_s, compile_s, extra=""):
