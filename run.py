@@ -11,13 +11,11 @@ import logging as pylogging
 import os
 import sys
 
-# XLA's CPU scheduler ordered for memory instead of concurrency: DINO-4scale R50 train step at
-# batch 2 x 320x416 on a 2-core CPU, idle: peak RSS 9.52 -> 8.37 GB, compiled temporaries
-# 6.62 -> 5.50 GiB, 5.76 vs 5.66 s per step, identical loss (benchmarks.train_step). Read when
-# the XLA backend starts, so set before any computation; a value the user gives wins.
-_XLA_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
-if _XLA_CPU_FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_XLA_CPU_FLAG}=false".strip()
+# XLA's CPU scheduler ordered for memory, and glibc malloc keeping freed blocks (each step's
+# temporaries are not page-faulted in again): see sized_detr_jax/host_runtime.py. Set before
+# the XLA backend starts; a value the user gives wins.
+from sized_detr_jax import host_runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+host_runtime.configure()
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -5,8 +5,9 @@ r"""Speed of the real jitted train step (forward, matching, criterion, backward,
       --size=800x1333 --batch=1 --steps=3                  # full DINO-4scale R50
   python -m sized_detr_jax.benchmarks.train_step --set=model.dec_layers=3 --set=data.batch_size=4
 
-Builds the step exactly as training does (`state.init_state` + `train.make_train_step` on a
-1-device ("data",) mesh, or `--devices`), feeds one fixed batch of random pixels with `--boxes`
+Runs with run.py's process settings (`host_runtime.configure`; SIZED_DETR_HOST_RUNTIME=0
+turns them off). Builds the step exactly as training does (`state.init_state` +
+`train.make_train_step` on a 1-device ("data",) mesh, or `--devices`), feeds one fixed batch of random pixels with `--boxes`
 ground-truth boxes per image, and prints the compile time, the median seconds per step over
 `--steps` steps (after one untimed step) and images per second. The image is padded to
 `--size` (default: the config's smallest bucket, i.e. the padded shape of a training batch).
@@ -25,7 +26,8 @@ or `--peak_tflops`).
 
 For memory work without running a step: `--compile_only` prints the compiled step's memory
 analysis and FLOPs; `--residuals N` the N largest groups of activations kept for the backward
-pass (by shape and source line; tracing only).
+pass (by shape and source line; tracing only). For speed work: `--profile N` traces N more
+steps and prints the step's time per HLO op category, source line and op (`op_profile`).
 """
 import argparse
 import ast
@@ -41,12 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sized_detr_jax import config_lib
+from sized_detr_jax import host_runtime
 from sized_detr_jax import matching
 from sized_detr_jax import optim
 from sized_detr_jax import methods
 from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
 from sized_detr_jax import train
+from sized_detr_jax.benchmarks import op_profile
 from sized_detr_jax.benchmarks.timing import time_interleaved
 from sized_detr_jax.data import pipeline
 
@@ -211,9 +215,17 @@ def main(argv=None):
                       help="print the N largest groups of activations the loss keeps from "
                       "forward to backward (jax saved_residuals, by shape and source line) and "
                       "their total, then exit (tracing only: seconds, no compile)")
+  parser.add_argument("--profile", type=int, default=0, metavar="N",
+                      help="after the timing, run N more steps under the profiler and print "
+                      "where the step's time goes: per HLO op category, source line and op "
+                      "(benchmarks/op_profile.py)")
+  parser.add_argument("--top", type=int, default=20, help="rows per --profile table")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="device peak for MFU (default: PEAK_TFLOPS by device kind)")
   args = parser.parse_args(argv)
+  runtime = host_runtime.configure()  # as run.py (XLA flags take effect: no computation yet)
+  print(f"host runtime (host_runtime.configure, as run.py): XLA_FLAGS={runtime['xla_flags']!r}, "
+        f"malloc keeps freed memory: {runtime['malloc_keeps_memory']}")
 
   config = config_lib.load_config(args.config, args.config_arg or None)
   for assignment in args.set:
@@ -302,6 +314,9 @@ def main(argv=None):
         f"{match_s * 1e3:.1f} ms ({match_s / step_s:.1%} of the step, "
         f"{max(callback_calls)} host call(s) per step)")
   memory_and_flops(compiled, args, step_s)
+  if args.profile:
+    times = op_profile.trace_op_times(one_step, args.profile)
+    op_profile.print_op_table(times, op_profile.entry_ops(compiled.as_text()), args.top, step_s)
 
 
 def _option_value(text):

@@ -23,12 +23,15 @@ What it does (every framework in its own process; this one imports neither):
 3. timing, for `eval` (forward, no gradient, no postprocess) then `train` (PyTorch: DINO's
    forward + SetCriterion + backward + grad clipping 0.1 + AdamW with DINO's param groups, as
    engine.py; JAX: this package's jitted train step: forward, host Hungarian matching,
-   criterion, backward, clipping, AdamW): one long-lived worker process per framework (the
+   criterion, backward, clipping, AdamW; the JAX workers apply run.py's process settings,
+   `host_runtime.configure`): one long-lived worker process per framework (the
    two of a mode are alive together, only one computes at a time), started one after the other
    (JAX's trace and compile time measured in its worker, plus one untimed warm-up run on
    each side), then `--reps` rounds alternating which framework goes first. Each worker reports
    its seconds per run and, when it exits, its peak RSS (`resource.getrusage`, the whole
-   process: weights, compiled code, framework runtime) and on GPUs the peak device memory.
+   process: weights, compiled code, framework runtime), and per run its CPU seconds (user,
+   system) and minor page faults (a run that gets fewer cores than the other, or that maps
+   fresh memory every time, shows there) and on GPUs the peak device memory.
 
 Printed: the agreement, a table (median, min and every run in seconds, peak RSS in GB,
 JAX trace/compile seconds), the JAX/PyTorch time ratio per mode (< 1: JAX faster) and the
@@ -47,6 +50,7 @@ import time
 
 import numpy as np
 
+from sized_detr_jax import host_runtime
 from sized_detr_jax.benchmarks import official_dino
 
 _ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -145,9 +149,15 @@ def _serve(channel, run_once, info, framework):
   last = None
   for command in channel.commands():
     if command == "run":
+      before = resource.getrusage(resource.RUSAGE_SELF)
       start = time.perf_counter()
       last = run_once()
-      channel.send({"seconds": time.perf_counter() - start})
+      seconds = time.perf_counter() - start
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      channel.send({"seconds": seconds,
+                    "user_s": after.ru_utime - before.ru_utime,
+                    "sys_s": after.ru_stime - before.ru_stime,
+                    "minor_faults": after.ru_minflt - before.ru_minflt})
     elif command == "quit":
       break
   channel.send({"peak_rss_gb": _peak_rss_gb(), "device_peak_gb": _device_peak_gb(framework),
@@ -243,6 +253,7 @@ def _worker_torch(args, channel, mode):
 
 
 def _worker_jax(args, channel, mode):
+  runtime = host_runtime.configure()  # as run.py, before the XLA backend starts
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from sized_detr_jax import methods  # pylint: disable=g-import-not-at-top
@@ -299,7 +310,8 @@ def _worker_jax(args, channel, mode):
       "setup_s": setup_s, "trace_s": trace_s, "compile_s": compile_s, "jax": jax.__version__,
       "platform": f"{device.platform} ({device.device_kind})",
       "config": f"{os.path.basename(args.config)}:{args.config_arg}",
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "xla_flags": runtime["xla_flags"],
+      "malloc_keeps_memory": runtime["malloc_keeps_memory"],
       "disable_most_optimizations": os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "")},
          "jax")
 
@@ -373,13 +385,15 @@ def _time_mode(mode, frameworks, args, workdir, log):
       start = time.perf_counter()
       workers[framework] = _Worker(f"{framework}_{mode}", args, workdir)
       results[framework] = {**workers[framework].receive(), "start_s":
-                            time.perf_counter() - start, "runs": []}
+                            time.perf_counter() - start, "runs": [], "usage": []}
       results[framework].pop("ready")
     for rep in range(args.reps):
       order = frameworks if rep % 2 == 0 else frameworks[::-1]
       for framework in order:
         workers[framework].send("run")
-        results[framework]["runs"].append(workers[framework].receive()["seconds"])
+        reply = workers[framework].receive()
+        results[framework]["runs"].append(reply.pop("seconds"))
+        results[framework]["usage"].append(reply)
       log(f"{mode}: round {rep + 1}/{args.reps}: " + ", ".join(
           f"{f} {results[f]['runs'][-1]:.3f} s" for f in frameworks))
     for framework in frameworks:
@@ -391,6 +405,9 @@ def _time_mode(mode, frameworks, args, workdir, log):
     runs = results[framework]["runs"]
     results[framework]["median_s"] = statistics.median(runs)
     results[framework]["min_s"] = min(runs)
+    usage = results[framework]["usage"]
+    for key in ("user_s", "sys_s", "minor_faults"):
+      results[framework][f"median_{key}"] = statistics.median(u[key] for u in usage)
   if len(frameworks) == 2:
     results["jax_over_pytorch"] = results["jax"]["median_s"] / results["pytorch"]["median_s"]
   return results
@@ -411,6 +428,7 @@ def _print_report(report):
   if jax_info:
     print(f"jax {jax_info['jax']} on {jax_info['platform']}, config {jax_info['config']}"
           + (f", XLA_FLAGS={jax_info['xla_flags']}" if jax_info["xla_flags"] else "")
+          + f", malloc keeps freed memory: {jax_info.get('malloc_keeps_memory')}"
           + (", JAX_DISABLE_MOST_OPTIMIZATIONS=" + jax_info["disable_most_optimizations"]
              if jax_info["disable_most_optimizations"] else ""))
   check = report.get("check")
@@ -436,6 +454,10 @@ def _print_report(report):
       print(f"{mode:6} {framework:9} {r['median_s']:9.3f} {r['min_s']:8.3f} "
             f"{r['peak_rss_gb']:11.2f} {trace:>8} {compile_:>9}  "
             + " ".join(f"{t:.3f}" for t in r["runs"]) + device)
+    print(f"{mode:6} per run (median): " + "; ".join(
+        f"{f} CPU user {timing[f]['median_user_s']:.2f} s + sys {timing[f]['median_sys_s']:.2f} s"
+        f", {timing[f]['median_minor_faults'] / 1e3:.0f}k minor page faults"
+        for f in meta["frameworks"]))
     if "jax_over_pytorch" in timing:
       ratio = timing["jax_over_pytorch"]
       print(f"{mode:6} JAX/PyTorch time {ratio:.2f} (JAX {1 / ratio:.2f}x PyTorch's speed)")

@@ -27,13 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sized_detr_jax.models import attention
 from sized_detr_jax.models.layers import MLP, inverse_sigmoid
 from sized_detr_jax.models.msda import multi_scale_deformable_attention
 from sized_detr_jax.models.position_encoding import sine_embedding_of_boxes
 
 _xavier = nn.initializers.xavier_uniform()
-# Masked attention logits: finite so a (never expected) fully blocked row stays NaN-free.
-_BLOCKED = -1e9
 PROPOSAL_WH = 0.05  # DINO two_stage_default_hw
 
 
@@ -142,11 +141,7 @@ class SelfAttention(nn.Module):
     q = split(qk @ kernel[:, :c] + bias[:c]) / math.sqrt(c // h)
     k = split(qk @ kernel[:, c:2 * c] + bias[c:2 * c])
     v = split(value.astype(self.dtype) @ kernel[:, 2 * c:] + bias[2 * c:])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    if blocked is not None:
-      logits = jnp.where(blocked[:, None], _BLOCKED, logits)
-    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, c)
+    out = attention.dot_product_attention(q, k, v, blocked).reshape(b, t, c)
     return _dense(c, "out_proj", self.dtype)(out)
 
 

@@ -34,32 +34,53 @@ def check_spatial_shapes(spatial_shapes: Sequence[Sequence[int]], num_tokens: in
   return shapes
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _take_rows(value_l, index, num_rows):
-  """value_l [B, heads, N, d] at index [B, heads, K] -> [B, heads, K, d] (take_along_axis).
+def _rows(value_l, index):
+  """value_l [B, heads, N, d] at index [B, heads, Q, K] (in bounds) -> [B, heads, Q, K, d]."""
+  b, heads, q, k = index.shape
+  rows = jnp.take_along_axis(value_l, index.reshape(b, heads, q * k)[..., None], axis=2,
+                             mode="promise_in_bounds", wrap_negative_indices=False)
+  return rows.reshape(b, heads, q, k, -1)
 
-  The gradient (a scatter-add of K rows into N = num_rows, several hits per row) accumulates in
-  float32 and is rounded to value_l's dtype once: a bfloat16 scatter-add rounds after every hit
-  (tests/test_models_msda_pallas.py: 1.1% relative error of the value gradient at ~110 hits per
-  row, against 0.28% this way).
+
+@jax.custom_vjp
+def _weighted_rows(value_l, index, weights):
+  """sum_k weights[b, h, q, k] * value_l[b, h, index[b, h, q, k]] -> [B, heads, Q, d].
+
+  Args:
+    value_l: [B, heads, N, d] one level's values.
+    index: [B, heads, Q, K] int32 rows of value_l, all in bounds.
+    weights: [B, heads, Q, K] weights, value_l's dtype.
+
+  Written as gather, multiply and sum over K (not a dot) so XLA fuses them into one loop and
+  never materialises the [B, heads, Q, K, d] samples. The backward saves only the three inputs
+  and gathers the samples again once the output cotangent exists: an optimization barrier over
+  (inputs, cotangent) keeps XLA from hoisting that gather into the forward pass or merging it
+  with the forward's (which would keep every layer's samples alive until its backward: 24 x
+  86 MiB for DINO-4scale R50 at 320x416, batch 2). The value gradient (a scatter-add of Q*K rows
+  into N, several hits per row) accumulates in float32 and is rounded to value_l's dtype once:
+  a bfloat16 scatter-add rounds after every hit (tests/test_models_msda_pallas.py: 1.1% relative
+  error of the value gradient at ~110 hits per row, against 0.28% this way).
   """
-  del num_rows  # For the backward.
-  return jnp.take_along_axis(value_l, index[..., None], axis=2)
+  return jnp.sum(_rows(value_l, index) * weights[..., None], axis=3)
 
 
-def _take_rows_fwd(value_l, index, num_rows):
-  return _take_rows(value_l, index, num_rows), index
+def _weighted_rows_fwd(value_l, index, weights):
+  return _weighted_rows(value_l, index, weights), (value_l, index, weights)
 
 
-def _take_rows_bwd(num_rows, index, cotangent):
-  b, heads, _, d = cotangent.shape
-  zeros = jnp.zeros((b, heads, num_rows, d), jnp.promote_types(cotangent.dtype, jnp.float32))
-  _, scatter = jax.vjp(lambda v: jnp.take_along_axis(v, index[..., None], axis=2), zeros)
-  (grad,) = scatter(cotangent.astype(zeros.dtype))
-  return grad.astype(cotangent.dtype), None
+def _weighted_rows_bwd(residuals, cotangent):
+  value_l, index, weights, cotangent = jax.lax.optimization_barrier((*residuals, cotangent))
+  f32 = jnp.promote_types(value_l.dtype, jnp.float32)
+  ct = cotangent.astype(f32)[:, :, :, None, :]  # [B, heads, Q, 1, d]
+  grad_weights = jnp.sum(_rows(value_l, index).astype(f32) * ct, axis=-1)
+  updates = weights.astype(f32)[..., None] * ct  # [B, heads, Q, K, d]
+  zeros = jnp.zeros(value_l.shape, f32)
+  _, scatter = jax.vjp(lambda v: _rows(v, index), zeros)
+  (grad_value,) = scatter(updates)
+  return grad_value.astype(value_l.dtype), None, grad_weights.astype(weights.dtype)
 
 
-_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+_weighted_rows.defvjp(_weighted_rows_fwd, _weighted_rows_bwd)
 
 
 def _sample_level(value_l, height, width, loc_l, weight_l):
@@ -95,12 +116,10 @@ def _sample_level(value_l, height, width, loc_l, weight_l):
       # keeps the gather in bounds and gives them zero gradient (zeros padding).
       corners.append(jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1))
       corner_weights.append(jnp.where(inside, wx * wy, 0.0))
-  index = jnp.stack(corners, axis=-1).reshape(b, heads, q * p * 4)  # [B, heads, Q*P*4]
+  index = jnp.stack(corners, axis=-1).reshape(b, heads, q, p * 4)
   bilinear = jnp.stack(corner_weights, axis=-1)  # [B, heads, Q, P, 4]
   weights = (bilinear * weight_l[..., None].astype(bilinear.dtype)).astype(value_l.dtype)
-  sampled = _take_rows(value_l, index, height * width)  # [B, heads, Q*P*4, d]
-  sampled = sampled.reshape(b, heads, q, p * 4, -1)
-  return jnp.einsum("bhqkd,bhqk->bhqd", sampled, weights.reshape(b, heads, q, p * 4))
+  return _weighted_rows(value_l, index, weights.reshape(b, heads, q, p * 4))
 
 
 def msda_gather(value, spatial_shapes: SpatialShapes, sampling_locations, attention_weights):
