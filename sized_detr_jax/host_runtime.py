@@ -46,16 +46,33 @@ def keep_freed_memory(environ: MutableMapping[str, str] = os.environ) -> bool:
   """glibc: serve large blocks from the heap and never trim it. True if applied."""
   if any(name in environ for name in _MALLOC_ENV):
     return False
-  name = ctypes.util.find_library("c")
-  try:
-    libc = ctypes.CDLL(name)
-    mallopt = libc.mallopt
-    if not hasattr(libc, "gnu_get_libc_version"):
-      return False  # not glibc (musl, macOS): other allocators, other options
-  except (OSError, AttributeError, TypeError):
-    return False
+  libc = _glibc()
+  if libc is None:
+    return False  # not glibc (musl, macOS): other allocators, other options
+  mallopt = libc.mallopt
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+def _glibc():
+  """The C library if it is glibc, else None."""
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
+  except (OSError, TypeError):
+    return None
+
+
+def release_free_memory() -> bool:
+  """glibc `malloc_trim(0)`: returns the heap's free pages to the OS. True if any were.
+
+  Call after compiling, before running: XLA's compiler leaves a heap of freed, fragmented
+  blocks that the step's one large temporary block cannot reuse, and with trimming off (above)
+  they would stay resident beside it (R50 step: 2.8 GB resident after compiling, 5.5 GB after
+  the first step).
+  """
+  libc = _glibc()
+  return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 def configure(environ: MutableMapping[str, str] = os.environ) -> Dict[str, object]:

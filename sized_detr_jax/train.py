@@ -28,6 +28,7 @@ import optax
 
 from sized_detr_jax import config_lib
 from sized_detr_jax import evaluate
+from sized_detr_jax import host_runtime
 from sized_detr_jax import metrics_log
 from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
@@ -176,6 +177,7 @@ class _StepCache:
       start = time.perf_counter()
       self._compiled[layout] = self._jitted[stage].lower(state, batch).compile()
       logging.info("Compiled in %.1f s.", time.perf_counter() - start)
+      host_runtime.release_free_memory()  # the compiler's garbage, before the step's memory
     return self._compiled[layout](state, batch)
 
 

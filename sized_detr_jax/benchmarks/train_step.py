@@ -276,6 +276,7 @@ def main(argv=None):
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    host_runtime.release_free_memory()  # as the trainer after compiling
     if args.compile_only:
       header(config, args, num_params, b, height, width, data_cfg, init_s, compile_s)
       memory_and_flops(compiled, args)

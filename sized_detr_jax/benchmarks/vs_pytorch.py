@@ -73,6 +73,15 @@ def _peak_rss_gb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _rss_gb():
+  """Current resident set size of this process (Linux /proc), GiB; None elsewhere."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+  except (OSError, ValueError, IndexError):
+    return None
+
+
 def _load():
   return [round(v, 2) for v in os.getloadavg()]
 
@@ -144,8 +153,9 @@ def _device_peak_gb(framework):
 
 def _serve(channel, run_once, info, framework):
   """Warm-up run, `ready` (with info), then one timed run per `run` command until `quit`."""
+  info = {**info, "rss_before_runs_gb": _rss_gb()}  # weights, runtime, compiled code
   run_once()
-  channel.send({"ready": True, **info})
+  channel.send({"ready": True, **info, "rss_after_warmup_gb": _rss_gb()})
   last = None
   for command in channel.commands():
     if command == "run":
@@ -206,6 +216,9 @@ def _worker_check(args, channel):
 
 
 def _worker_torch(args, channel, mode):
+  # The JAX workers' glibc malloc setting (host_runtime), unless --no-torch_keep_freed_memory:
+  # otherwise a JAX process that keeps its memory makes the other's page faults dearer.
+  keeps_memory = args.torch_keep_freed_memory and host_runtime.keep_freed_memory()
   import torch  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   device = _torch_device(args)
@@ -248,6 +261,7 @@ def _worker_torch(args, channel, mode):
       return float(loss.detach())
   setup_s = time.perf_counter() - start
   _serve(channel, run_once, {"setup_s": setup_s, "torch": torch.__version__,
+                             "malloc_keeps_memory": keeps_memory,
                              "threads": torch.get_num_threads(), "msda": official.msda},
          "pytorch")
 
@@ -278,6 +292,7 @@ def _worker_jax(args, channel, mode):
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    host_runtime.release_free_memory()  # as the trainer after compiling
 
     def run_once():
       out = jax.block_until_ready(compiled(params, images, mask))
@@ -300,6 +315,7 @@ def _worker_jax(args, channel, mode):
       start = time.perf_counter()
       compiled = lowered.compile()
       compile_s = time.perf_counter() - start
+    host_runtime.release_free_memory()  # as the trainer after compiling
 
     def run_once():  # the state is donated: carry it from step to step
       nonlocal state
@@ -349,6 +365,8 @@ class _Worker:
                f"--dino_src={args.dino_src}", f"--device={args.device}",
                f"--seed={args.seed}", f"--config={args.config}",
                f"--config_arg={args.config_arg}"]
+    if not args.torch_keep_freed_memory:
+      command.append("--no-torch_keep_freed_memory")
     self.process = subprocess.Popen(  # pylint: disable=consider-using-with
         command, cwd=_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=self._log, text=True)
@@ -428,9 +446,12 @@ def _print_report(report):
   if jax_info:
     print(f"jax {jax_info['jax']} on {jax_info['platform']}, config {jax_info['config']}"
           + (f", XLA_FLAGS={jax_info['xla_flags']}" if jax_info["xla_flags"] else "")
-          + f", malloc keeps freed memory: {jax_info.get('malloc_keeps_memory')}"
+
           + (", JAX_DISABLE_MOST_OPTIMIZATIONS=" + jax_info["disable_most_optimizations"]
              if jax_info["disable_most_optimizations"] else ""))
+  first = report["timing"][meta["modes"][0]]
+  print("glibc malloc keeps freed memory (host_runtime.keep_freed_memory): " + ", ".join(
+      f"{f} {first[f].get('malloc_keeps_memory')}" for f in meta["frameworks"] if f in first))
   check = report.get("check")
   if check:
     fmt = lambda d: ", ".join(f"{k} {v:.2g}" for k, v in d.items())
@@ -451,6 +472,9 @@ def _print_report(report):
       compile_ = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
       device = (f"  device peak {r['device_peak_gb']:.2f} GB"
                 if r.get("device_peak_gb") is not None else "")
+      if r.get("rss_before_runs_gb") is not None:
+        device += (f"  (RSS before the first run {r['rss_before_runs_gb']:.2f} GB, after it "
+                   f"{r['rss_after_warmup_gb']:.2f} GB)")
       print(f"{mode:6} {framework:9} {r['median_s']:9.3f} {r['min_s']:8.3f} "
             f"{r['peak_rss_gb']:11.2f} {trace:>8} {compile_:>9}  "
             + " ".join(f"{t:.3f}" for t in r["runs"]) + device)
@@ -478,6 +502,10 @@ def main(argv=None):
   parser.add_argument("--config_arg", default="coco91")
   parser.add_argument("--jax_only", action="store_true",
                       help="time only the JAX half (random params; no torch, no dino_src)")
+  parser.add_argument("--torch_keep_freed_memory", action=argparse.BooleanOptionalAction,
+                      default=True, help="give the PyTorch workers the JAX workers' glibc "
+                      "malloc setting (host_runtime.keep_freed_memory); "
+                      "--no-torch_keep_freed_memory runs them with glibc's defaults")
   parser.add_argument("--torch_python", default=sys.executable)
   parser.add_argument("--jax_python", default=sys.executable)
   parser.add_argument("--workdir", default="", help="worker files and logs (default: a "

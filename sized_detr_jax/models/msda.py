@@ -15,11 +15,11 @@ The learnable projections (value, offsets, weights, output) live in `MSDeformAtt
 can be registered under `IMPLEMENTATIONS` and chosen by name without touching the modules;
 `msda_pallas.py` is such a kernel ("pallas").
 """
-import functools
 from typing import Callable, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SpatialShapes = Tuple[Tuple[int, int], ...]
 
@@ -34,66 +34,91 @@ def check_spatial_shapes(spatial_shapes: Sequence[Sequence[int]], num_tokens: in
   return shapes
 
 
-def _rows(value_l, index):
-  """value_l [B, heads, N, d] at index [B, heads, Q, K] (in bounds) -> [B, heads, Q, K, d]."""
+def _rows(value, index):
+  """value [B, heads, N, d] at index [B, heads, Q, K] (in bounds) -> [B, heads, Q, K, d]."""
   b, heads, q, k = index.shape
-  rows = jnp.take_along_axis(value_l, index.reshape(b, heads, q * k)[..., None], axis=2,
+  rows = jnp.take_along_axis(value, index.reshape(b, heads, q * k)[..., None], axis=2,
                              mode="promise_in_bounds", wrap_negative_indices=False)
   return rows.reshape(b, heads, q, k, -1)
 
 
+# Scatter-add of [B, heads, M, d] rows into [B, heads, N, d] at [B, heads, M] rows, batched over
+# (B, heads): the transpose of `_rows`.
+_ADD_ROWS = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=(3,), inserted_window_dims=(2,), scatter_dims_to_operand_dims=(2,),
+    operand_batching_dims=(0, 1), scatter_indices_batching_dims=(0, 1))
+
+
+def _add_rows(total, index, updates):
+  """total [B, heads, N, d] + updates [B, heads, Q, K, d] scattered to rows index [.., Q, K]."""
+  b, heads, q, k = index.shape
+  return jax.lax.scatter_add(total, index.reshape(b, heads, q * k, 1),
+                             updates.reshape(b, heads, q * k, -1), _ADD_ROWS,
+                             mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
 @jax.custom_vjp
-def _weighted_rows(value_l, index, weights):
-  """sum_k weights[b, h, q, k] * value_l[b, h, index[b, h, q, k]] -> [B, heads, Q, d].
+def _weighted_rows(value, index, weights):
+  """sum_{l, k} weights[b, h, l, q, k] * value[b, h, index[b, h, l, q, k]] -> [B, heads, Q, d].
 
   Args:
-    value_l: [B, heads, N, d] one level's values.
-    index: [B, heads, Q, K] int32 rows of value_l, all in bounds.
-    weights: [B, heads, Q, K] weights, value_l's dtype.
+    value: [B, heads, S, d] values of all levels.
+    index: [B, heads, L, Q, K] int32 rows of value (level start included), all in bounds.
+    weights: [B, heads, L, Q, K] weights, value's dtype.
 
-  Written as gather, multiply and sum over K (not a dot) so XLA fuses them into one loop and
-  never materialises the [B, heads, Q, K, d] samples. The backward saves only the three inputs
-  and gathers the samples again once the output cotangent exists: an optimization barrier over
-  (inputs, cotangent) keeps XLA from hoisting that gather into the forward pass or merging it
-  with the forward's (which would keep every layer's samples alive until its backward: 24 x
-  86 MiB for DINO-4scale R50 at 320x416, batch 2). The value gradient (a scatter-add of Q*K rows
-  into N, several hits per row) accumulates in float32 and is rounded to value_l's dtype once:
-  a bfloat16 scatter-add rounds after every hit (tests/test_models_msda_pallas.py: 1.1% relative
-  error of the value gradient at ~110 hits per row, against 0.28% this way).
+  Each level is a gather, multiply and sum over K (not a dot), which XLA fuses into one loop
+  that never materialises the [B, heads, Q, K, d] samples. The backward saves only the three
+  inputs and gathers the samples again once the output cotangent exists: an optimization
+  barrier over (inputs, cotangent) keeps XLA from hoisting that gather into the forward pass or
+  merging it with the forward's (which would keep every layer's samples alive until its
+  backward: 24 x 86 MiB for DINO-4scale R50 at 320x416, batch 2). The value gradient (a
+  scatter-add of L*Q*K rows into S, several hits per row) accumulates the levels into one
+  float32 buffer and is rounded to value's dtype once: a bfloat16 scatter-add rounds after
+  every hit (tests/test_models_msda_pallas.py: 1.1% relative error of the value gradient at
+  ~110 hits per row, against 0.28% this way).
   """
-  return jnp.sum(_rows(value_l, index) * weights[..., None], axis=3)
+  out = None
+  for level in range(index.shape[2]):
+    sampled = jnp.sum(_rows(value, index[:, :, level]) * weights[:, :, level, ..., None], axis=3)
+    out = sampled if out is None else out + sampled
+  return out
 
 
-def _weighted_rows_fwd(value_l, index, weights):
-  return _weighted_rows(value_l, index, weights), (value_l, index, weights)
+def _weighted_rows_fwd(value, index, weights):
+  return _weighted_rows(value, index, weights), (value, index, weights)
 
 
 def _weighted_rows_bwd(residuals, cotangent):
-  value_l, index, weights, cotangent = jax.lax.optimization_barrier((*residuals, cotangent))
-  f32 = jnp.promote_types(value_l.dtype, jnp.float32)
+  value, index, weights, cotangent = jax.lax.optimization_barrier((*residuals, cotangent))
+  f32 = jnp.promote_types(value.dtype, jnp.float32)
   ct = cotangent.astype(f32)[:, :, :, None, :]  # [B, heads, Q, 1, d]
-  grad_weights = jnp.sum(_rows(value_l, index).astype(f32) * ct, axis=-1)
-  updates = weights.astype(f32)[..., None] * ct  # [B, heads, Q, K, d]
-  zeros = jnp.zeros(value_l.shape, f32)
-  _, scatter = jax.vjp(lambda v: _rows(v, index), zeros)
-  (grad_value,) = scatter(updates)
-  return grad_value.astype(value_l.dtype), None, grad_weights.astype(weights.dtype)
+  grad_value = jnp.zeros(value.shape, f32)
+  grad_weights = []
+  for level in range(index.shape[2]):
+    level_index = index[:, :, level]
+    grad_weights.append(jnp.sum(_rows(value, level_index).astype(f32) * ct, axis=-1))
+    grad_value = _add_rows(grad_value, level_index,
+                           weights[:, :, level].astype(f32)[..., None] * ct)
+  grad_weights = jnp.stack(grad_weights, axis=2)
+  return grad_value.astype(value.dtype), None, grad_weights.astype(weights.dtype)
 
 
 _weighted_rows.defvjp(_weighted_rows_fwd, _weighted_rows_bwd)
 
 
-def _sample_level(value_l, height, width, loc_l, weight_l):
-  """Bilinear sampling of one level, summed over points.
+def _corners(loc_l, weight_l, height, width, start):
+  """Bilinear corners of one level's sampling points.
 
   Args:
-    value_l: [B, heads, H*W, d] values of this level (row-major flattening).
-    height, width: static ints, the level's map size.
     loc_l: [B, heads, Q, P, 2] float32 normalised (x, y) sampling locations.
     weight_l: [B, heads, Q, P] attention weights.
+    height, width: static ints, the level's map size.
+    start: static int, the level's first row in the flattened value.
 
   Returns:
-    [B, heads, Q, d] sum over points of weight * bilinear sample.
+    index [B, heads, Q, P*4] int32 rows (start included; out-of-map corners read a clipped,
+    valid row) and weights [B, heads, Q, P*4] float32: attention weight x bilinear weight, 0
+    for out-of-map corners (grid_sample's zeros padding, zero gradient too).
   """
   b, heads, q, p, _ = loc_l.shape
   # grid_sample(align_corners=False): pixel centre i sits at normalised (i + 0.5) / size.
@@ -112,31 +137,28 @@ def _sample_level(value_l, height, width, loc_l, weight_l):
       xi = x0 + dx
       yi = y0 + dy
       inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-      # Out-of-map corners read a clipped (valid) address and are zeroed by their weight, which
-      # keeps the gather in bounds and gives them zero gradient (zeros padding).
-      corners.append(jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1))
+      corners.append(start + jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1))
       corner_weights.append(jnp.where(inside, wx * wy, 0.0))
   index = jnp.stack(corners, axis=-1).reshape(b, heads, q, p * 4)
   bilinear = jnp.stack(corner_weights, axis=-1)  # [B, heads, Q, P, 4]
-  weights = (bilinear * weight_l[..., None].astype(bilinear.dtype)).astype(value_l.dtype)
-  return _weighted_rows(value_l, index, weights.reshape(b, heads, q, p * 4))
+  weights = bilinear * weight_l[..., None].astype(bilinear.dtype)
+  return index, weights.reshape(b, heads, q, p * 4)
 
 
 def msda_gather(value, spatial_shapes: SpatialShapes, sampling_locations, attention_weights):
   """Reference gather implementation; see `multi_scale_deformable_attention`."""
   b, _, heads, d = value.shape
   q = sampling_locations.shape[1]
-  # Heads first so each (batch, head) gathers from its own [H*W, d] slab.
+  # Heads first so each (batch, head) gathers from its own [S, d] slab.
   value = jnp.transpose(value, (0, 2, 1, 3))  # [B, heads, S, d]
   locations = jnp.transpose(sampling_locations, (0, 2, 3, 1, 4, 5))  # [B, heads, L, Q, P, 2]
   weights = jnp.transpose(attention_weights, (0, 2, 3, 1, 4))  # [B, heads, L, Q, P]
-  out = None
-  start = 0
-  for level, (h, w) in enumerate(spatial_shapes):
-    value_l = value[:, :, start:start + h * w]
-    start += h * w
-    sampled = _sample_level(value_l, h, w, locations[:, :, level], weights[:, :, level])
-    out = sampled if out is None else out + sampled
+  starts = np.cumsum([0] + [h * w for h, w in spatial_shapes])
+  corners = [_corners(locations[:, :, level], weights[:, :, level], h, w, int(starts[level]))
+             for level, (h, w) in enumerate(spatial_shapes)]
+  index = jnp.stack([c[0] for c in corners], axis=2)  # [B, heads, L, Q, P*4]
+  corner_weights = jnp.stack([c[1] for c in corners], axis=2).astype(value.dtype)
+  out = _weighted_rows(value, index, corner_weights)  # [B, heads, Q, d]
   out = jnp.transpose(out, (0, 2, 1, 3))  # [B, Q, heads, d]
   return out.reshape(b, q, heads * d)
 
