@@ -54,7 +54,9 @@ def _bwd(residuals, d_out):
   f32 = jnp.float32
   d_v = jnp.einsum("bhqk,bqhd->bkhd", p, d_out.astype(p.dtype))
   d_p = jnp.einsum("bqhd,bkhd->bhqk", d_out.astype(v.dtype), v).astype(f32)
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(f32), out.astype(f32))
+  # rowsum(dO * O) as a fused multiply-reduce: as an einsum XLA's CPU backend makes it B*T*heads
+  # dot products of length d (37 ms per DINO decoder layer instead of < 1 ms).
+  delta = jnp.transpose(jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1), (0, 2, 1))
   d_s = (p.astype(f32) * (d_p - delta[..., None])).astype(q.dtype)
   d_q = jnp.einsum("bhqk,bkhd->bqhd", d_s, k)
   d_k = jnp.einsum("bhqk,bqhd->bkhd", d_s, q)

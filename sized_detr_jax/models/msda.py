@@ -66,12 +66,12 @@ def _weighted_rows(value, index, weights):
     index: [B, heads, L, Q, K] int32 rows of value (level start included), all in bounds.
     weights: [B, heads, L, Q, K] weights, value's dtype.
 
-  Each level is a gather, multiply and sum over K (not a dot), which XLA fuses into one loop
-  that never materialises the [B, heads, Q, K, d] samples. The backward saves only the three
-  inputs and gathers the samples again once the output cotangent exists: an optimization
-  barrier over (inputs, cotangent) keeps XLA from hoisting that gather into the forward pass or
-  merging it with the forward's (which would keep every layer's samples alive until its
-  backward: 24 x 86 MiB for DINO-4scale R50 at 320x416, batch 2). The value gradient (a
+  Each level is a gather, multiply and sum over K. The backward saves only the three inputs
+  and gathers the samples again (the forward's [B, heads, Q, K, d] samples die with the
+  forward: plain autodiff kept every layer's until its backward, 24 x 86 MiB for DINO-4scale
+  R50 at 320x416, batch 2); the re-gather goes through an optimization barrier with the
+  output cotangent so that XLA does not merge it with the forward's gather where barriers are
+  kept (GPU/TPU). The value gradient (a
   scatter-add of L*Q*K rows into S, several hits per row) accumulates the levels into one
   float32 buffer and is rounded to value's dtype once: a bfloat16 scatter-add rounds after
   every hit (tests/test_models_msda_pallas.py: 1.1% relative error of the value gradient at
