@@ -23,15 +23,18 @@ What it does (every framework in its own process; this one imports neither):
 3. timing, for `eval` (forward, no gradient, no postprocess) then `train` (PyTorch: DINO's
    forward + SetCriterion + backward + grad clipping 0.1 + AdamW with DINO's param groups, as
    engine.py; JAX: this package's jitted train step: forward, host Hungarian matching,
-   criterion, backward, clipping, AdamW; the JAX workers apply run.py's process settings,
-   `host_runtime.configure`): one long-lived worker process per framework (the
+   criterion, backward, clipping, AdamW): one long-lived worker process per framework (the
    two of a mode are alive together, only one computes at a time), started one after the other
    (JAX's trace and compile time measured in its worker, plus one untimed warm-up run on
-   each side), then `--reps` rounds alternating which framework goes first. Each worker reports
-   its seconds per run and, when it exits, its peak RSS (`resource.getrusage`, the whole
-   process: weights, compiled code, framework runtime), and per run its CPU seconds (user,
-   system) and minor page faults (a run that gets fewer cores than the other, or that maps
-   fresh memory every time, shows there) and on GPUs the peak device memory.
+   each side), then `--reps` rounds alternating which framework goes first. The JAX workers
+   apply run.py's process settings (`host_runtime.configure`, and the heap trim after
+   compiling); the PyTorch workers get the same glibc malloc setting unless
+   `--no-torch_keep_freed_memory` (a process that keeps its memory makes the other's page
+   faults dearer). Each worker reports its seconds per run and, when it exits, its peak RSS
+   (`resource.getrusage`, the whole process: weights, compiled code, framework runtime) and its
+   RSS before and after the warm-up run; per run its CPU seconds (user, system) and minor page
+   faults (a run that gets fewer cores than the other, or that maps fresh memory every time,
+   shows there); on GPUs the peak device memory.
 
 Printed: the agreement, a table (median, min and every run in seconds, peak RSS in GB,
 JAX trace/compile seconds), the JAX/PyTorch time ratio per mode (< 1: JAX faster) and the
