@@ -70,7 +70,7 @@ def _model_config():
       query_selection="dino",  # DINO's top-k over all tokens; "valid_only": usable ones only
       dtype="float32",
       msda_implementation="gather",  # "pallas": models/msda_pallas.py (GPU kernel)
-      remat=False,  # True: recompute transformer layers in backward (less memory)
+      remat=False,  # True: recompute transformer layers in backward (GPU/TPU; no gain on CPU)
       # Not module fields (build_dino skips them):
       num_select=300,  # detections kept by postprocess
       # Converted weights (python -m sized_detr_jax.convert_torch): an .npz of a torchvision

@@ -4,8 +4,9 @@
   ops = entry_ops(compiled.as_text())                            # {name: HloOp}
   print_op_table(times, ops, top=25)
 
-The runtime (XLA's CPU thunks, GPU kernels) records one profiler event per executed op of the
-entry computation, named after the HLO instruction (`convolution.12`, `loop_fusion.3`). This
+XLA's CPU runtime records one profiler event per executed op (thunk) of the entry computation,
+named after the HLO instruction (`convolution.12`, `loop_fusion.3`); on GPUs the events are
+kernels, which join with fewer instructions (the unjoined show as "(name)"). This
 file runs the function under `jax.profiler`, sums those events per name with
 `jax.profiler.ProfileData` (no TensorBoard needed), and joins them with the optimized HLO text:
 each entry instruction's opcode / fusion kind, JAX op name (`jit(step)/transpose(jvp())/...`,
@@ -193,7 +194,9 @@ def print_op_table(times: Dict[str, float], ops: Dict[str, HloOp], top: int = 20
   by_direction = collections.Counter()
   for name, seconds in times.items():
     by_direction[_direction(ops[name].op_name if name in ops else "")] += seconds
-  print("  " + ", ".join(f"{k} {v:.3f} s" for k, v in by_direction.most_common()))
+  # A fusion carries one JAX name (its root's), so this split is approximate.
+  print("  by JAX name (transpose(...) = backward; fusions named by their root): " + ", ".join(
+      f"{k} {v:.3f} s" for k, v in by_direction.most_common()))
   for title, key in (("category", "category"), ("source line (innermost frame in the package)",
                                                  "source")):
     print(f"by {title}:")
