@@ -18,7 +18,8 @@ XLA backend starts. Measured on DINO-4scale R50 train steps, batch 2 x 320x416, 
 
 A setting the user made wins: an XLA flag already in XLA_FLAGS, or any MALLOC_MMAP_MAX_ /
 MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ / MALLOC_TOP_PAD_ environment variable (glibc's
-own tunables) leaves that part alone. SIZED_DETR_HOST_RUNTIME=0 turns both off.
+own tunables) leaves that part alone. SIZED_DETR_HOST_RUNTIME=0 turns all of it off (the
+trim too).
 """
 import ctypes
 import ctypes.util
@@ -73,6 +74,8 @@ def release_free_memory() -> bool:
   they would stay resident beside it (R50 step: 2.8 GB resident after compiling, 5.5 GB after
   the first step).
   """
+  if os.environ.get(SWITCH, "1") == "0":
+    return False
   libc = _glibc()
   return bool(libc.malloc_trim(0)) if libc is not None else False
 

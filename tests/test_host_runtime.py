@@ -9,6 +9,8 @@ import pytest
 from sized_detr_jax import host_runtime
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The subprocesses apply the settings themselves, whatever this shell's switch says.
+_ENV = {k: v for k, v in os.environ.items() if k != host_runtime.SWITCH}
 _FLAG = host_runtime.XLA_CPU_FLAGS[0]
 
 
@@ -34,14 +36,18 @@ def test_switch_off_and_user_malloc_settings_win():
   assert host_runtime.keep_freed_memory({"MALLOC_MMAP_MAX_": "65536"}) is False
 
 
-_FAULTS = r"""
-import ctypes, ctypes.util, resource, sys
+_LIBC = r"""
+import ctypes, ctypes.util, os, resource, sys
 from sized_detr_jax import host_runtime
-applied = host_runtime.keep_freed_memory({}) if sys.argv[1] == "1" else False
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
+"""
+
+
+_FAULTS = _LIBC + r"""
+applied = host_runtime.keep_freed_memory({}) if sys.argv[1] == "1" else False
 size = 2**28  # 256 MiB, far above glibc's mmap threshold (as XLA's per-step temporaries)
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 block = libc.malloc(size)
@@ -55,7 +61,7 @@ print(applied, faults() - before)
 
 
 def _second_allocation_faults(apply):
-  out = subprocess.run([sys.executable, "-c", _FAULTS, "1" if apply else "0"], cwd=_ROOT,
+  out = subprocess.run([sys.executable, "-c", _FAULTS, "1" if apply else "0"], cwd=_ROOT, env=_ENV,
                        capture_output=True, text=True, check=True).stdout.split()
   return out[0] == "True", int(out[1])
 
@@ -73,14 +79,8 @@ def test_freed_block_is_reused_without_page_faults():
   assert faults < 0.1 * pages
 
 
-_TRIM = r"""
-import ctypes, ctypes.util, os
-from sized_detr_jax import host_runtime
+_TRIM = _LIBC + r"""
 assert host_runtime.keep_freed_memory({})
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = (ctypes.c_size_t,)
-libc.free.argtypes = (ctypes.c_void_p,)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 blocks = [libc.malloc(2**20) for _ in range(256)]  # 256 MiB in 1 MiB blocks (compiler-like)
 for b in blocks:
@@ -96,7 +96,7 @@ print(released, kept - rss())
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="glibc's malloc_trim")
 def test_release_free_memory_returns_the_kept_heap():
-  out = subprocess.run([sys.executable, "-c", _TRIM], cwd=_ROOT, capture_output=True,
+  out = subprocess.run([sys.executable, "-c", _TRIM], cwd=_ROOT, env=_ENV, capture_output=True,
                        text=True, check=True).stdout.split()
   # Freed blocks stay resident while trimming is off; malloc_trim gives them back.
   assert out[0] == "True"

@@ -7,10 +7,11 @@ r"""Speed of the real jitted train step (forward, matching, criterion, backward,
 
 Runs with run.py's process settings (`host_runtime.configure`; SIZED_DETR_HOST_RUNTIME=0
 turns them off). Builds the step exactly as training does (`state.init_state` +
-`train.make_train_step` on a 1-device ("data",) mesh, or `--devices`), feeds one fixed batch of random pixels with `--boxes`
-ground-truth boxes per image, and prints the compile time, the median seconds per step over
-`--steps` steps (after one untimed step) and images per second. The image is padded to
-`--size` (default: the config's smallest bucket, i.e. the padded shape of a training batch).
+`train.make_train_step` on a 1-device ("data",) mesh, or `--devices`), feeds one fixed batch
+of random pixels with `--boxes` ground-truth boxes per image, and prints the compile time, the
+median seconds per step over `--steps` steps (after one untimed step) and images per second.
+The image is padded to `--size` (default: the config's smallest bucket, i.e. the padded shape
+of a training batch).
 
 The step is also split, timed in alternation with it:
   * forward: the jitted loss alone (model forward + criterion with its host matching);

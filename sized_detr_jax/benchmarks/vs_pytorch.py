@@ -449,7 +449,6 @@ def _print_report(report):
   if jax_info:
     print(f"jax {jax_info['jax']} on {jax_info['platform']}, config {jax_info['config']}"
           + (f", XLA_FLAGS={jax_info['xla_flags']}" if jax_info["xla_flags"] else "")
-
           + (", JAX_DISABLE_MOST_OPTIMIZATIONS=" + jax_info["disable_most_optimizations"]
              if jax_info["disable_most_optimizations"] else ""))
   first = report["timing"][meta["modes"][0]]

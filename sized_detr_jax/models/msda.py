@@ -71,11 +71,10 @@ def _weighted_rows(value, index, weights):
   forward: plain autodiff kept every layer's until its backward, 24 x 86 MiB for DINO-4scale
   R50 at 320x416, batch 2); the re-gather goes through an optimization barrier with the
   output cotangent so that XLA does not merge it with the forward's gather where barriers are
-  kept (GPU/TPU). The value gradient (a
-  scatter-add of L*Q*K rows into S, several hits per row) accumulates the levels into one
-  float32 buffer and is rounded to value's dtype once: a bfloat16 scatter-add rounds after
-  every hit (tests/test_models_msda_pallas.py: 1.1% relative error of the value gradient at
-  ~110 hits per row, against 0.28% this way).
+  kept (GPU/TPU). The value gradient (a scatter-add of L*Q*K rows into S, several hits per
+  row) accumulates the levels into one float32 buffer and is rounded to value's dtype once: a
+  bfloat16 scatter-add rounds after every hit (tests/test_models_msda_pallas.py: 1.1% relative
+  error of the value gradient at ~110 hits per row, against 0.28% this way).
   """
   out = None
   for level in range(index.shape[2]):
