@@ -1,5 +1,6 @@
 """The assembled tiny DINO under jit and a 2-device batch sharding: output contract, padding
-invariance, denoising isolation, gradients, remat, bfloat16, postprocess, optimiser labels."""
+invariance, denoising isolation, gradients, remat, scanned layers, bfloat16, postprocess,
+optimiser labels."""
 import pathlib
 
 import jax
@@ -287,6 +288,48 @@ def test_per_layer_heads(tiny):
                                 same["aux_outputs"][0]["pred_logits"])
   np.testing.assert_array_equal(changed["pred_boxes"], same["pred_boxes"])
   np.testing.assert_allclose(changed["pred_logits"] - same["pred_logits"], 0.5, rtol=1e-5)
+
+
+def test_scan_layers_matches_unrolled(tiny):
+  """scan_layers=True: same parameter tree, same outputs and gradients as the unrolled layers
+  (the fixture's remat model, training mode with denoising, batch-sharded), and for per-layer
+  decoder heads (each layer's box MLP travels in the scan) with distinct random heads."""
+  config = dict(tiny["config"].model, remat=True, scan_layers=True)
+  model = dino.build_dino(config)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tiny["images"], tiny["mask"])
+  assert (jax.tree.map(lambda x: x.shape, shapes["params"])
+          == jax.tree.map(lambda x: x.shape, tiny["params"]))
+
+  def loss_and_outputs(params, targets):
+    out = model.apply({"params": params}, tiny["images"], tiny["mask"], targets, train=True,
+                      rngs={"dn": jax.random.PRNGKey(5)})
+    loss = (jnp.sum(out["pred_boxes"]) + jnp.sum(jax.nn.sigmoid(out["pred_logits"]))
+            + jnp.sum(out["dn_outputs"]["pred_boxes"]) + jnp.sum(out["interm_outputs"]
+                                                                 ["pred_boxes"]))
+    return loss, out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss_and_outputs, has_aux=True))(
+      tiny["params"], jax.tree.map(lambda x: jax.device_put(x, tiny["images"].sharding),
+                                   _targets(2)))
+  assert jax.tree.structure(out) == jax.tree.structure(tiny["out"])
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tiny["out"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads),
+                          jax.tree.leaves(tiny["grads"])):
+    scale = float(np.max(np.abs(b))) or 1.0
+    np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-5,
+                               err_msg=jax.tree_util.keystr(path))
+
+  per_layer = dict(tiny["config"].model, share_decoder_heads=False)
+  unrolled, scanned = dino.build_dino(per_layer), dino.build_dino(dict(per_layer,
+                                                                       scan_layers=True))
+  params = random_params(jax.eval_shape(unrolled.init, jax.random.PRNGKey(0), tiny["images"],
+                                        tiny["mask"])["params"], seed=2)
+  run = lambda m: jax.jit(lambda p: m.apply({"params": p}, tiny["images"], tiny["mask"]))(params)
+  a, b = run(scanned), run(unrolled)
+  assert not np.allclose(b["pred_logits"], b["aux_outputs"][0]["pred_logits"], atol=1e-3)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_compute(tiny):

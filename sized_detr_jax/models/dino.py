@@ -116,6 +116,8 @@ class DINO(nn.Module):
     dtype: "float32" or "bfloat16" compute (params stay float32).
     msda_implementation: `msda.IMPLEMENTATIONS` key.
     remat: rematerialise transformer layers in the backward pass (memory for compute).
+    scan_layers: run the encoder and decoder layers as one lax.scan each (compile time; same
+      parameter tree), see `DeformableTransformer`.
     num_backbone_levels: 3 (C3-C5, strides 8-32: DINO-4scale) or 4 (C2-C5, strides 4-32:
       Co-DINO 5-scale with num_feature_levels=5).
   """
@@ -145,6 +147,7 @@ class DINO(nn.Module):
   dtype: str = "float32"
   msda_implementation: str = "gather"
   remat: bool = False
+  scan_layers: bool = False
 
   num_backbone_levels: int = 3
 
@@ -179,7 +182,8 @@ class DINO(nn.Module):
         dec_n_points=self.dec_n_points, padding_invariant=self.padding_invariant,
         query_selection=self.query_selection, share_decoder_heads=self.share_decoder_heads,
         dtype=dt,
-        msda_implementation=self.msda_implementation, remat=self.remat)
+        msda_implementation=self.msda_implementation, remat=self.remat,
+        scan_layers=self.scan_layers)
 
   def __call__(self, images, pixel_mask, targets: Optional[Dict[str, jax.Array]] = None,
                train: bool = False, extra_queries: Optional[Dict[str, Any]] = None):
