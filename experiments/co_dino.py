@@ -121,6 +121,7 @@ def get_config(arg=None):
   elif "synthetic" in tokens:
     config = config_lib.sibling_config(__file__, "synthetic.py")
     config.total_steps = 2000  # the measured schedule (a Co-DINO step costs ~2 DINO steps)
+    config.ema_momentum, config.eval_ema = None, False  # measured without the EMA
   else:
     config = config_lib.sibling_config(__file__, "dino_r50.py")
     config.total_steps = 12 * STEPS_PER_EPOCH

@@ -39,6 +39,7 @@ def get_config(arg=None):
   if "cpu" in tokens:
     config = config_lib.sibling_config(__file__, "synthetic.py")
     config.total_steps = 2000  # the measured schedule (README: own COCO data on the CPU)
+    config.ema_momentum, config.eval_ema = None, False  # measured without the EMA
     config.data = pipeline.coco_data_config(
         batch_size=4, eval_batch_size=16, max_boxes=32, size=192, scale_step=16,
         min_scale_fraction=0.8, random_crop=False)

@@ -263,6 +263,15 @@ def run_evaluation(predictor, params, model_state, step, workdir, data_info, bat
   return metrics
 
 
+def eval_params(config, state):
+  """The params evaluation uses: the EMA params when `config.eval_ema` and the state has them
+  (`config.ema_momentum` set), else the trained params. Training's own evaluations and
+  `--mode=eval|predict` both read them from here."""
+  if config.get("eval_ema") and state.ema_params is not None:
+    return state.ema_params
+  return state.params
+
+
 class Restored(NamedTuple):
   """The newest checkpoint of a workdir, ready for inference."""
   mesh: Any
@@ -295,10 +304,8 @@ def restore_for_inference(config, workdir, mode) -> Restored:
   step = int(run.restored.step)
   if jax.process_index() == 0:
     print(f"--mode={mode}: using checkpoint {run.restored.describe()}")
-  use_ema = config.get("eval_ema") and run.state.ema_params is not None
-  params = run.state.ema_params if use_ema else run.state.params
-  return Restored(run.mesh, run.data_info, params, run.state.model_state,
-                  Predictor(run.method, run.mesh), step)
+  return Restored(run.mesh, run.data_info, eval_params(config, run.state),
+                  run.state.model_state, Predictor(run.method, run.mesh), step)
 
 
 def evaluate_only(config, workdir):

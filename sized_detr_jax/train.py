@@ -220,8 +220,9 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
 
   def evaluate_at(step, loss_share=None, share_title=""):
     return evaluate.run_evaluation(
-        predictor, state.params, state.model_state, step, workdir, run.data_info,
-        evaluate.eval_batches(config), loss_share=loss_share, share_title=share_title,
+        predictor, evaluate.eval_params(config, state), state.model_state, step, workdir,
+        run.data_info, evaluate.eval_batches(config), loss_share=loss_share,
+        share_title=share_title,
         title=f"{config.get('name', '')} step {step}")
 
   total = int(config.total_steps)

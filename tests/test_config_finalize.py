@@ -71,7 +71,7 @@ def test_paper_rows_keep_their_absolute_iterations():
         total, switch, drops), spec
   syn = config_lib.finalize(_load("synthetic.py:"))
   assert (syn.total_steps, tuple(syn.optimizer.lr_drop_steps), syn.optimizer.warmup_steps) == (
-      5000, (4375,), 125)
+      4000, (3500,), 100)
 
 
 @pytest.mark.parametrize("spec", ["synthetic.py:", "semi_detr.py:p10,noswitch",

@@ -118,6 +118,18 @@ def test_kill9_resume_is_bit_identical_and_eval_files_written(data_root, tmp_pat
     assert os.path.exists(os.path.join(straight, name)), name
   metrics = json.load(open(os.path.join(straight, "eval_metrics.json")))
   assert metrics["step"] == 6 and 0.0 <= metrics["AP"] <= 1.0
+  # The run evaluated the EMA params (the default run's eval_ema), as --mode=eval does with
+  # the checkpoint: the same detections, which the trained params do not give.
+  detections = os.path.join(straight, "detections_6.json")
+  with open(detections) as f:
+    at_training = json.load(f)
+  for extra, same in ((("--mode=eval",), True), (("--mode=eval", "--config.eval_ema=False"),
+                                                  False)):
+    proc = _run_py(straight, data_root, cache, extra=extra)
+    out, _ = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, out[-3000:]
+    with open(detections) as f:
+      assert (json.load(f) == at_training) == same, extra
 
   # Kill -9 as soon as the step-3 checkpoint is complete, then restart in the same workdir.
   proc = _run_py(killed, data_root, cache, extra=("--config.eval_at_end=False",))
