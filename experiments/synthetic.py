@@ -52,9 +52,11 @@ def get_config(arg=None):
   # reach AP 0.308 against 0.265 for 1000 steps of 8 and 0.273 for 4000 steps of 2.
   # Since the faster train step (MSDA/attention VJPs, host_runtime), from a fresh clone, seeds
   # 0/1/2: AP 0.263/0.103/0.246 at 2000 steps, 0.296/0.367/0.335 at 4000 (6.2-6.8 min), and
-  # 0.404/0.251 (seeds 0/1) at 5000 (10.1 min for seed 0 on a slower day: over the 10-minute
-  # budget). The seed decides more than the step count, so the run evaluates an EMA of the
-  # weights (below) instead of the last iterate.
+  # 0.404/0.251 (seeds 0/1) at 5000 (10.1 min for seed 0, in a slow spell of the machine: the
+  # same command ran 44-48 img/s 20 minutes later against 35-41). The seed decides more than
+  # the step count. With the EMA below (chosen before any EMA run): 0.302/0.364/0.331 in
+  # 7.2-7.3 min, the last iterate of those runs 0.296/0.367/0.335 (the EMA is neutral on
+  # average: it lifts seed 0 over 0.30 by 0.002).
   # One knob, `data.size` (192): scales 160/176/192 (size down to 0.8 x size in steps of 16),
   # a square cap max_size = size (one 192x192 bucket, one compile), evaluation at the middle
   # scale size - 16 = 176. max_size and eval_size are lazy references to size, so
