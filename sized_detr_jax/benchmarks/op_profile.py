@@ -145,28 +145,60 @@ def trace_op_times(run: Callable[[], object], steps: int,
   """
   if steps < 1:
     raise ValueError(f"trace_op_times: steps must be >= 1, got {steps}")
+
+  def run_steps():
+    for _ in range(steps):
+      run()
+
+  totals = collections.Counter()
+  for name, (ns, _) in _traced_events(run_steps, logdir).items():
+    if not _NOT_OPS.match(name):
+      totals[name] += ns
+  return {name: ns / 1e9 / steps for name, ns in totals.items()}
+
+
+def trace_compile_events(lowered, logdir: Optional[str] = None):
+  """Compiles `lowered` (a `jax.stages.Lowered`) under the profiler.
+
+  Returns:
+    (compiled, {event name: (seconds, count)}): the XLA compiler's own events, summed over
+    its threads (passes such as "HLO passes through layout assignment (jit_f)", "copy-
+    insertion", the backend's "Codegen" / "FusionCompiler::Compile", ...; names depend on the
+    backend). Nested events each count, so the seconds do not add up to the compile time.
+  """
+  out = {}
+
+  def compile_it():
+    out["compiled"] = lowered.compile()
+
+  events = _traced_events(compile_it, logdir)
+  return out["compiled"], {name: (ns / 1e9, count) for name, (ns, count) in events.items()}
+
+
+def _traced_events(run: Callable[[], object], logdir: Optional[str]):
+  """{event name: (total ns, count)} of every profiler event outside the Python thread while
+  `run()` runs (read back with jax.profiler.ProfileData)."""
   with tempfile.TemporaryDirectory() as tmp:
     folder = logdir or tmp
     jax.profiler.start_trace(folder)
     try:
-      for _ in range(steps):
-        run()
+      run()
     finally:
       jax.profiler.stop_trace()
     paths = sorted(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True),
                    key=os.path.getmtime)
     if not paths:
-      raise RuntimeError(f"trace_op_times: the profiler wrote no .xplane.pb under {folder}")
+      raise RuntimeError(f"op_profile: the profiler wrote no .xplane.pb under {folder}")
     data = jax.profiler.ProfileData.from_file(paths[-1])
-    totals = collections.Counter()
+    totals, counts = collections.Counter(), collections.Counter()
     for plane in data.planes:
       for line in plane.lines:
         if line.name == "python":
           continue
         for event in line.events:
-          if not _NOT_OPS.match(event.name):
-            totals[event.name] += event.duration_ns
-  return {name: ns / 1e9 / steps for name, ns in totals.items()}
+          totals[event.name] += event.duration_ns
+          counts[event.name] += 1
+  return {name: (ns, counts[name]) for name, ns in totals.items()}
 
 
 def group_times(times: Dict[str, float], ops: Dict[str, HloOp], key: str) -> Dict[str, float]:

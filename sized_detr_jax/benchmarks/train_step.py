@@ -27,7 +27,9 @@ or `--peak_tflops`).
 
 For memory work without running a step: `--compile_only` prints the compiled step's memory
 analysis and FLOPs; `--residuals N` the N largest groups of activations kept for the backward
-pass (by shape and source line; tracing only). For speed work: `--profile N` traces N more
+pass (by shape and source line; tracing only). For compile-time work: `--compile_profile`
+times tracing, lowering and XLA compilation apart and lists the compiler's longest events
+(HLO passes, code generation). For speed work: `--profile N` traces N more
 steps and prints the step's time per HLO op category, source line and op (`op_profile`).
 """
 import argparse
@@ -220,7 +222,12 @@ def main(argv=None):
                       help="after the timing, run N more steps under the profiler and print "
                       "where the step's time goes: per HLO op category, source line and op "
                       "(benchmarks/op_profile.py)")
-  parser.add_argument("--top", type=int, default=20, help="rows per --profile table")
+  parser.add_argument("--compile_profile", action="store_true",
+                      help="compile the step in three timed phases (trace, lower, XLA compile; "
+                      "the last under the profiler) and print the --top XLA compiler events, "
+                      "then exit")
+  parser.add_argument("--top", type=int, default=20,
+                      help="rows per --profile / --compile_profile table")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="device peak for MFU (default: PEAK_TFLOPS by device kind)")
   args = parser.parse_args(argv)
@@ -274,6 +281,10 @@ def main(argv=None):
                                   ema_subtree=method.ema_subtree)
   rng = jax.random.PRNGKey(1)
   with jax.set_mesh(mesh):  # as the trainer: host matching per device shard
+    if args.compile_profile:
+      header(config, args, num_params, b, height, width, data_cfg, init_s, None)
+      print_compile_profile(step_fn, state, batch, args.top)
+      return
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -359,6 +370,26 @@ def compare_options(step_fn, state, batch, compiled, compile_s, args):
   print(f"  ratio (with options / default): {times['with options'] / times['default']:.3f}")
 
 
+def print_compile_profile(step_fn, state, batch, top):
+  """Times tracing, lowering and XLA compilation of `step_fn(state, batch)` apart and prints
+  the `top` longest XLA compiler events (`op_profile.trace_compile_events`)."""
+  start = time.perf_counter()
+  traced = step_fn.trace(state, batch)
+  trace_s = time.perf_counter() - start
+  lowered = traced.lower()
+  lower_s = time.perf_counter() - start - trace_s
+  start = time.perf_counter()
+  compiled, events = op_profile.trace_compile_events(lowered)
+  compile_s = time.perf_counter() - start
+  kernels = compiled.as_text().count(" fusion(")
+  print(f"compile phases: trace {trace_s:.1f} s, lower {lower_s:.1f} s, XLA compile "
+        f"{compile_s:.1f} s (under the profiler); optimized HLO: {kernels} fusion instructions")
+  print(f"{'seconds':>8} {'count':>6}  XLA compiler event (threads summed; nested events "
+        "overlap)")
+  for name, (seconds, count) in sorted(events.items(), key=lambda kv: -kv[1][0])[:top]:
+    print(f"{seconds:8.2f} {count:6d}  {name[:110]}")
+
+
 def header(config, args, num_params, b, height, width, data_cfg, init_s, compile_s, extra=""):
   """Prints what was measured: device, config, model size, batch, init and compile seconds."""
   device = jax.devices()[0]
@@ -367,7 +398,8 @@ def header(config, args, num_params, b, height, width, data_cfg, init_s, compile
         f"{' ' + ' '.join(args.set) if args.set else ''}, load {os.getloadavg()[0]:.1f}")
   print(f"model: {num_params:,} params, dtype {config.model.get('dtype', 'float32')}; batch "
         f"{b} x {height}x{width}, {min(args.boxes, data_cfg.max_boxes)} boxes/image{extra}")
-  print(f"init_s: {init_s:.1f}  compile_s: {compile_s:.1f}")
+  print(f"init_s: {init_s:.1f}" + (f"  compile_s: {compile_s:.1f}" if compile_s is not None
+                                   else ""))
 
 
 def memory_and_flops(compiled, args, step_s=None):
