@@ -37,6 +37,18 @@ def _targets(batch):
           "valid": jnp.asarray(np.tile([True, False, True], (batch, 1)))}
 
 
+def _training_loss(model):
+  """(params, images, mask, targets, key) -> (a loss over the main, denoising and encoder
+  outputs, the outputs) in training mode."""
+  def loss_and_outputs(params, images, mask, targets, key):
+    out = model.apply({"params": params}, images, mask, targets, train=True, rngs={"dn": key})
+    loss = (jnp.sum(out["pred_boxes"]) + jnp.sum(jax.nn.sigmoid(out["pred_logits"]))
+            + jnp.sum(out["dn_outputs"]["pred_boxes"]) + jnp.sum(out["interm_outputs"]
+                                                                 ["pred_boxes"]))
+    return loss, out
+  return loss_and_outputs
+
+
 @pytest.fixture(scope="module")
 def tiny():
   config = dino_r50.get_config("smoke,invariant")
@@ -49,12 +61,7 @@ def tiny():
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, mask)["params"]
   params = random_params(shapes, seed=1)
 
-  def loss_and_outputs(params, images, mask, targets, key):
-    out = model.apply({"params": params}, images, mask, targets, train=True, rngs={"dn": key})
-    loss = (jnp.sum(out["pred_boxes"]) + jnp.sum(jax.nn.sigmoid(out["pred_logits"]))
-            + jnp.sum(out["dn_outputs"]["pred_boxes"]) + jnp.sum(out["interm_outputs"]
-                                                                 ["pred_boxes"]))
-    return loss, out
+  loss_and_outputs = _training_loss(model)
 
   # As in train.py's step: batch sharded over an Auto `data` mesh axis, params replicated.
   mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
@@ -300,17 +307,10 @@ def test_scan_layers_matches_unrolled(tiny):
   assert (jax.tree.map(lambda x: x.shape, shapes["params"])
           == jax.tree.map(lambda x: x.shape, tiny["params"]))
 
-  def loss_and_outputs(params, targets):
-    out = model.apply({"params": params}, tiny["images"], tiny["mask"], targets, train=True,
-                      rngs={"dn": jax.random.PRNGKey(5)})
-    loss = (jnp.sum(out["pred_boxes"]) + jnp.sum(jax.nn.sigmoid(out["pred_logits"]))
-            + jnp.sum(out["dn_outputs"]["pred_boxes"]) + jnp.sum(out["interm_outputs"]
-                                                                 ["pred_boxes"]))
-    return loss, out
-
-  (_, out), grads = jax.jit(jax.value_and_grad(loss_and_outputs, has_aux=True))(
-      tiny["params"], jax.tree.map(lambda x: jax.device_put(x, tiny["images"].sharding),
-                                   _targets(2)))
+  (_, out), grads = jax.jit(jax.value_and_grad(_training_loss(model), has_aux=True))(
+      tiny["params"], tiny["images"], tiny["mask"],
+      jax.tree.map(lambda x: jax.device_put(x, tiny["images"].sharding), _targets(2)),
+      jax.random.PRNGKey(5))
   assert jax.tree.structure(out) == jax.tree.structure(tiny["out"])
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tiny["out"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)

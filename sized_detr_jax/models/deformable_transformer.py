@@ -19,6 +19,7 @@ all decoder layers as in DINO, or one pair per layer as in Co-DETR: `share_decod
 Masks are True on real pixels/tokens. All boxes are normalised cxcywh; reference boxes passed to
 MSDA are scaled by the valid ratios (normalised to the padded map) as in DINO.
 """
+import functools
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -400,9 +401,29 @@ class DeformableTransformer(nn.Module):
     return self.class_embeds[layer], self.bbox_embeds[layer]
 
   def _box(self, hidden, reference, layer):
-    """sigmoid(box_mlp_layer(hidden) + inverse_sigmoid(reference)), float32 [.., 4]."""
-    box_mlp = self._heads(layer)[1]
-    return jax.nn.sigmoid(box_mlp(hidden).astype(jnp.float32) + inverse_sigmoid(reference))
+    """Decoder layer `layer`'s boxes (`_refined_box` with its box MLP), float32 [.., 4]."""
+    return _refined_box(self._heads(layer)[1], hidden, reference)
+
+  def _decoder_step(self, layer, query_head, box_mlp, hidden, reference, ratios4, layer_args):
+    """One refining decoder layer, for the unrolled loop and the scan body alike.
+
+    Args:
+      layer, query_head, box_mlp: callables (bound modules, or params-applied unbound ones in
+        the scan): the decoder layer, `ref_point_head` and the layer's box MLP.
+      hidden: [B, T, C]; reference: [B, T, 4] detached normalised cxcywh boxes.
+      ratios4: [B, L, 4] valid ratios; layer_args: the layer's remaining arguments (memory,
+        spatial shapes, token mask, self-attention mask).
+
+    Returns:
+      (hidden [B, T, C], undetached refined boxes [B, T, 4]).
+    """
+    ref_input = reference[:, :, None, :] * ratios4[:, None]  # [B, T, L, 4]
+    sine_source = reference if self.padding_invariant else ref_input[:, :, 0]
+    query_pos = query_head(
+        sine_embedding_of_boxes(sine_source, num_pos_feats=self.d_model // 2).astype(
+            self.dtype))
+    hidden = layer(hidden, query_pos, ref_input, *layer_args)
+    return hidden, _refined_box(box_mlp, hidden, reference)
 
   def encode(self, srcs, masks, pos_embeds):
     """Runs the deformable encoder.
@@ -500,15 +521,10 @@ class DeformableTransformer(nn.Module):
     hidden = tgt
     references = [reference]
     normed = []
+    layer_args = (memory, spatial_shapes, token_mask, self_attn_blocked)
     for i, layer in enumerate(self.decoder_layers):
-      ref_input = reference[:, :, None, :] * ratios4[:, None]  # [B, T, L, 4]
-      sine_source = reference if self.padding_invariant else ref_input[:, :, 0]
-      query_pos = self.ref_point_head(
-          sine_embedding_of_boxes(sine_source, num_pos_feats=self.d_model // 2).astype(
-              self.dtype))
-      hidden = layer(hidden, query_pos, ref_input, memory, spatial_shapes, token_mask,
-                     self_attn_blocked)
-      new_reference = self._box(hidden, reference, i)
+      hidden, new_reference = self._decoder_step(layer, self.ref_point_head, self._heads(i)[1],
+                                                 hidden, reference, ratios4, layer_args)
       references.append(new_reference)
       reference = jax.lax.stop_gradient(new_reference)
       normed.append(self.decoder_norm(hidden))
@@ -545,18 +561,16 @@ class DeformableTransformer(nn.Module):
       box_fn, box_params = _unbound(self.bbox_embeds[0]), None
       xs = (_stacked_params(self.decoder_layers), _stacked_params(self.bbox_embeds))
 
+    layer_args = (memory, spatial_shapes, token_mask, self_attn_blocked)
+
     def body(carry, step_params):
       hidden, reference = carry
       layer_params, step_box_params = ((step_params, box_params) if self.share_decoder_heads
                                        else step_params)
-      ref_input = reference[:, :, None, :] * ratios4[:, None]  # [B, T, L, 4]
-      sine_source = reference if self.padding_invariant else ref_input[:, :, 0]
-      query_pos = ref_head_fn(ref_head_params, sine_embedding_of_boxes(
-          sine_source, num_pos_feats=self.d_model // 2).astype(self.dtype))
-      hidden = layer_fn(layer_params, hidden, query_pos, ref_input, memory, spatial_shapes,
-                        token_mask, self_attn_blocked)
-      new_reference = jax.nn.sigmoid(box_fn(step_box_params, hidden).astype(jnp.float32) +
-                                     inverse_sigmoid(reference))
+      hidden, new_reference = self._decoder_step(
+          functools.partial(layer_fn, layer_params),
+          functools.partial(ref_head_fn, ref_head_params),
+          functools.partial(box_fn, step_box_params), hidden, reference, ratios4, layer_args)
       carry = (hidden, jax.lax.stop_gradient(new_reference))
       return carry, (norm_fn(norm_params, hidden), new_reference)
 
@@ -571,6 +585,11 @@ class DeformableTransformer(nn.Module):
                           for i, h in enumerate(normed)])
       boxes = jnp.stack([self._box(h, previous[i], i) for i, h in enumerate(normed)])
     return {"logits": logits, "boxes": boxes, "hidden": normed}
+
+
+def _refined_box(box_mlp, hidden, reference):
+  """sigmoid(box_mlp(hidden) + inverse_sigmoid(reference)), float32 [.., 4]."""
+  return jax.nn.sigmoid(box_mlp(hidden).astype(jnp.float32) + inverse_sigmoid(reference))
 
 
 def _params(module):
