@@ -196,8 +196,9 @@ def validate_config(config):
 
   Checks `check_finite_config`, non-negative / positive integer fields (batch sizes, steps,
   seeds...), `data.buckets` (None or (h, w) pairs of positive integers), `data.scales`
-  (positive integers) and `model.dn_labelbook_size >= model.num_classes`. Fields a config does
-  not have, or has as None (derived by `finalize`), are skipped.
+  (positive integers), `ema_momentum` in [0, 1] and `model.dn_labelbook_size >=
+  model.num_classes`. Fields a config does not have, or has as None (derived by `finalize`),
+  are skipped.
 
   Raises:
     ValueError: "config.<field>=<value> ..." naming the field, the value and what is allowed.
@@ -213,6 +214,10 @@ def validate_config(config):
     value = _get(config, field)
     if value is not _MISSING and value is not None and not value >= 0:
       raise ValueError(f"config.{field}={value!r} must be >= 0")
+  momentum = _get(config, "ema_momentum")
+  if momentum is not _MISSING and momentum is not None and not 0 <= momentum <= 1:
+    raise ValueError(f"config.ema_momentum={momentum!r} must be in [0, 1] (or None: no EMA): "
+                     "the EMA params are momentum x EMA + (1 - momentum) x params")
   buckets = _get(config, "data.buckets")
   if buckets is not _MISSING and buckets:
     ok = isinstance(buckets, (list, tuple)) and all(

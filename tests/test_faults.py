@@ -572,6 +572,8 @@ def test_case13_synthetic_cli_negative_seed_names_the_flag(tmp_path, capsys):
     ("data.scales", (), r"config.data.scales=\(\) must be a non-empty list"),
     ("seed", -1, r"config.seed=-1 must be an integer >= 0"),
     ("total_steps", -5, r"config.total_steps=-5 must be an integer >= 0"),
+    ("ema_momentum", -0.5, r"config.ema_momentum=-0.5 must be in \[0, 1\]"),
+    ("ema_momentum", 1.5, r"config.ema_momentum=1.5 must be in \[0, 1\]"),
 ])
 def test_case5_case13_config_values_rejected_up_front_naming_the_field(field, value, message):
   from sized_detr_jax import config_lib  # pylint: disable=g-import-not-at-top
