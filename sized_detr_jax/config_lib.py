@@ -1,4 +1,4 @@
-"""Loading `experiments/*.py` configs by path (as ml_collections' config_flags does), finalising
+"""Loading experiment configs by name or path (as ml_collections' config_flags does), finalising
 them (`finalize`: derived fields resolved) and validating them (`validate_config`)."""
 import copy
 import importlib.util
@@ -7,22 +7,21 @@ import os
 
 import numpy as np
 
+from sized_detr_jax import configs
+
 
 def load_config_module(path):
-  """Import a config file by path and return the module (which defines `get_config(arg)`)."""
+  """Import a config file by path, or a packaged config by name, and return the module (which
+  defines `get_config(arg)`)."""
+  path = configs.resolve(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config file not found: {path}")
+    raise FileNotFoundError(f"config file not found: {path} (packaged configs: "
+                            f"{', '.join(configs.NAMES)})")
   name = "config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-def sibling_config(this_file, filename, arg=None):
-  """`get_config(arg)` of another file in the same folder (configs building on each other)."""
-  return load_config_module(os.path.join(os.path.dirname(os.path.abspath(this_file)),
-                                         filename)).get_config(arg)
 
 
 def parse_tokens(arg, known, source):
@@ -31,7 +30,7 @@ def parse_tokens(arg, known, source):
   Args:
     arg: the config argument ("a,b" or None).
     known: the tokens the config file accepts.
-    source: the config file name for the message (e.g. "experiments/synthetic.py").
+    source: the config's name for the message (e.g. "synthetic").
 
   Returns:
     list of tokens in order.
@@ -70,7 +69,7 @@ def section_fields(section, known, name):
 
 
 def load_config(path, arg=None):
-  """`get_config(arg)` of the config file at `path`."""
+  """`get_config(arg)` of the config file at `path`, or of the packaged config named `path`."""
   return load_config_module(path).get_config(arg)
 
 

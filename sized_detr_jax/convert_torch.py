@@ -341,7 +341,7 @@ def main(argv: Optional[List[str]] = None):
   parser.add_argument("--source", choices=SOURCES, required=True)
   parser.add_argument("--input", required=True, help=".pth/.pt (needs torch) or .npz")
   parser.add_argument("--output", required=True, help=".npz for config.model.pretrained*")
-  parser.add_argument("--config", default="experiments/dino_r50.py",
+  parser.add_argument("--config", default="dino_r50",
                       help="experiment config file[:arg] giving the model shape")
   parser.add_argument("--skip_shape_mismatch", action="store_true")
   parser.add_argument("--coco_category_rows", action="store_true",

@@ -1,6 +1,6 @@
 r"""Multi-seed study: every variant x seed as one `run.py` run, then paired statistics and plots.
 
-  python -m sized_detr_jax.study --config=experiments/synthetic.py:smoke \
+  python -m sized_detr_jax.study --config=synthetic:smoke \
       --variants='l1=;sized=criterion.bbox_loss=sized_l1,criterion.sized_l1_rescale=True' \
       --seeds=0,1 --workdir=runs/study [--baseline=l1] [--parallel=1] [--overrides=total_steps=2]
 
@@ -72,11 +72,14 @@ GRAD_CURVES = ("grad_norm", "grad_norm_ce", "grad_norm_bbox", "grad_norm_giou", 
 CURVES = LOSS_CURVES + SHARE_CURVES + GRAD_CURVES
 STD_DDOF = 1
 CONFIDENCE = 0.95
-_RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run.py")
+# Each run is `python -m sized_detr_jax.cli` (what run.py and `sized-detr` run), with this
+# package's parent first on PYTHONPATH so a checkout and an installed package both work.
+_CLI = ("-m", "sized_detr_jax.cli")
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TAIL_LINES = 20
 
 flags.DEFINE_string("config", None, "Config spec passed to run.py, e.g. "
-                    "experiments/synthetic.py:smoke.")
+                    "synthetic:smoke.")
 flags.DEFINE_string("variants", None, "'name=override,override;name2=...': overrides are config "
                     "fields without the --config. prefix, e.g. 'l1=;sized=criterion.bbox_loss="
                     "sized_l1'. An empty list runs the config as it is.")
@@ -214,7 +217,7 @@ def plan_jobs(spec, variants, seeds, workdir, common_overrides=(), python=sys.ex
         raise ValueError(f"variant {variant}: config.eval_at_end=False, but the study needs "
                          "the evaluation at the final step")
       run_dir = os.path.join(os.path.abspath(workdir), variant, f"seed{seed}")
-      argv = [python, _RUN_PY, f"--config={spec}", f"--workdir={run_dir}",
+      argv = [python, *_CLI, f"--config={spec}", f"--workdir={run_dir}",
               f"--config.seed={seed}", *[f"--config.{o}" for o in overrides]]
       jobs.append(Job(variant, int(seed), run_dir, argv, int(config.total_steps),
                       json.loads(config.to_json_best_effort())))
@@ -246,6 +249,12 @@ def _launch_argv(argv):
   if sys.platform.startswith("linux"):
     return [sys.executable, "-c", _EXEC_WITH_PDEATHSIG, str(os.getpid()), *argv]
   return list(argv)
+
+
+def _child_env():
+  """This process's environment with the package's parent first on PYTHONPATH."""
+  path = os.environ.get("PYTHONPATH")
+  return dict(os.environ, PYTHONPATH=_PACKAGE_PARENT + (os.pathsep + path if path else ""))
 
 
 def _load():
@@ -303,11 +312,11 @@ def run_job(job, log=print):
     logf.write(f"\n=== study attempt {attempt['started']}: {shlex.join(job.argv)}\n")
     logf.flush()
     rc = subprocess.call(_launch_argv(job.argv), stdout=logf, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL)
+                         stdin=subprocess.DEVNULL, env=_child_env())
   attempt.update(wall_s=round(time.perf_counter() - t0, 2), returncode=rc, load_end=_load())
   record_path = os.path.join(job.workdir, "study_run.json")
   record = _read_json(record_path, {"variant": job.variant, "seed": job.seed, "attempts": []})
-  record["command"] = shlex.join(["python", os.path.relpath(_RUN_PY), *job.argv[2:]])
+  record["command"] = shlex.join(["python", *job.argv[1:]])
   record["attempts"].append(attempt)
   _write_json(record_path, record)
   if rc == 0 and finished_step(job.workdir, job.total_steps) is None:

@@ -28,7 +28,8 @@ def _plain(value):
   return json.loads(json.dumps(value))
 
 
-@pytest.mark.parametrize("spec", sorted(SNAPSHOT["variants"]))
+# The snapshot's `rescale` variants are gone with the token (`sized_l1` is that form now).
+@pytest.mark.parametrize("spec", sorted(s for s in SNAPSHOT["variants"] if "rescale" not in s))
 def test_every_variant_resolves_to_its_values_before_the_knobs(spec):
   """Data section (every field, effective buckets), schedule and classes are unchanged."""
   before = SNAPSHOT["variants"][spec]

@@ -600,8 +600,10 @@ def test_case5_case13_config_values_rejected_up_front_naming_the_field(field, va
     (["--config=experiments/nope.py"],
      r"--config=experiments/nope.py: config file experiments/nope.py not found"),
     (["--config=experiments/synthetic.py:nonsense"],
-     r"--config=experiments/synthetic.py:nonsense: ValueError: experiments/synthetic.py: unknown "
-     r"variant tokens \['nonsense'\]; known: \('smoke', 'sized_l1', 'rescale'\)"),
+     r"--config=experiments/synthetic.py:nonsense: ValueError: synthetic: unknown "
+     r"variant tokens \['nonsense'\]; known: \('smoke', 'sized_l1', 'plain'\)"),
+    (["--config=synthetic:nonsense"],
+     r"--config=synthetic:nonsense: ValueError: synthetic: unknown variant tokens"),
     (["--mode=bogus"], r"flag --mode=bogus: value should be one of <train\|eval\|predict\|summary>"),
     (["--workdir={file}"], r"FileExistsError: --workdir=.*a_file exists and is not a folder"),
     (["--config.data.batch_size=0"], r"ValueError: config.data.batch_size=0 must be an integer"),

@@ -13,7 +13,7 @@ def _config(name, arg=None):
   return config_lib.load_config(str(EXPERIMENTS / name), arg)
 
 
-@pytest.mark.parametrize("arg", ["p1", "p10,fold3,sized_both", "full,sized_sup,rescale"])
+@pytest.mark.parametrize("arg", ["p1", "p10,fold3,sized_both", "full,sized_sup,plain"])
 def test_semi_detr_coco_rows_use_semi_detrs_recipe(arg):
   config = _config("semi_detr.py", arg)
   # loss_cls1 / loss_cls2 loss_weight=2.0; L1 5 + xy 5 + wh 5 (effective 10); GIoU 2.
@@ -40,18 +40,17 @@ def test_semi_detr_coco_rows_use_semi_detrs_recipe(arg):
   assert config.semi.agnostic_interm and config.semi.consistency_queries == "chosen"
 
 
-def test_semi_detr_rescale_token():
+def test_semi_detr_plain_token():
   # The paper rows run the rescaled form (the study's); `plain` is the ablation.
-  assert _config("semi_detr.py", "p10,sized_sup,rescale").criterion.sized_l1_rescale
   assert _config("semi_detr.py", "p10,sized_sup").criterion.sized_l1_rescale
   assert not _config("semi_detr.py", "p10,sized_sup,plain").criterion.sized_l1_rescale
   for name in ("dino_r50.py", "co_dino.py"):
     assert _config(name, "sized_l1").criterion.sized_l1_rescale
     assert not _config(name, "sized_l1,plain").criterion.sized_l1_rescale
-  with pytest.raises(ValueError, match="'rescale' needs sized_both or sized_sup"):
-    _config("semi_detr.py", "p10,rescale")
-  with pytest.raises(ValueError, match="exclude each other"):
-    _config("semi_detr.py", "p10,sized_both,rescale,plain")
+  with pytest.raises(ValueError, match="'plain' needs sized_both or sized_sup"):
+    _config("semi_detr.py", "p10,plain")
+  with pytest.raises(ValueError, match="unknown variant tokens \\['rescale'\\]"):
+    _config("semi_detr.py", "p10,sized_both,rescale")
 
 
 def test_dino_r50_optimizer_is_dino_4scale():

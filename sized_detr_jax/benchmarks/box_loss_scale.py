@@ -11,7 +11,6 @@ variant).
 """
 import argparse
 import dataclasses
-import os
 import shutil
 import tempfile
 
@@ -24,7 +23,7 @@ from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
 from sized_detr_jax.data import batch as batch_lib
 
-_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "synthetic.py")
+_CONFIG = "synthetic"
 
 
 def main(argv=None):

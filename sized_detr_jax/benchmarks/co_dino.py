@@ -11,7 +11,6 @@ and a fixed batch of `--boxes` ground-truth boxes per image. Prints compile and 
 times and the ratio.
 """
 import argparse
-import os
 import time
 
 import jax
@@ -24,7 +23,7 @@ from sized_detr_jax import state as state_lib
 from sized_detr_jax.benchmarks.timing import time_interleaved
 from sized_detr_jax.models.testing import random_params
 
-_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "co_dino.py")
+_CONFIG = "co_dino"
 
 
 def _batch(batch, size, boxes, seed=0):

@@ -21,7 +21,7 @@ from sized_detr_jax import config_lib
 from sized_detr_jax.models import dino
 from sized_detr_jax.models.testing import random_params
 
-_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "dino_r50.py")
+_CONFIG = "dino_r50"
 
 
 def main(argv=None):

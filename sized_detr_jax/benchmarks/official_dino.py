@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 CONFIG_4SCALE = os.path.join("config", "DINO", "DINO_4scale.py")
-JAX_CONFIG = ("experiments/dino_r50.py", "coco91")
+JAX_CONFIG = ("dino_r50", "coco91")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,11 +382,9 @@ def dino_loss_name(name):
 
 
 def jax_model_config(config=JAX_CONFIG):
-  """`experiments/dino_r50.py:coco91`'s model section (query_selection "dino")."""
+  """The `dino_r50:coco91` config (model section: query_selection "dino")."""
   from sized_detr_jax import config_lib  # pylint: disable=g-import-not-at-top
   path, arg = config
-  if not os.path.isabs(path):
-    path = os.path.join(os.path.dirname(__file__), "..", "..", path)
   return config_lib.load_config(path, arg)
 
 

@@ -57,7 +57,6 @@ from sized_detr_jax.benchmarks import op_profile
 from sized_detr_jax.benchmarks.timing import time_interleaved
 from sized_detr_jax.data import pipeline
 
-_EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments")
 
 
 def _literal(text):
@@ -197,7 +196,7 @@ def random_batch(batch, height, width, max_boxes, num_boxes, seed=0):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default=os.path.join(_EXPERIMENTS, "synthetic.py"))
+  parser.add_argument("--config", default="synthetic")
   parser.add_argument("--config_arg", default="")
   parser.add_argument("--size", default="", help="HxW padded image size (default: the "
                       "config's smallest bucket)")

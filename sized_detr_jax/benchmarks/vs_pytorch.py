@@ -118,7 +118,11 @@ def _batch(args):
 
 def _jax_config(args):
   from sized_detr_jax import config_lib  # pylint: disable=g-import-not-at-top
-  path = args.config if os.path.isabs(args.config) else os.path.join(_ROOT, args.config)
+  from sized_detr_jax import configs  # pylint: disable=g-import-not-at-top
+  path = args.config  # a packaged config's name, or a file relative to here or to the checkout
+  if not (os.path.isabs(path) or os.path.exists(path.partition(":")[0])
+          or path in configs.NAMES):
+    path = os.path.join(_ROOT, path)
   return config_lib.finalize(config_lib.load_config(path, args.config_arg or None))
 
 
@@ -500,7 +504,7 @@ def main(argv=None):
   parser.add_argument("--reps", type=int, default=3, help="timed runs per framework and mode")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--modes", default="eval,train")
-  parser.add_argument("--config", default="experiments/dino_r50.py")
+  parser.add_argument("--config", default="dino_r50")
   parser.add_argument("--config_arg", default="coco91")
   parser.add_argument("--jax_only", action="store_true",
                       help="time only the JAX half (random params; no torch, no dino_src)")
