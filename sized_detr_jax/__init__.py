@@ -1,3 +1,3 @@
 """sized_detr_jax: DINO-family detectors with the Sized L1 loss, in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
