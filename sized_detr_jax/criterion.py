@@ -35,7 +35,9 @@ has fewer boxes than devices.)
 Boxes are normalised cxcywh; `targets` follows the shared batch contract (`boxes [B, G, 4]`,
 `labels [B, G]`, `valid [B, G]`, `orig_size [B, 2]` (h, w)).
 """
+from collections.abc import Iterable, Mapping
 import dataclasses
+from typing import Any
 
 import chex
 import jax
@@ -46,6 +48,10 @@ from sized_detr_jax import box_ops
 from sized_detr_jax import config_lib
 from sized_detr_jax import losses
 from sized_detr_jax import matching
+
+# The model's outputs dict and the batch's targets dict (shapes: `set_criterion`).
+Outputs = Mapping[str, Any]
+Targets = Mapping[str, jax.Array]
 
 CLS_LOSSES = ("focal", "qfl")
 
@@ -277,7 +283,8 @@ def _dn_losses(dn_outputs, dn_meta, targets, cfg, axis_name):
 # Public API.
 
 
-def loss_weights(names, config=None):
+def loss_weights(names: Iterable[str], config: "CriterionConfig | None" = None
+                 ) -> dict[str, float]:
   """Weight of every loss name: cls/bbox/giou coefficient by prefix, x interm_loss_coef for
   `_interm` (DINO's weight_dict in models/dino/dino.py build_dino).
 
@@ -306,12 +313,14 @@ def loss_weights(names, config=None):
   return weights
 
 
-def num_valid_boxes(targets, axis_name=None):
+def num_valid_boxes(targets: Targets, axis_name: losses.AxisName = None) -> jax.Array:
   """DINO's `num_boxes`: valid ground-truth boxes in the global batch, clamped at >= 1 ([] f32)."""
   return jnp.maximum(losses.global_sum(targets["valid"].astype(jnp.float32), axis_name), 1.0)
 
 
-def set_criterion(outputs, targets, matches, config=None, *, axis_name=None):
+def set_criterion(outputs: Outputs, targets: Targets, matches: Mapping[str, Any],
+                  config: "CriterionConfig | None" = None, *,
+                  axis_name: losses.AxisName = None) -> dict[str, jax.Array]:
   """DINO's losses for given matches.
 
   Args:
@@ -389,7 +398,9 @@ def _task_aligned_losses(output, targets, cfg, axis_name, suffix):
           f"loss_giou{suffix}": losses.global_sum(giou, axis_name) / norm}
 
 
-def one_to_many_criterion(outputs, targets, config=None, *, axis_name=None):
+def one_to_many_criterion(outputs: Outputs, targets: Targets,
+                          config: "CriterionConfig | None" = None, *,
+                          axis_name: losses.AxisName = None) -> dict[str, jax.Array]:
   """Semi-DETR's first-stage losses: task-aligned one-to-many assignment on every branch.
 
   The final, auxiliary and interm branches are assigned on device by
@@ -415,7 +426,8 @@ def one_to_many_criterion(outputs, targets, config=None, *, axis_name=None):
   return _add_dn_and_total(result, {}, outputs, targets, cfg, axis_name)
 
 
-def compute_matches(outputs, targets, config=None, *, axis_name=None):
+def compute_matches(outputs: Outputs, targets: Targets, config: "CriterionConfig | None" = None,
+                    *, axis_name: losses.AxisName = None) -> dict[str, Any]:
   """Hungarian matches of the final, auxiliary and interm branches in ONE host call.
 
   The costs of all branches are stacked into [N, B, Q, G] (N = 1 + len(aux_outputs) + interm),
@@ -459,7 +471,8 @@ def compute_matches(outputs, targets, config=None, *, axis_name=None):
   return result
 
 
-def dino_criterion(outputs, targets, config=None, *, axis_name=None):
+def dino_criterion(outputs: Outputs, targets: Targets, config: "CriterionConfig | None" = None,
+                   *, axis_name: losses.AxisName = None) -> dict[str, jax.Array]:
   """Match (one host call per shard) and compute DINO's losses: the trainer's one call.
 
   Args:

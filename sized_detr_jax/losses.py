@@ -20,6 +20,8 @@ the mean ground-truth height ("adjust the weight term by the average dimensions 
 to normalization"), so the loss keeps L1's overall magnitude and L1's loss weight (5.0 in DINO)
 still fits.
 """
+from collections.abc import Hashable, Sequence
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,8 @@ from sized_detr_jax import box_ops
 # on a 1333-px side). Real COCO boxes are far larger; the clamp only keeps degenerate or padded
 # targets finite.
 SIZED_L1_EPS = 1e-4
+# A mesh axis name, a tuple of them (inside shard_map), or None (under jit: global arrays).
+AxisName = Hashable | Sequence[Hashable] | None
 
 
 def _masked(values, valid):
@@ -44,13 +48,13 @@ def _check_boxes(pred, target, valid):
   chex.assert_rank(valid, {pred.ndim - 1, target.ndim - 1})
 
 
-def global_sum(x, axis_name=None):
+def global_sum(x: jax.Array, axis_name: AxisName = None) -> jax.Array:
   """Sum of every element, `psum`-ed over `axis_name` when given (inside shard_map)."""
   total = jnp.sum(x)
   return total if axis_name is None else jax.lax.psum(total, axis_name)
 
 
-def l1_loss(pred, target, valid):
+def l1_loss(pred: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
   """L1 box loss summed over the 4 coordinates.
 
   Args:
@@ -65,7 +69,8 @@ def l1_loss(pred, target, valid):
   return _masked(jnp.sum(jnp.abs(pred - target), axis=-1), valid)
 
 
-def mean_target_size(target, valid, *, axis_name=None):
+def mean_target_size(target: jax.Array, valid: jax.Array, *,
+                     axis_name: AxisName = None) -> tuple[jax.Array, jax.Array]:
   """Mean width and height of the valid targets: ([], []) scalars.
 
   Inside `jax.jit` the mean runs over the global (possibly sharded) array. Inside `shard_map`
@@ -80,7 +85,8 @@ def mean_target_size(target, valid, *, axis_name=None):
   return sums[0] / count, sums[1] / count
 
 
-def sized_l1_loss(pred, target, valid, *, rescale=False, eps=SIZED_L1_EPS, axis_name=None):
+def sized_l1_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, *, rescale: bool = False,
+                  eps: float = SIZED_L1_EPS, axis_name: AxisName = None) -> jax.Array:
   """Sized L1 loss: L1 with each target's x/w errors divided by its width, y/h by its height.
 
   Per box (normalised cxcywh; `w_t`, `h_t` the target's width and height clamped below by eps):
@@ -120,7 +126,7 @@ def sized_l1_loss(pred, target, valid, *, rescale=False, eps=SIZED_L1_EPS, axis_
   return _masked(x_part + y_part, valid)
 
 
-def giou_loss(pred, target, valid):
+def giou_loss(pred: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
   """GIoU loss `1 - GIoU(pred, target)` of paired boxes.
 
   Args:
@@ -248,7 +254,8 @@ def _l1_entry(pred, target, valid, *, rescale=False, axis_name=None):
 BOX_LOSSES = {"l1": _l1_entry, "sized_l1": sized_l1_loss}
 
 
-def box_loss(name, pred, target, valid, *, rescale=False, axis_name=None):
+def box_loss(name: str, pred: jax.Array, target: jax.Array, valid: jax.Array, *,
+             rescale: bool = False, axis_name: AxisName = None) -> jax.Array:
   """The registered box regression loss `name`, per box: [..., 4] x [..., 4] -> [...].
 
   Args:

@@ -98,9 +98,11 @@ def _gather_classes(per_class, gt_labels):
   return jnp.take_along_axis(per_class, index.astype(jnp.int32), axis=-1)
 
 
-def matching_cost(pred_logits, pred_boxes, gt_labels, gt_boxes, gt_valid, *, class_weight=2.0,
-                  bbox_weight=5.0, giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0,
-                  box_cost="l1", sized_l1_rescale=False, axis_name=None):
+def matching_cost(pred_logits: jax.Array, pred_boxes: jax.Array, gt_labels: jax.Array,
+                  gt_boxes: jax.Array, gt_valid: jax.Array, *, class_weight: float = 2.0,
+                  bbox_weight: float = 5.0, giou_weight: float = 2.0, focal_alpha: float = 0.25,
+                  focal_gamma: float = 2.0, box_cost: str = "l1", sized_l1_rescale: bool = False,
+                  axis_name: losses.AxisName = None) -> jax.Array:
   """DINO's matching cost `class_weight * focal + bbox_weight * L1 + giou_weight * (-GIoU)`.
 
   As DINO's models/dino/matcher.py HungarianMatcher.forward (weights 2 / 5 / 2 in DINO-4scale).
@@ -331,7 +333,9 @@ def _lay_out(x, mesh, spec):
   return jax.lax.with_sharding_constraint(x, layout)
 
 
-def hungarian_matching(cost, gt_valid, *, mesh=None, data_axis="data", prune=False):
+def hungarian_matching(cost: jax.Array, gt_valid: jax.Array, *,
+                       mesh: jax.sharding.Mesh | None = None, data_axis: str = "data",
+                       prune: bool = False) -> jax.Array:
   """Optimal one-to-one assignment of queries to ground truth, solved on the host.
 
   Usable inside `jax.jit`; no gradient flows through it (the cost is `stop_gradient`-ed).

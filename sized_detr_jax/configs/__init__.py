@@ -108,8 +108,9 @@ def describe() -> str:
   for name in NAMES:
     mod = module(name)
     lines += textwrap.wrap(f"{name}: {summary_line(mod.__doc__)}", 100,
-                           subsequent_indent="  ")
+                           subsequent_indent="  ", break_on_hyphens=False)
     for token in mod.TOKENS:
       lines += textwrap.wrap(f"{token:<11} {TOKEN_MEANINGS[token]}", 100,
-                             initial_indent="    ", subsequent_indent=" " * 16)
+                             initial_indent="    ", subsequent_indent=" " * 16,
+                             break_on_hyphens=False)
   return "\n".join(lines)

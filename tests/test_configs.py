@@ -1,0 +1,120 @@
+"""The packaged configs: found by name and by path, every token in the one meaning table, and
+`sized_l1` / `plain` giving the same loss in every config (no training, nothing compiled)."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from sized_detr_jax import config_lib
+from sized_detr_jax import configs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# What each box-loss token must give, written down independently of configs/__init__.py:
+# (criterion.bbox_loss, criterion.sized_l1_rescale).
+RESCALED, PLAIN, L1 = ("sized_l1", True), ("sized_l1", False), ("l1", False)
+
+
+def _loss(config):
+  return config.criterion.bbox_loss, bool(config.criterion.sized_l1_rescale)
+
+
+def _combinations():
+  """(config name, arg): every token alone, and with each box-loss token the config has."""
+  for name in configs.NAMES:
+    tokens = configs.module(name).TOKENS
+    box_tokens = [t for t in ("sized_l1", "plain", "sized_both", "sized_sup") if t in tokens]
+    yield name, None
+    for token in tokens:
+      yield name, token
+      for box in box_tokens:
+        if box != token:
+          yield name, f"{token},{box}"
+
+
+@pytest.mark.parametrize("name", configs.NAMES)
+def test_every_token_has_one_meaning_in_the_table(name):
+  mod = configs.module(name)
+  assert len(set(mod.TOKENS)) == len(mod.TOKENS)
+  missing = [t for t in mod.TOKENS if t not in configs.TOKEN_MEANINGS]
+  assert not missing, f"{name}: tokens without a meaning {missing}"
+  assert mod.__doc__.strip()
+
+
+def test_table_has_no_token_that_no_config_uses():
+  used = {t for name in configs.NAMES for t in configs.module(name).TOKENS}
+  assert set(configs.TOKEN_MEANINGS) == used
+
+
+@pytest.mark.parametrize("name,arg", list(_combinations()))
+def test_every_config_token_combination_resolves_to_its_loss(name, arg):
+  tokens = (arg or "").split(",")
+  semi_sized = {"sized_both", "sized_sup"} & set(tokens)
+  if name == "semi_detr" and "plain" in tokens and not semi_sized:
+    with pytest.raises(ValueError, match="'plain' needs sized_both or sized_sup"):
+      config_lib.load_config(name, arg)
+    return
+  config = config_lib.load_config(name, arg)
+  if "plain" in tokens:
+    want = PLAIN
+  elif "sized_l1" in tokens or semi_sized:
+    want = RESCALED
+  else:
+    want = L1
+  assert _loss(config) == want, (name, arg)
+  if name == "semi_detr" and semi_sized:
+    last = [t for t in tokens if t in ("sized_both", "sized_sup")][-1]  # the last given wins
+    assert config.semi.sized_l1_branches == {"sized_both": "both", "sized_sup": "sup_only"}[last]
+
+
+def test_finalize_resolves_every_token_alone():
+  """Each config x single token also survives finalize (derived sizes, schedule, validation);
+  coco_custom needs its data paths, so only its class-free fields are left unresolved."""
+  for name in configs.NAMES:
+    if name == "coco_custom":
+      continue
+    for token in (None, *configs.module(name).TOKENS):
+      if name == "semi_detr" and token == "plain":
+        continue
+      config_lib.finalize(config_lib.load_config(name, token))
+
+
+def test_removed_rescale_token_is_a_one_line_error_naming_the_known_tokens():
+  for name in ("synthetic", "dino_r50", "co_dino", "coco_custom", "semi_detr"):
+    with pytest.raises(ValueError, match=rf"{name}: unknown variant tokens \['rescale'\]"):
+      config_lib.load_config(name, "rescale")
+
+
+def test_name_and_path_give_the_same_config():
+  for name, arg in (("dino_r50", "tiny"), ("synthetic", "smoke"), ("co_dino", "synthetic")):
+    by_name = config_lib.load_config(name, arg)
+    by_package_path = config_lib.load_config(configs.path(name), arg)
+    by_experiments_path = config_lib.load_config(str(ROOT / "experiments" / f"{name}.py"), arg)
+    assert by_name.to_json() == by_package_path.to_json() == by_experiments_path.to_json()
+
+
+def test_resolve_keeps_paths_and_existing_files(tmp_path):
+  assert configs.resolve("dino_r50:coco91") == configs.path("dino_r50") + ":coco91"
+  assert configs.resolve("synthetic") == configs.path("synthetic")
+  assert configs.resolve("my/config.py:x") == "my/config.py:x"
+  cwd = os.getcwd()
+  try:  # a file named like a config, in the working folder, is the file
+    os.chdir(tmp_path)
+    (tmp_path / "synthetic").write_text("")
+    assert configs.resolve("synthetic") == "synthetic"
+  finally:
+    os.chdir(cwd)
+  with pytest.raises(ValueError, match="unknown config 'nope'; known: synthetic"):
+    configs.path("nope")
+
+
+def test_list_configs_prints_every_config_and_token_meaning():
+  out = subprocess.run([sys.executable, "run.py", "--list-configs"], cwd=ROOT, check=True,
+                       capture_output=True, text=True).stdout
+  flat = " ".join(out.split())
+  for name in configs.NAMES:
+    assert f"{name}: " in out
+    for token in configs.module(name).TOKENS:
+      assert " ".join(f"{token} {configs.TOKEN_MEANINGS[token]}".split()) in flat, token
