@@ -348,6 +348,39 @@ def _resolve_classes(config):
   check_labelbook(config)
 
 
+def _resolve_unlabeled(config):
+  """`data.labeled_percent` > 0: train_ann becomes its labeled split and the rest the unlabeled
+  data (COCO-partial's split, fold `data.split_fold`, jsons under `data.split_dir`); then a
+  Semi-DETR run on COCO files must have unlabeled data (a json, or a folder of images)."""
+  data = config.get("data")
+  if data is None or "labeled_percent" not in data:
+    return
+  percent = data.labeled_percent
+  if percent:
+    if data.source != "coco" or not data.train_ann:
+      raise ValueError(f"config.data.labeled_percent={percent} splits config.data.train_ann, "
+                       f"which needs config.data.source='coco' and a train_ann (source is "
+                       f"{data.source!r}, train_ann {data.train_ann!r})")
+    if data.unlabeled_ann or data.unlabeled_images:
+      raise ValueError(f"config.data.labeled_percent={percent} takes the unlabeled images from "
+                       "config.data.train_ann; config.data.unlabeled_ann / unlabeled_images "
+                       "must then be empty (got "
+                       f"{data.unlabeled_ann!r}, {data.unlabeled_images!r})")
+    from sized_detr_jax.data import coco_partial  # pylint: disable=g-import-not-at-top
+    try:
+      labeled, unlabeled = coco_partial.cached_split(data.train_ann, percent, data.split_fold,
+                                                     data.split_dir)
+    except coco_partial.SplitError as e:
+      raise ValueError(f"config.data.labeled_percent={percent}: {e}") from None
+    data.update(train_ann=labeled, unlabeled_ann=unlabeled, unlabeled_images=data.train_images,
+                labeled_percent=0.0)
+  if (config.get("method") == "semi_detr" and data.source == "coco"
+      and not (data.unlabeled_ann or data.unlabeled_images)):
+    raise ValueError("Semi-DETR needs unlabeled images: set config.data.unlabeled_images (a "
+                     "folder; with config.data.unlabeled_ann, a COCO json of them) or "
+                     "config.data.labeled_percent (a split of config.data.train_ann)")
+
+
 def finalize(config):
   """The config with every derived field resolved: call it once, before anything is built.
 
@@ -360,10 +393,13 @@ def finalize(config):
       one beyond `total_steps` is an error naming the field;
     * data sizes: the size fields left None follow `data.size` (`pipeline.resolve_sizes`);
       explicit ones that contradict each other fail (`pipeline.check_sizes`);
+    * `name`: "{dataset}" in it becomes `dataset_name(config.data)`;
+    * unlabeled data: `data.labeled_percent` > 0 splits `data.train_ann` (COCO-partial) into
+      the labeled train_ann and the unlabeled_ann; Semi-DETR on COCO files without unlabeled
+      data is an error;
     * classes: `model.num_classes` None -> the training data's category count (reads the
       training json), `model.dn_labelbook_size` None -> num_classes; both set: checked
       (dn_labelbook_size >= num_classes) before any data is read;
-    * `name`: "{dataset}" in it becomes `dataset_name(config.data)`;
     * `validate_config` on the result.
 
   Raises:
@@ -381,9 +417,10 @@ def finalize(config):
     for key in pipeline.SIZE_FIELDS:
       if key in config.data:
         config.data[key] = resolved[key]
-  _resolve_classes(config)
-  name = config.get("name")
+  name = config.get("name")  # named after the json given, before a split replaces it
   if isinstance(name, str) and "{dataset}" in name:
     config.name = name.replace("{dataset}", dataset_name(config.get("data") or {}))
+  _resolve_unlabeled(config)
+  _resolve_classes(config)
   validate_config(config)
   return config

@@ -1,8 +1,10 @@
-"""A user's own COCO json through `experiments/coco_custom.py:cpu` with run.py (subprocesses).
+"""A user's own COCO json through `coco_custom` with run.py (subprocesses).
 
-One short training run (8 steps + evaluation) on a 7-class dataset written here, with no class,
+One short DINO run (8 steps + evaluation) on a 7-class dataset written here, with no class,
 size or schedule field set: the derived values must reach config.json and the logged lr; bad
-class / size overrides must fail before anything is compiled.
+class / size overrides and bad token combinations must fail before anything is compiled. Co-DINO
+and Semi-DETR (unlabeled images from a folder with no json) train a few steps on the same
+non-contiguous category ids (slow); the labeled-percent split is checked against its definition.
 """
 import json
 import os
@@ -57,8 +59,8 @@ def dataset(tmp_path_factory):
           f"--config.data.val_ann={val}", f"--config.data.val_images={images}"]
 
 
-def _run(*args, timeout=1200):
-  return subprocess.run([sys.executable, "run.py", "--config=experiments/coco_custom.py:cpu",
+def _run(*args, timeout=1200, tokens="cpu"):
+  return subprocess.run([sys.executable, "run.py", f"--config=experiments/coco_custom.py:{tokens}",
                          *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -129,3 +131,99 @@ def test_contradicting_size_overrides_fail_before_compiling(dataset, tmp_path):
              "--config.data.scales=(160,192)", timeout=300)
   line = _one_line_failure(out, workdir)
   assert "config.data.scales=(160, 192) contradicts config.data.size=256" in line, line
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ("cpu,co_dino,semi_detr", "tokens 'co_dino' and 'semi_detr' exclude each other"),
+    ("cpu,sized_both", "token 'sized_both' is Semi-DETR's; add 'semi_detr'"),
+    ("cpu,semi_detr,sized_l1", "with 'semi_detr' the Sized L1 tokens are 'sized_both'"),
+    ("cpu,semi_detr,plain", "token 'plain' needs sized_both or sized_sup"),
+    ("cpu,semi_detr", "Semi-DETR needs unlabeled images: set config.data.unlabeled_images"),
+])
+def test_bad_method_combinations_fail_in_one_line(dataset, tmp_path, tokens, message):
+  workdir = str(tmp_path / "wd")
+  out = _run(*dataset, f"--workdir={workdir}", tokens=tokens, timeout=300)
+  line = _one_line_failure(out, workdir)
+  assert message in line, line
+
+
+def _labeled_count(n, percent):
+  return int(percent / 100 * n)  # COCO-partial's count (Soft Teacher), written out here
+
+
+def test_labeled_percent_splits_the_training_json(dataset, tmp_path):
+  from sized_detr_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("coco_custom", "cpu,semi_detr,sized_sup")
+  for arg in dataset:
+    key, value = arg[len("--config."):].split("=", 1)
+    section, field = key.split(".")
+    config[section][field] = value
+  config.data.labeled_percent = 50.0
+  config.data.split_dir = str(tmp_path / "splits")
+  final = config_lib.finalize(config)
+  train_json = dataset[0].split("=", 1)[1]
+  with open(train_json) as f:
+    original = json.load(f)
+  with open(final.data.train_ann) as f:
+    labeled = json.load(f)
+  with open(final.data.unlabeled_ann) as f:
+    unlabeled = json.load(f)
+  ids = lambda d: {im["id"] for im in d["images"]}  # pylint: disable=unnecessary-lambda-assignment
+  assert len(labeled["images"]) == _labeled_count(len(original["images"]), 50.0) == 4
+  assert ids(labeled) | ids(unlabeled) == ids(original) and not ids(labeled) & ids(unlabeled)
+  assert all(a["image_id"] in ids(labeled) for a in labeled["annotations"])
+  assert final.data.unlabeled_images == final.data.train_images
+  assert final.data.labeled_percent == 0.0  # resolved: finalising again changes nothing
+  assert config_lib.finalize(final).to_json() == final.to_json()
+  assert (final.model.num_classes, final.name) == (7, "shapes7_semi_detr_cpu_sized_sup")
+
+
+def _train_briefly(dataset, tmp_path, tokens, *extra):
+  workdir = str(tmp_path / "wd")
+  out = _run(*dataset, f"--workdir={workdir}", "--config.total_steps=2", "--config.log_every=1",
+             "--config.checkpoint_every=2", *extra, tokens=tokens)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  with open(os.path.join(workdir, "detections_2.json")) as f:
+    detections = json.load(f)
+  assert (config["model"]["num_classes"], config["model"]["dn_labelbook_size"]) == (7, 7)
+  assert {d["category_id"] for d in detections} <= set(CATEGORY_IDS)
+  return config
+
+
+@pytest.mark.slow
+def test_co_dino_trains_on_own_data(dataset, tmp_path):
+  config = _train_briefly(dataset, tmp_path, "cpu,co_dino,sized_l1")
+  assert config["method"] == "co_dino" and config["name"] == "shapes7_co_dino_cpu_sized_l1"
+  assert (config["criterion"]["bbox_loss"], config["criterion"]["sized_l1_rescale"]) == (
+      "sized_l1", True)
+
+
+@pytest.mark.slow
+def test_semi_detr_trains_with_a_folder_of_unlabeled_images(dataset, tmp_path):
+  folder = tmp_path / "unlabeled"
+  folder.mkdir()
+  rng = np.random.default_rng(1)
+  for k in range(5):  # no json: just images, of several sizes and kinds
+    pixels = rng.integers(0, 255, (int(rng.integers(60, 90)), 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / f"u{k}.{'png' if k % 2 else 'jpg'}")
+  (folder / "notes.txt").write_text("not an image")
+  config = _train_briefly(dataset, tmp_path, "cpu,semi_detr,sized_both",
+                          f"--config.data.unlabeled_images={folder}",
+                          "--config.semi.switch_step=-1")
+  assert config["method"] == "semi_detr" and config["semi"]["sized_l1_branches"] == "both"
+  assert config["data"]["unlabeled_ann"] == ""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = pipeline.get_source(ml_collections.ConfigDict(config["data"]), "unlabeled")
+  assert len(source) == 5 and len(source[0]["boxes"]) == 0  # the images only, unannotated
+
+
+def test_empty_unlabeled_folder_is_a_one_line_error(dataset, tmp_path):
+  (tmp_path / "empty").mkdir()
+  workdir = str(tmp_path / "wd")
+  out = _run(*dataset, f"--workdir={workdir}", f"--config.data.unlabeled_images={tmp_path}/empty",
+             tokens="cpu,semi_detr", timeout=300)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert f"config.data.unlabeled_images={tmp_path}/empty: no image files" in out.stderr

@@ -156,10 +156,26 @@ def _synthetic(config, smoke):
   config.semi.projector_fc_dim = 256
 
 
+def apply_box_loss_tokens(config, tokens, source):
+  """baseline / sized_both / sized_sup (the last given wins) and `plain` on a Semi-DETR config,
+  in place: Sized L1 (rescaled unless `plain`) in both branches or the supervised one only.
+
+  Raises:
+    ValueError: `plain` without sized_both / sized_sup (`source` names the config).
+  """
+  box = ([t for t in tokens if t in BOX_LOSSES] or ["baseline"])[-1]
+  if box != "baseline":
+    config.criterion.bbox_loss = "sized_l1"
+    config.semi.sized_l1_branches = "both" if box == "sized_both" else "sup_only"
+    config.criterion.sized_l1_rescale = "plain" not in tokens  # the rescaled form by default
+  elif "plain" in tokens:
+    raise ValueError(f"{source}: token 'plain' needs sized_both or sized_sup")
+
+
 def get_config(arg=None):
   tokens = config_lib.parse_tokens(arg, TOKENS, "semi_detr")
   pick = lambda options, default: ([t for t in tokens if t in options] or [default])[-1]
-  dataset, fold, box = pick(DATASETS, "p10"), pick(FOLDS, "fold1"), pick(BOX_LOSSES, "baseline")
+  dataset, fold = pick(DATASETS, "p10"), pick(FOLDS, "fold1")
   synthetic = "synthetic" in tokens or "smoke" in tokens
 
   base = configs.get("dino_r50")
@@ -185,12 +201,7 @@ def get_config(arg=None):
     config.semi.switch_fraction = 0.5
   if "noswitch" in tokens:
     config.semi.switch_step = -1
-  if box != "baseline":
-    config.criterion.bbox_loss = "sized_l1"
-    config.semi.sized_l1_branches = "both" if box == "sized_both" else "sup_only"
-    config.criterion.sized_l1_rescale = "plain" not in tokens  # the rescaled form by default
-  if "plain" in tokens and box == "baseline":
-    raise ValueError("semi_detr: token 'plain' needs sized_both or sized_sup")
+  apply_box_loss_tokens(config, tokens, "semi_detr")
   if "supervised" in tokens:
     config.method = "dino"
     config.ema_momentum = None

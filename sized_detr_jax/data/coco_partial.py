@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 
@@ -126,6 +127,32 @@ def write_split(ann_file, percent, fold, out_dir, *, min_labeled=0):
   for path, part in zip(paths, (labeled, unlabeled)):
     with open(path, "w") as f:
       json.dump(part, f)
+  return paths
+
+
+def cached_split(ann_file, percent, fold, split_dir):
+  """`write_split` into `split_dir/<stem>-<version of the json>/`, done once per version of the
+  json: the files of an earlier call are reused. Each file is written under a temporary name and
+  renamed into place, so concurrent runs (one per host) never read a partial file.
+
+  Returns:
+    (labeled json path, unlabeled json path).
+  """
+  try:
+    st = os.stat(ann_file)
+  except OSError as e:
+    raise SplitError(f"{ann_file}: cannot read: {e.strerror}") from None
+  stem = os.path.splitext(os.path.basename(ann_file))[0]
+  out_dir = os.path.join(split_dir, f"{stem}-{st.st_mtime_ns:x}-{st.st_size:x}")
+  paths = split_paths(ann_file, percent, fold, out_dir)
+  if all(os.path.isfile(p) for p in paths):
+    return paths
+  os.makedirs(out_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".split-", dir=out_dir)
+  written = write_split(ann_file, percent, fold, tmp)
+  for src, dst in zip(written, paths):
+    os.replace(src, dst)
+  os.rmdir(tmp)
   return paths
 
 

@@ -48,6 +48,7 @@ from ml_collections import config_dict
 import numpy as np
 
 from sized_detr_jax.data import coco
+from sized_detr_jax.data import image_files
 from sized_detr_jax.data import synthetic
 from sized_detr_jax.data import transforms
 
@@ -80,7 +81,11 @@ def default_data_config():
       synthetic_num_val=0, synthetic_num_unlabeled=0,  # 0: the generator's defaults
       # coco: instances json + image folder per role ("" = unused)
       train_ann="", train_images="", val_ann="", val_images="",
+      # unlabeled_images without unlabeled_ann: every image file in that folder, unannotated.
       unlabeled_ann="", unlabeled_images="",
+      # > 0: train on a `labeled_percent` % split of train_ann (fold `split_fold`, as
+      # COCO-partial) and use the rest unlabeled (config_lib.finalize writes the two jsons).
+      labeled_percent=0.0, split_fold=1, split_dir="data_cache/splits",
       # tfds: coco/2017 splits (needs tensorflow); the unlabeled role may name another dataset
       tfds_name="coco/2017", tfds_data_dir="", tfds_train_split="train",
       tfds_val_split="validation", tfds_unlabeled_name="", tfds_unlabeled_split="",
@@ -313,6 +318,23 @@ def _coco_source(ann_file, image_dir, require_annotations):
   return _coco_source_at(ann_file, stamp, image_dir, require_annotations)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@functools.lru_cache(maxsize=16)
+def _image_folder_source(folder):
+  """An unannotated source of every image file in `folder` (sorted by name; not recursive)."""
+  if not os.path.isdir(folder):
+    raise ValueError(f"config.data.unlabeled_images={folder}: not a folder")
+  paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                 if f.lower().endswith(IMAGE_SUFFIXES))
+  if not paths:
+    raise ValueError(f"config.data.unlabeled_images={folder}: no image files "
+                     f"({', '.join(IMAGE_SUFFIXES)}) in it, and config.data.unlabeled_ann is "
+                     "empty")
+  return image_files.ImageFilesSource(paths)
+
+
 @functools.lru_cache(maxsize=16)
 def _checked_synthetic(root, num_images, seed, counts, marker_stamp):
   del marker_stamp  # only part of the key: a regenerated dataset is checked again
@@ -355,7 +377,7 @@ def get_source(data_cfg, role):
     ann, images = data_cfg[f"{role}_ann"], data_cfg[f"{role}_images"]
     if not ann:
       if role == "unlabeled":
-        return None
+        return _image_folder_source(images) if images else None
       raise ValueError(f"config.data.{role}_ann is empty but config.data.source is 'coco'")
     return _coco_source(ann, images, role != "unlabeled")
   if kind == "tfds":
