@@ -128,3 +128,44 @@ def test_colour_alone_identifies_the_class():
   ranges = sorted((min(v), max(v), c) for c, v in hues.items())
   for (_, hi, c1), (lo, _, c2) in zip(ranges, ranges[1:]):
     assert hi < lo, (c1, c2, ranges)
+
+
+def _small_share_at_training_size(paths, shorter=192, longest=192):
+  """Share of training boxes under 32x32 px after the default run's resize (shorter side to
+  `shorter`, longer side capped at `longest`), from the json alone."""
+  with open(paths["train"]["ann_file"]) as f:
+    coco = json.load(f)
+  sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
+  small = []
+  for a in coco["annotations"]:
+    h, w = sizes[a["image_id"]]
+    scale = min(shorter / min(h, w), longest / max(h, w))
+    small.append(a["bbox"][2] * a["bbox"][3] * scale**2 < 32**2)
+  return float(np.mean(small))
+
+
+def test_small_object_variant_is_dominated_by_small_boxes(dataset, tmp_path):
+  root = str(tmp_path / "small")
+  paths = synthetic.ensure_synthetic_dataset(root, num_images=60, seed=3, num_val=2,
+                                             num_unlabeled=0,
+                                             size_mix=synthetic.SMALL_SIZE_MIX)
+  for shorter in (160, 176, 192):  # every training scale, and the eval size 176
+    assert _small_share_at_training_size(paths, shorter) >= 0.6
+  assert _small_share_at_training_size(dataset[1]) < 0.5  # the default mix: a minority
+  with open(os.path.join(root, synthetic.MARKER)) as f:
+    assert json.load(f)["size_mix"] == list(synthetic.SMALL_SIZE_MIX)
+  # The same root asked with the default mix is another dataset: refused, nothing deleted.
+  with pytest.raises(ValueError, match="size_mix"):
+    synthetic.ensure_synthetic_dataset(root, num_images=60, seed=3, num_val=2, num_unlabeled=0)
+  with pytest.raises(ValueError, match="size_mix"):
+    synthetic.make_synthetic_dataset(str(tmp_path / "bad"), 2, seed=0, size_mix=(0.5, 0.5, 0.5))
+
+
+def test_default_mix_marker_has_no_size_mix_so_old_datasets_still_match(tmp_path):
+  root = str(tmp_path / "d")
+  synthetic.ensure_synthetic_dataset(root, num_images=2, seed=0, num_val=1, num_unlabeled=1)
+  with open(os.path.join(root, synthetic.MARKER)) as f:
+    assert "size_mix" not in json.load(f)
+  assert synthetic.ensure_synthetic_dataset(root, num_images=2, seed=0, num_val=1,
+                                            num_unlabeled=1,
+                                            size_mix=synthetic.DEFAULT_SIZE_MIX)

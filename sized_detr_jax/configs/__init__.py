@@ -34,6 +34,8 @@ TOKEN_MEANINGS = {
     "smoke": "a few steps end to end on the CPU (tiny model, tiny embedded data), for tests",
     "tiny": "a small ResNet (1 block per stage, width 8), hidden 32, 1 + 2 layers, 30 queries",
     "synthetic": "a tiny model on the embedded synthetic dataset, on the CPU",
+    "small": "the embedded dataset's small-object variant (generator size mix 0.75 / 0.17 / "
+             "0.08: ~77% of boxes under 32x32 px at the training size, against ~44%)",
     "cpu": "the default run's tiny model at 160-192 px in one 192x192 bucket, for a 2-core CPU",
     # Numerics and kernels.
     "bf16": "bfloat16 compute (params, optimiser state, logits, boxes and losses float32)",
@@ -41,6 +43,10 @@ TOKEN_MEANINGS = {
               "XLA gather",
     "invariant": "padding-invariant model (mask-aware backbone norms and query selection)",
     "coco91": "DINO's 91-row class layout indexed by COCO category id (official checkpoints)",
+    # The method (coco_custom; the other configs are one method each).
+    "co_dino": "Co-DINO as the method: DINO with Co-DETR's auxiliary heads and positive queries",
+    "semi_detr": "Semi-DETR as the method: a teacher-student pair on labelled and unlabeled "
+                 "images",
     # Co-DINO.
     "no_aux": "Co-DINO without its auxiliary heads and positive queries (the same DINO alone)",
     # Semi-DETR data and schedule.

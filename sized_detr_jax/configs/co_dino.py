@@ -37,7 +37,7 @@ import ml_collections
 from sized_detr_jax import config_lib
 from sized_detr_jax import configs
 
-TOKENS = ("synthetic", "smoke", "sized_l1", "plain", "no_aux")
+TOKENS = ("synthetic", "small", "smoke", "sized_l1", "plain", "no_aux")
 
 # COCO train2017 at batch 16 (8 GPUs x 2).
 STEPS_PER_EPOCH = 7_393
@@ -108,10 +108,12 @@ def get_config(arg=None):
   """Co-DINO ConfigDict: model (DINO fields), co_dino, criterion, optimizer, data, trainer."""
   tokens = config_lib.parse_tokens(arg, TOKENS, "co_dino")
   name = "co_dino" + "".join(f"_{t}" for t in tokens)
+  if "small" in tokens and "synthetic" not in tokens:
+    raise ValueError("co_dino: token 'small' (the small-object embedded data) needs 'synthetic'")
   if "smoke" in tokens:
     config = configs.get("dino_r50", "smoke")
   elif "synthetic" in tokens:
-    config = configs.get("synthetic")
+    config = configs.get("synthetic", "small" if "small" in tokens else None)
     config.total_steps = 2000  # the measured schedule (a Co-DINO step costs ~2 DINO steps)
     config.ema_momentum, config.eval_ema = None, False  # measured without the EMA
   else:

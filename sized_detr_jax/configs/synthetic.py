@@ -14,8 +14,9 @@ from ml_collections import config_dict
 from sized_detr_jax import config_lib
 from sized_detr_jax import configs
 from sized_detr_jax.data import pipeline
+from sized_detr_jax.data import synthetic as synthetic_data
 
-TOKENS = ("smoke", "sized_l1", "plain")
+TOKENS = ("smoke", "small", "sized_l1", "plain")
 
 
 def get_config(arg=None):
@@ -86,6 +87,9 @@ def get_config(arg=None):
   if "smoke" in tokens:
     config.data.update(dict(synthetic_num_images=24, batch_size=4, eval_batch_size=8,
                             root="data_cache/synthetic_smoke"))
+  if "small" in tokens:
+    config.data.update(root=config.data.root + "_small",
+                       synthetic_size_mix=synthetic_data.SMALL_SIZE_MIX)
     config.total_steps = 6
     config.optimizer.lr_drop_fractions = ()
     config.optimizer.warmup_fraction = 0.0

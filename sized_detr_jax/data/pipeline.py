@@ -79,6 +79,7 @@ def default_data_config():
       # synthetic: generated under `root` on first use
       root="data_cache/synthetic", synthetic_num_images=512, synthetic_seed=0,
       synthetic_num_val=0, synthetic_num_unlabeled=0,  # 0: the generator's defaults
+      synthetic_size_mix=(),  # (p_small, p_medium, p_large); (): the generator's default
       # coco: instances json + image folder per role ("" = unused)
       train_ann="", train_images="", val_ann="", val_images="",
       # unlabeled_images without unlabeled_ann: every image file in that folder, unannotated.
@@ -349,6 +350,8 @@ def _synthetic_paths(data_cfg):
   # before these fields existed still match.
   counts = tuple((k, int(data_cfg[f"synthetic_{k}"])) for k in ("num_val", "num_unlabeled")
                  if data_cfg[f"synthetic_{k}"])
+  if data_cfg.get("synthetic_size_mix"):
+    counts += (("size_mix", tuple(float(v) for v in data_cfg.synthetic_size_mix)),)
   stamp = _file_stamp(os.path.join(root, "DONE.json"))
   if stamp is None:
     return synthetic.ensure_synthetic_dataset(root, num_images=n, seed=seed, **dict(counts))
