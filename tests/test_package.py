@@ -12,6 +12,7 @@ import sysconfig
 import tomllib
 import zipfile
 
+from packaging import requirements
 import pytest
 
 import sized_detr_jax
@@ -166,10 +167,12 @@ def test_wheel_carries_configs_metadata_and_requirements(installed_venv):
   assert not any(n.startswith(("tests/", "experiments/")) for n in names)
   assert meta["Name"] == "sized-detr-jax" and meta["Version"] == sized_detr_jax.__version__
   # Runtime requirements = requirements.txt (one source of truth).
-  runtime = sorted(r.replace(" ", "") for r in meta.get_all("Requires-Dist")
-                   if "extra ==" not in r)
-  assert runtime == sorted(r.replace(" ", "") for r in
-                           _requirement_lines(ROOT / "requirements.txt"))
+  def normal(line):
+    req = requirements.Requirement(line)
+    return req.name.lower(), tuple(sorted(str(s) for s in req.specifier)), req.marker is None
+  runtime = sorted(normal(r) for r in meta.get_all("Requires-Dist") if "extra ==" not in r)
+  assert runtime == sorted(normal(r) for r in _requirement_lines(ROOT / "requirements.txt"))
+  assert len(runtime) == 15
   assert "sized-detr = sized_detr_jax.cli:entry" in entry_points
 
 
