@@ -29,6 +29,7 @@ import optax
 from sized_detr_jax import config_lib
 from sized_detr_jax import evaluate
 from sized_detr_jax import host_runtime
+from sized_detr_jax import inference_spec
 from sized_detr_jax import metrics_log
 from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
@@ -214,6 +215,10 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
   if jax.process_index() == 0:  # after the restore: a mismatch error can name changed fields
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
+    # What Detector.load / export need (classes, eval preprocessing, postprocess, params).
+    inference_spec.write(workdir, inference_spec.from_run(config, run.data_info,
+                                                          run.state.params,
+                                                          run.state.ema_params))
   method, mesh, state, ckpt = run.method, run.mesh, run.state, run.checkpointer
   train_step = _StepCache(run, config)
   predictor = evaluate.Predictor(method, mesh)
