@@ -4,14 +4,15 @@
   (the method's postprocess: DINO's top-K, or Semi-DETR's NMS before its switch).
 * `run_evaluation`: predict every eval batch, COCO results json, `COCOeval` per box size,
   `detections_<step>.json`, `eval_metrics.json(l)`, `per_size_<step>.png`.
-* `evaluate_only` / `predict`: `run.py --mode=eval` / `--mode=predict` on a workdir's newest
-  checkpoint.
+* `evaluate_only`: `run.py --mode=eval` on a workdir's newest checkpoint (`--mode=predict` is
+  `predict.py`, on `detector.Detector`).
 * Host-side helpers: `detections_to_coco`, `coco_metrics`, `write_evaluation`, `plot_per_size`.
 
 Metrics are AP, AP50, AP75, APs, APm, APl (and the recalls) as 0-1 floats. Size classes follow
 COCO: small < 32^2 px area <= medium < 96^2 <= large.
 """
 import contextlib
+import functools
 import io
 import json
 import os
@@ -27,9 +28,7 @@ from sized_detr_jax import config_lib
 from sized_detr_jax import criterion
 from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
-from sized_detr_jax import visualize
 from sized_detr_jax.data import batch as batch_lib
-from sized_detr_jax.data import image_files
 from sized_detr_jax.data import pipeline
 
 # Order of COCOeval.stats for iouType="bbox".
@@ -173,6 +172,25 @@ def format_metrics_table(metrics):
 # Prediction and the evaluation loop.
 
 
+def detect(model, postprocess, params, model_state, batch):
+  """One eval batch's detections: the model's forward pass at inference, then `postprocess`.
+
+  Args:
+    model: the Flax module (`method.Method.model`, or the DINO inside it).
+    postprocess: `fn(outputs, batch)` (`method.Method.postprocess(stage)`).
+    params, model_state: the model's variables.
+    batch: `image` [B, H, W, 3] (float32 normalised or uint8), `pixel_mask` [B, H, W],
+      `orig_size` [B, 2], `image_index` [B].
+
+  Returns:
+    the postprocess dict (`scores` [B, K], `labels` [B, K], `boxes_xyxy` / `boxes_xywh`
+    [B, K, 4] in original-image pixels, ...) plus the batch's `image_index`.
+  """
+  outputs = model.apply({"params": params, **model_state}, batch_lib.model_images(batch),
+                        batch["pixel_mask"], train=False)
+  return {**postprocess(outputs, batch), "image_index": batch["image_index"]}
+
+
 class Predictor:
   """Jitted `(params, model_state, batch) -> detections` of a method, one per stage.
 
@@ -190,13 +208,7 @@ class Predictor:
     """The predict function for the model after `step` completed steps."""
     stage = self.method.stage_at(step)
     if stage not in self._fns:
-      model, postprocess = self.method.model, self.method.postprocess(stage)
-
-      def predict(params, model_state, batch):
-        outputs = model.apply({"params": params, **model_state}, batch_lib.model_images(batch),
-                              batch["pixel_mask"], train=False)
-        return {**postprocess(outputs, batch), "image_index": batch["image_index"]}
-
+      predict = functools.partial(detect, self.method.model, self.method.postprocess(stage))
       replicated = sharding.replicated(self.mesh)
       self._fns[stage] = jax.jit(
           predict, in_shardings=(replicated, replicated, sharding.batch_sharding(self.mesh)),
@@ -265,8 +277,8 @@ def run_evaluation(predictor, params, model_state, step, workdir, data_info, bat
 
 def eval_params(config, state):
   """The params evaluation uses: the EMA params when `config.eval_ema` and the state has them
-  (`config.ema_momentum` set), else the trained params. Training's own evaluations and
-  `--mode=eval|predict` both read them from here."""
+  (`config.ema_momentum` set), else the trained params. Training's own evaluations,
+  `--mode=eval` and `detector.Detector` (via inference.json) follow it."""
   if config.get("eval_ema") and state.ema_params is not None:
     return state.ema_params
   return state.params
@@ -283,7 +295,7 @@ class Restored(NamedTuple):
 
 
 def restore_for_inference(config, workdir, mode) -> Restored:
-  """The newest checkpoint of `workdir` with its predictor (`--mode=eval|predict`).
+  """The newest checkpoint of `workdir` with its predictor (`--mode=eval`).
 
   Logs (and prints) which step is used and why (e.g. a newer step was unreadable). A workdir
   without checkpoints is an error and is left untouched; checkpoints of another model raise
@@ -317,50 +329,3 @@ def evaluate_only(config, workdir):
   if metrics is not None:
     print(format_metrics_table(metrics))
   return metrics
-
-
-def output_names(paths):
-  """Unique PNG names for input images: `<stem>.png`, or `<parent>_<stem>.png` (then the
-  position) for inputs whose stems collide (a/x.png and b/x.png)."""
-  stems = [os.path.splitext(os.path.basename(str(p)))[0] for p in paths]
-  names = []
-  for k, (path, stem) in enumerate(zip(paths, stems)):
-    if stems.count(stem) > 1:
-      parent = os.path.basename(os.path.dirname(os.path.abspath(str(path))))
-      stem = f"{parent}_{stem}"
-    names.append(stem)
-  return [f"{n}.png" if names.count(n) == 1 else f"{n}_{k}.png" for k, n in enumerate(names)]
-
-
-def predict(config, workdir, image_paths, *, min_score=0.3):
-  """Detect objects in image files with the newest checkpoint; PNGs to WORKDIR/predictions/."""
-  config = config_lib.finalize(config)
-  source = image_files.ImageFilesSource(image_paths)
-  names = output_names(source.paths)
-  r = restore_for_inference(config, workdir, "predict")
-  predict_fn = r.predictor(r.step)
-  batch_fn = pipeline.make_eval_batch_fn(source, config.data, process_index=jax.process_index(),
-                                         process_count=jax.process_count(),
-                                         with_image_id=False)
-  out_dir = os.path.join(workdir, "predictions")
-  os.makedirs(out_dir, exist_ok=True)
-  written = []
-  num_batches = -(-len(source) // pipeline.resolve_data_config(config.data).eval_batch_size)
-  for index in range(num_batches):
-    out = jax.device_get(predict_fn(r.params, r.model_state,
-                                    sharding.global_batch(batch_fn(index), r.mesh)))
-    if jax.process_index() != 0:
-      continue
-    for k, index in enumerate(out["image_index"]):
-      if index < 0:
-        continue
-      example = source[int(index)]
-      drawn = visualize.draw_detections(example["image"], out["boxes_xyxy"][k], out["scores"][k],
-                                        out["labels"][k], r.data_info["category_names"],
-                                        min_score=min_score)
-      path = os.path.join(out_dir, names[int(index)])
-      drawn.save(path)
-      written.append(path)
-  if written:
-    print(f"Wrote {len(written)} images with detections (score >= {min_score}) to {out_dir}")
-  return written

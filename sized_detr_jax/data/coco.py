@@ -245,6 +245,13 @@ def _high_bit_depth_to_uint8(pil):
   return (np.round(values).astype(np.uint32) >> 8).astype(np.uint8)
 
 
+def pil_to_rgb(pil):
+  """uint8 RGB [H, W, 3] of a loaded PIL image of any mode (see `decode_image`)."""
+  gray = _high_bit_depth_to_uint8(pil)
+  return (np.repeat(gray[..., None], 3, axis=-1) if gray is not None
+          else np.asarray(pil.convert("RGB")))
+
+
 def decode_image(path, image_id=None, expected_size=None):
   """Decodes an image file to uint8 RGB [H, W, 3].
 
@@ -264,9 +271,7 @@ def decode_image(path, image_id=None, expected_size=None):
   try:
     with Image.open(path) as pil:
       pil.load()
-      gray = _high_bit_depth_to_uint8(pil)
-      image = (np.repeat(gray[..., None], 3, axis=-1) if gray is not None
-               else np.asarray(pil.convert("RGB")))
+      image = pil_to_rgb(pil)
   except (OSError, SyntaxError, ValueError) as e:
     raise CocoFormatError(f"{path}: cannot decode image (id {image_id}): {e}") from None
   if expected_size is not None and tuple(image.shape[:2]) != tuple(expected_size):

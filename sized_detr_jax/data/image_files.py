@@ -1,4 +1,4 @@
-"""A source over plain image files (no annotations), for `run.py --mode=predict`."""
+"""Sources over plain images without annotations (files, or decoded arrays), for prediction."""
 import numpy as np
 from PIL import Image
 
@@ -32,7 +32,29 @@ class ImageFilesSource:
     return self._sizes
 
   def __getitem__(self, i):
-    image = coco.decode_image(self.paths[i], i, self._sizes[i])
-    return {"image": image, "image_id": np.int64(i), "boxes": np.zeros((0, 4), np.float32),
-            "labels": np.zeros((0,), np.int32), "iscrowd": np.zeros((0,), bool),
-            "orig_size": self._sizes[i]}
+    return _example(coco.decode_image(self.paths[i], i, self._sizes[i]), i)
+
+
+class DecodedImagesSource:
+  """Random-access source over decoded uint8 RGB [H, W, 3] arrays (no annotations), in the
+  example format of `coco.CocoSource`; image ids are the positions 0..N-1."""
+
+  def __init__(self, images):
+    self.images = list(images)
+    self.image_ids = np.arange(len(self.images), dtype=np.int64)
+
+  def __len__(self):
+    return len(self.images)
+
+  def image_sizes(self):
+    return np.asarray([image.shape[:2] for image in self.images], np.int32).reshape(-1, 2)
+
+  def __getitem__(self, i):
+    return _example(self.images[i], i)
+
+
+def _example(image, i):
+  """The example dict of image i (uint8 [H, W, 3]): no boxes."""
+  return {"image": image, "image_id": np.int64(i), "boxes": np.zeros((0, 4), np.float32),
+          "labels": np.zeros((0,), np.int32), "iscrowd": np.zeros((0,), bool),
+          "orig_size": np.asarray(image.shape[:2], np.int32)}
