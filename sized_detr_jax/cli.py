@@ -47,8 +47,18 @@ flags.DEFINE_string(
     "when set, wins). Re-runs load the compiled init, evaluation and prediction functions "
     "(the smoke run: 113 -> 82 s wall); the train step is compiled every run, as JAX never "
     "caches an executable that calls back into Python (the host Hungarian matching).")
-flags.DEFINE_multi_string("image", [], "--mode=predict: image file(s) to run the detector on.")
+flags.DEFINE_string("images", None, "--mode=predict: an image folder, glob or file to run the "
+                    "trained detector of --workdir on (only its config.json, inference.json and "
+                    "checkpoints are read; --config is not used).")
+flags.DEFINE_multi_string("image", [], "--mode=predict: image file(s); repeatable; an alias of "
+                          "--images, both may be given.")
+flags.DEFINE_string("out", None, "--mode=predict: output folder for detections.json and the "
+                    "drawn PNGs (default WORKDIR/predictions).")
+flags.DEFINE_string("images_ann", None, "--mode=predict: a COCO json listing the images: "
+                    "detections.json reuses its image ids (matched by file name).")
 flags.DEFINE_float("min_score", 0.3, "--mode=predict: draw detections scoring at least this.")
+flags.DEFINE_list("categories", None, "--mode=predict on a run without inference.json (older "
+                  "runs): the class names in label order.")
 flags.DEFINE_bool("fresh_start", False, "--mode=train: when the workdir's checkpoints do not fit "
                   "the config (another model), move them aside (<step>.superseded-<time>) and "
                   "train from step 0 instead of stopping with an error.")
@@ -60,10 +70,17 @@ def _run_mode(mode, config, workdir):
   if mode == "summary":
     from sized_detr_jax import summary  # pylint: disable=g-import-not-at-top
     return summary.summarize(config)
+  if mode == "predict":
+    from sized_detr_jax import predict  # pylint: disable=g-import-not-at-top
+    if not workdir or not (FLAGS.images or FLAGS.image):
+      raise ValueError("--mode=predict needs --workdir (a training run) and --images=DIR|GLOB|"
+                       "FILE (or --image=FILE ...)")
+    return predict.predict_to_files(workdir, ([FLAGS.images] if FLAGS.images else [])
+                                    + list(FLAGS.image), out=FLAGS.out,
+                                    images_ann=FLAGS.images_ann, min_score=FLAGS.min_score,
+                                    categories=FLAGS.categories)
   from sized_detr_jax import evaluate  # pylint: disable=g-import-not-at-top
   from sized_detr_jax import train  # pylint: disable=g-import-not-at-top
-  if mode == "predict":
-    return evaluate.predict(config, workdir, FLAGS.image, min_score=FLAGS.min_score)
   if mode == "eval":
     return evaluate.evaluate_only(config, workdir)
   try:

@@ -20,6 +20,7 @@ from sized_detr_jax import checkpointing
 from sized_detr_jax import config_lib
 from sized_detr_jax import evaluate
 from sized_detr_jax import metrics_log
+from sized_detr_jax import predict
 from sized_detr_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +145,7 @@ def test_eval_on_a_missing_workdir_creates_nothing(tmp_path):
 
 
 def test_predict_output_names_are_unique():
-  names = evaluate.output_names(["a/x.png", "b/x.png", "c/y.jpg", "x.png", "a/x.jpg"])
+  names = predict.output_names(["a/x.png", "b/x.png", "c/y.jpg", "x.png", "a/x.jpg"])
   assert len(set(names)) == len(names)
   assert names[2] == "y.png" and names[0].startswith("a_x")
-  chex.assert_equal(evaluate.output_names(["p/q.png"]), ["q.png"])
+  chex.assert_equal(predict.output_names(["p/q.png"]), ["q.png"])

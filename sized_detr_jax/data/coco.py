@@ -273,7 +273,8 @@ def decode_image(path, image_id=None, expected_size=None):
       pil.load()
       image = pil_to_rgb(pil)
   except (OSError, SyntaxError, ValueError) as e:
-    raise CocoFormatError(f"{path}: cannot decode image (id {image_id}): {e}") from None
+    which = f" (id {image_id})" if image_id is not None else ""
+    raise CocoFormatError(f"{path}: cannot decode image{which}: {e}") from None
   if expected_size is not None and tuple(image.shape[:2]) != tuple(expected_size):
     raise CocoFormatError(f"{path}: image (id {image_id}) is {image.shape[0]}x{image.shape[1]} "
                           f"(h x w) but the annotations say {expected_size[0]}x"
