@@ -30,3 +30,23 @@ def count_host_calls(monkeypatch):
 
   monkeypatch.setattr(matching, "_solve_on_host", counting)
   return calls
+
+
+@pytest.fixture(scope="session")
+def trained_smoke_run(tmp_path_factory):
+  """A `synthetic:smoke` run trained for 2 steps and evaluated, whose dataset is then moved
+  away (inference must not need it). Shared by test_detector.py and test_export.py.
+
+  Returns:
+    {"workdir", "data" (the moved dataset folder), "step"}.
+  """
+  from sized_detr_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from sized_detr_jax import train  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("smoke_run")
+  config = config_lib.load_config("synthetic", "smoke")
+  config.data.root = str(root / "data")
+  config.update(total_steps=2, log_every=1, checkpoint_every=2)
+  workdir = str(root / "run")
+  train.train_and_evaluate(config, workdir)
+  os.rename(root / "data", root / "data_moved")
+  return {"workdir": workdir, "data": str(root / "data_moved"), "step": 2}
