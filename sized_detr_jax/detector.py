@@ -19,8 +19,9 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -141,6 +142,15 @@ def _subtree(tree, path):
   return tree
 
 
+def _state_tree_metadata(step_dir):
+  """The checkpoint's state tree of orbax leaf metadata (shapes, dtypes; nothing is read)."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.metadata(epath.Path(step_dir) / "state").tree
+  finally:
+    handler.close()
+
+
 def restore_params(step_dir: str, collection: str, subtree: Sequence[str]):
   """(params, model_state) of the detector from one checkpoint step folder, as numpy.
 
@@ -150,18 +160,19 @@ def restore_params(step_dir: str, collection: str, subtree: Sequence[str]):
   Raises:
     KeyError: the checkpoint has no such collection / subtree (e.g. no EMA params).
   """
-  path = os.path.join(step_dir, "state")
-  with ocp.PyTreeCheckpointer() as ckptr:
-    metadata = ckptr.metadata(path)
-    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
-    if tree.get(collection) is None:
-      raise KeyError(f"{step_dir} holds no {collection}")
-    wanted = {collection: _nest(subtree, _subtree(tree[collection], subtree)),
-              "model_state": tree.get("model_state") or {}}
-    wanted = {k: v for k, v in wanted.items() if v}
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+  tree = _state_tree_metadata(step_dir)
+  if tree.get(collection) is None:
+    raise KeyError(f"{step_dir} holds no {collection}")
+  wanted = {collection: _nest(subtree, _subtree(tree[collection], subtree)),
+            "model_state": tree.get("model_state") or {}}
+  wanted = {k: v for k, v in wanted.items() if v}
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    restored = handler.restore(epath.Path(step_dir) / "state", args=ocp.args.PyTreeRestore(
         item=wanted, restore_args=args, partial_restore=True))
+  finally:
+    handler.close()
   return (_subtree(restored[collection], subtree), restored.get("model_state") or {})
 
 
@@ -394,9 +405,7 @@ class Detector:
 
 def _has(step_dir, *path):
   """Whether a checkpoint's state has params at `path` (metadata only)."""
-  with ocp.PyTreeCheckpointer() as ckptr:
-    metadata = ckptr.metadata(os.path.join(step_dir, "state"))
-  tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+  tree = _state_tree_metadata(step_dir)
   for key in path:
     if not isinstance(tree, dict) or tree.get(key) is None:
       return False
