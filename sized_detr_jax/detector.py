@@ -308,6 +308,27 @@ class Detector:
                  workdir=workdir, batch_size=batch_size)
     raise ValueError(f"{workdir}: no readable checkpoint ({'; '.join(errors)})")
 
+  @classmethod
+  def initialised(cls, config, *, step: int = 0, batch_size: Optional[int] = None,
+                  seed: int = 0) -> "Detector":
+    """An untrained detector of a config (random init; classes named "class_<k>", ids k + 1),
+    with the inference.json a training run of it writes: for benchmarks and tests."""
+    from sized_detr_jax import config_lib  # pylint: disable=g-import-not-at-top
+    config = config_lib.finalize(config)
+    model = dino.build_dino(config.model)
+    key = jax.random.PRNGKey(seed)
+    variables = jax.jit(lambda: model.init(
+        {"params": key, "dropout": key, "dn": key}, jax.numpy.zeros((1, 64, 64, 3)),
+        jax.numpy.ones((1, 64, 64), bool), train=False))()
+    variables = jax.tree.map(np.asarray, dict(variables))
+    params = variables.pop("params")
+    num = int(config.model.num_classes)
+    spec = inference_spec.build(config, list(range(1, num + 1)),
+                                [f"class_{k}" for k in range(num)], has_ema=False,
+                                detector_subtree=[])
+    return cls(model, params, variables, spec, step=step, params_used="params",
+               batch_size=batch_size)
+
   # ------------------------------------------------------------------------------ predicting
   def bucket_of(self, image_size) -> tuple:
     """The padded (h, w) an image of `image_size` (h, w) is predicted in."""

@@ -18,7 +18,6 @@ from sized_detr_jax import detector as detector_lib
 from sized_detr_jax import export
 from sized_detr_jax import inference_spec
 from sized_detr_jax import methods
-from sized_detr_jax.models import dino
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # compiles the model several times (~20 s each on 2 cores)
@@ -76,21 +75,11 @@ print(json.dumps({{"platforms": list(exported.platforms), "meta": meta["platform
 
 
 def _initialised_detector(config_name, tokens, step, **model_overrides):
-  """A Detector of a freshly initialised model (no training), with the spec training writes."""
+  """An untrained Detector of a config, with the spec training writes."""
   config = config_lib.load_config(config_name, tokens)
   config.model.update(model_overrides)
   config = config_lib.finalize(config)
-  model = dino.build_dino(config.model)
-  h, w = 64, 64
-  variables = model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0),
-                          "dn": jax.random.PRNGKey(0)}, jnp.zeros((1, h, w, 3)),
-                         jnp.ones((1, h, w), bool), train=False)
-  variables = jax.tree.map(np.asarray, dict(variables))
-  params = variables.pop("params")
-  spec = inference_spec.build(config, [1, 2, 5, 9], ["a", "b", "c", "d"], has_ema=False,
-                              detector_subtree=["dino"])
-  return config, detector_lib.Detector(model, params, variables, spec, step=step,
-                                       params_used="params", batch_size=2)
+  return config, detector_lib.Detector.initialised(config, step=step, batch_size=2)
 
 
 @pytest.mark.parametrize("config_name,tokens,step,overrides,kind", [
