@@ -106,6 +106,9 @@ def expand_images(images) -> list:
     images = [images]
   inputs, arrays = [], 0
   for item in images:
+    if isinstance(item, _Input):  # already expanded
+      inputs.append(item)
+      continue
     if isinstance(item, (Image.Image, np.ndarray)):
       kind = "PIL" if isinstance(item, Image.Image) else "array"
       inputs.append(_Input(f"<{kind} {arrays}>", item))
@@ -173,7 +176,10 @@ def restore_params(step_dir: str, collection: str, subtree: Sequence[str]):
         item=wanted, restore_args=args, partial_restore=True))
   finally:
     handler.close()
-  return (_subtree(restored[collection], subtree), restored.get("model_state") or {})
+  # Other variable collections (none in DINO today) nest like the params in wrapped methods.
+  model_state = {name: _subtree(tree, subtree)
+                 for name, tree in (restored.get("model_state") or {}).items()}
+  return _subtree(restored[collection], subtree), model_state
 
 
 def _nest(path, tree):
@@ -316,16 +322,17 @@ class Detector:
     from sized_detr_jax import config_lib  # pylint: disable=g-import-not-at-top
     config = config_lib.finalize(config)
     model = dino.build_dino(config.model)
-    key = jax.random.PRNGKey(seed)
-    variables = jax.jit(lambda: model.init(
-        {"params": key, "dropout": key, "dn": key}, jax.numpy.zeros((1, 64, 64, 3)),
-        jax.numpy.ones((1, 64, 64), bool), train=False))()
-    variables = jax.tree.map(np.asarray, dict(variables))
-    params = variables.pop("params")
     num = int(config.model.num_classes)
     spec = inference_spec.build(config, list(range(1, num + 1)),
                                 [f"class_{k}" for k in range(num)], has_ema=False,
                                 detector_subtree=[])
+    key = jax.random.PRNGKey(seed)
+    h, w = spec["preprocess"]["buckets"][0]  # enough encoder tokens for the queries
+    variables = jax.jit(lambda: model.init(
+        {"params": key, "dropout": key, "dn": key}, jax.numpy.zeros((1, h, w, 3)),
+        jax.numpy.ones((1, h, w), bool), train=False))()
+    variables = jax.tree.map(np.asarray, dict(variables))
+    params = variables.pop("params")
     return cls(model, params, variables, spec, step=step, params_used="params",
                batch_size=batch_size)
 
@@ -365,8 +372,7 @@ class Detector:
     len(buckets) x batch_size decoded images are held. An unreadable image gives a
     `Detections` with `error` set and no boxes, never an exception.
     """
-    inputs = images if isinstance(images, list) and all(
-        isinstance(i, _Input) for i in images) else expand_images(images)
+    inputs = expand_images(images)
     queues = {}
     for position, item in enumerate(inputs):
       try:
