@@ -50,22 +50,30 @@ def image_ids_from_ann(ann_file: str, sources: Sequence[str]) -> list:
 
 
 class _Progress:
-  """A one-line progress report on stderr (done/total, img/s, ETA), at most every `every` s."""
+  """A one-line progress report on stderr (done/total, img/s, ETA), at most every `every` s.
+
+  The rate counts from the first finished batch on, so the compilation (one per bucket,
+  mostly before it) does not drag it down."""
 
   def __init__(self, total, every=2.0, stream=None):
     self.total, self.every, self.stream = total, every, stream or sys.stderr
-    self.start = self.last = time.perf_counter()
+    self.start, self.first, self.last = time.perf_counter(), None, 0.0
 
   def update(self, done, final=False):
     now = time.perf_counter()
+    if self.first is None:
+      self.first = (now, done)
+      print(f"predict: first batch in {now - self.start:.1f} s (compiling)", file=self.stream,
+            flush=True)
+      self.last = now
     if not final and now - self.last < self.every:
       return
     self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    eta = (self.total - done) / rate if rate > 0 else float("inf")
-    end = "\n" if final else "\r"
-    print(f"predict: {done}/{self.total} images, {rate:.2f} img/s, ETA {eta:.0f} s", end=end,
-          file=self.stream, flush=True)
+    t0, n0 = self.first
+    rate = (done - n0) / (now - t0) if done > n0 else float("nan")
+    eta = (self.total - done) / rate if rate > 0 else float("nan")
+    print(f"predict: {done}/{self.total} images, {rate:.2f} img/s, ETA {eta:.0f} s",
+          end="\n" if final else "\r", file=self.stream, flush=True)
 
 
 def predict_to_files(workdir: str, images, *, out: Optional[str] = None,
