@@ -79,13 +79,15 @@ def _initialised_detector(config_name, tokens, step, **model_overrides):
   config = config_lib.load_config(config_name, tokens)
   config.model.update(model_overrides)
   config = config_lib.finalize(config)
+  if step == "switch":
+    step = int(config.semi.switch_step)
   return config, detector_lib.Detector.initialised(config, step=step, batch_size=2)
 
 
 @pytest.mark.parametrize("config_name,tokens,step,overrides,kind", [
     ("co_dino", "synthetic,smoke", 0, {"soft_nms_iou": 0.8}, "soft_nms"),
     ("semi_detr", "synthetic,smoke", 0, {}, "nms"),
-    ("semi_detr", "synthetic,smoke", 6, {}, "topk"),
+    ("semi_detr", "synthetic,smoke", "switch", {}, "topk"),  # at config.semi.switch_step
 ])
 def test_export_round_trip_and_method_postprocess(config_name, tokens, step, overrides, kind,
                                                   tmp_path):
@@ -98,7 +100,7 @@ def test_export_round_trip_and_method_postprocess(config_name, tokens, step, ove
   outputs = {"pred_logits": jnp.asarray(rng.normal(size=(2, q, c)) * 3, jnp.float32),
              "pred_boxes": jnp.asarray(rng.uniform(0.1, 0.6, size=(2, q, 4)), jnp.float32)}
   batch = {"orig_size": jnp.asarray([[120, 90], [64, 200]], jnp.int32)}
-  want = method.postprocess(method.stage_at(step))(outputs, batch)
+  want = method.postprocess(method.stage_at(det.step))(outputs, batch)
   got = inference_spec.make_postprocess(det.postprocess)(outputs, batch)
   for key in ("scores", "labels", "boxes_xyxy"):
     np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)

@@ -16,12 +16,15 @@ def _config(name, tokens):
 
 
 def test_postprocess_stages_follow_each_method():
-  semi = _config("semi_detr", "synthetic,smoke")  # switch at 3 of 6 steps
+  semi = _config("semi_detr", "synthetic,smoke")
+  switch = semi.semi.switch_step
+  assert 0 < switch <= semi.total_steps
   stages = inference_spec.postprocess_stages(semi)
-  assert [(s["from_step"], s["kind"]) for s in stages] == [(0, "nms"), (3, "topk")]
+  assert [(s["from_step"], s["kind"]) for s in stages] == [(0, "nms"), (switch, "topk")]
   spec = {"postprocess": stages}
   # SemiConfig.stage_at: stage 2 (one-to-one, top-k) from switch_step completed steps on.
-  assert [inference_spec.postprocess_at(spec, s)["kind"] for s in (0, 2, 3, 6)] == [
+  steps = (0, switch - 1, switch, semi.total_steps)
+  assert [inference_spec.postprocess_at(spec, s)["kind"] for s in steps] == [
       "nms", "nms", "topk", "topk"]
   assert stages[0]["iou_threshold"] == semi.semi.nms_iou
   co = config_lib.load_config("co_dino", "synthetic,smoke")
