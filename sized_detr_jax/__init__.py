@@ -11,6 +11,8 @@ The public API (docs/api.md has runnable examples):
     matching_cost, hungarian_matching
   The DINO criterion:
     CriterionConfig, dino_criterion
+  Trained models (a run folder -> detections; docs/inference.md):
+    Detector
 
 Names are imported on first use (PEP 562), so `import sized_detr_jax` is cheap and loads none of
 TensorFlow, TFDS, grain, orbax, pycocotools, matplotlib or torch; each name brings only its own
@@ -32,6 +34,7 @@ _API = {
     "hungarian_matching": "matching",
     "CriterionConfig": "criterion",
     "dino_criterion": "criterion",
+    "Detector": "detector",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -55,7 +55,7 @@ def test_every_public_name_resolves_to_its_module():
   objects = _public_objects()
   assert {"sized_l1_loss", "l1_loss", "giou_loss", "generalized_box_iou", "box_cxcywh_to_xyxy",
           "box_xyxy_to_cxcywh", "hungarian_matching", "dino_criterion",
-          "CriterionConfig"} <= set(objects)
+          "CriterionConfig", "Detector"} <= set(objects)
   for name, obj in objects.items():
     assert obj.__name__ == name and obj.__module__.startswith("sized_detr_jax."), name
   assert "sized_l1_loss" in dir(sized_detr_jax)
