@@ -87,12 +87,12 @@ def get_config(arg=None):
   if "smoke" in tokens:
     config.data.update(dict(synthetic_num_images=24, batch_size=4, eval_batch_size=8,
                             root="data_cache/synthetic_smoke"))
-  if "small" in tokens:
-    config.data.update(root=config.data.root + "_small",
-                       synthetic_size_mix=synthetic_data.SMALL_SIZE_MIX)
     config.total_steps = 6
     config.optimizer.lr_drop_fractions = ()
     config.optimizer.warmup_fraction = 0.0
     config.log_every = 2
     config.checkpoint_every = 3
+  if "small" in tokens:
+    config.data.update(root=config.data.root + "_small",
+                       synthetic_size_mix=synthetic_data.SMALL_SIZE_MIX)
   return config
