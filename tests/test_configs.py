@@ -136,3 +136,24 @@ def test_list_configs_prints_every_config_and_token_meaning():
     assert f"{name}: " in out
     for token in configs.module(name).TOKENS:
       assert " ".join(f"{token} {configs.TOKEN_MEANINGS[token]}".split()) in flat, token
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+@pytest.mark.parametrize("name, base", [("synthetic", None), ("synthetic", "smoke"),
+                                        ("co_dino", "synthetic")])
+def test_small_token_changes_only_the_dataset(name, base):
+  """`small` swaps the generated dataset (root, size mix) and the run's name, nothing else."""
+  plain = _flat(config_lib.load_config(name, base).to_dict())
+  small = _flat(config_lib.load_config(name, ",".join(filter(None, [base, "small"]))).to_dict())
+  changed = {k for k in plain.keys() | small.keys() if plain.get(k) != small.get(k)}
+  assert changed == {"data.root", "data.synthetic_size_mix", "name"}, changed
+  assert small["data.root"] == plain["data.root"] + "_small"
