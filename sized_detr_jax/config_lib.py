@@ -82,7 +82,7 @@ def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_e
   ema_momentum (None: no EMA params), eval_ema, log_grad_split (log the gradient norm of each
   loss kind and the share of clipped steps), init_from (a fresh run starts its detector from
   another run's newest checkpoint, e.g. a supervised burn-in), distributed
-  (jax.distributed.initialize args).
+  (jax.distributed.initialize args, incl. heartbeat_timeout_seconds).
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
@@ -103,7 +103,10 @@ def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_e
       enabled=False,
       coordinator_address=config_dict.placeholder(str),
       num_processes=config_dict.placeholder(int),
-      process_id=config_dict.placeholder(int)))
+      process_id=config_dict.placeholder(int),
+      # Seconds without a heartbeat after which the coordination service declares a process
+      # dead and stops the others (jax.distributed's default 100 when unset).
+      heartbeat_timeout_seconds=config_dict.placeholder(int)))
   return config
 
 

@@ -16,10 +16,38 @@ from absl import logging
 import jax
 
 
-class MetricsLog:
-  """Append-only metrics file + TensorBoard + progress lines (process 0 only)."""
+# The evaluation's scalars in TensorBoard (evaluate.METRIC_NAMES' precision figures), under
+# "eval/"; they are also the hparams plugin's metrics.
+EVAL_SCALARS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
-  def __init__(self, workdir, *, total_steps, start_step=0, tensorboard=True):
+
+def flat_hparams(config, prefix=""):
+  """{"data.batch_size": 4, ...}: a config's leaves as TensorBoard hparams (bool, int, float or
+  str; tuples and None as their text)."""
+  out = {}
+  for key, value in (config.items() if hasattr(config, "items") else ()):
+    name = f"{prefix}{key}"
+    if hasattr(value, "items"):
+      out.update(flat_hparams(value, name + "."))
+    elif isinstance(value, (bool, int, float, str)):
+      out[name] = value
+    else:
+      out[name] = str(value)
+  return out
+
+
+class MetricsLog:
+  """Append-only metrics file + TensorBoard + progress lines (process 0 only).
+
+  TensorBoard (WORKDIR/tensorboard, when tensorboardX is installed): every logged training value
+  as `train/<key>` (loss terms, `lr`, `img_per_s`...), the learning rate of each parameter group
+  as `lr/<group>` (`lr_multipliers`), each evaluation as `eval/<metric>` and
+  `eval/box_loss_share_<size>`, and the config as hparams (`hparams`) with the eval metrics as
+  the hparams plugin's metrics.
+  """
+
+  def __init__(self, workdir, *, total_steps, start_step=0, tensorboard=True, hparams=None,
+               lr_multipliers=None):
     self.enabled = jax.process_index() == 0
     self.total_steps = int(total_steps)
     self.path = os.path.join(workdir, "metrics.jsonl")
@@ -35,6 +63,19 @@ class MetricsLog:
           self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         except ImportError:
           logging.info("tensorboardX is not installed: no TensorBoard scalars.")
+    self._lr_multipliers = dict(lr_multipliers or {})
+    if self._tb is not None and hparams:
+      self._write_hparams(hparams)
+
+  def _write_hparams(self, hparams):
+    """The config as a hparams-plugin session of this run (its metrics: the eval scalars)."""
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    experiment, start, end = summary.hparams(
+        hparams, {f"eval/{k}": float("nan") for k in EVAL_SCALARS})
+    writer = self._tb._get_file_writer()  # pylint: disable=protected-access
+    for proto in (experiment, start, end):
+      writer.add_summary(proto)
+    self._tb.flush()
 
   def _mark_start(self, start_step):
     """Appends a resume/restart event when the file already holds records."""
@@ -64,9 +105,25 @@ class MetricsLog:
       for k, v in record.items():
         if k != "step" and math.isfinite(v):
           self._tb.add_scalar(f"{prefix}/{k}", v, step)
+      if "lr" in record:
+        for group, mult in self._lr_multipliers.items():
+          self._tb.add_scalar(f"lr/{group}", record["lr"] * mult, step)
       self._tb.flush()
     logging.info("%s", format_progress(record, self.total_steps))
     return record
+
+  def write_eval(self, step, metrics, *, loss_share=None):
+    """TensorBoard scalars of an evaluation at `step`: `eval/<AP...>` (0-1; COCO's -1 for "no
+    ground truth of that size" is left out) and `eval/box_loss_share_<size>` (the share of the
+    final layer's box loss per size class, `evaluate.box_loss_share`)."""
+    if self._tb is None or metrics is None:
+      return
+    for key in EVAL_SCALARS:
+      if key in metrics and metrics[key] >= 0:
+        self._tb.add_scalar(f"eval/{key}", float(metrics[key]), step)
+    for size, share in (loss_share or {}).items():
+      self._tb.add_scalar(f"eval/box_loss_share_{size}", float(share), step)
+    self._tb.flush()
 
   def close(self):
     if self._tb is not None:

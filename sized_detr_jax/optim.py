@@ -61,14 +61,17 @@ def effective_labels(labels, opt_config):
   return labels
 
 
-def param_lr_multipliers(labels, opt_config):
-  """Per-leaf lr multiplier tree from a tree of group labels (e.g. `dino.param_labels`).
-
-  frozen -> 0, backbone -> `lr_backbone_mult` (0.1), linear_proj -> `lr_linear_proj_mult`
-  (0.1), default -> 1.
-  """
-  mult = {"frozen": 0.0, "backbone": float(opt_config.get("lr_backbone_mult", 0.1)),
+def group_lr_multipliers(opt_config):
+  """{group: lr multiplier}: frozen -> 0, backbone -> `lr_backbone_mult` (0.1), linear_proj ->
+  `lr_linear_proj_mult` (0.1), default -> 1."""
+  return {"frozen": 0.0, "backbone": float(opt_config.get("lr_backbone_mult", 0.1)),
           "linear_proj": float(opt_config.get("lr_linear_proj_mult", 0.1)), "default": 1.0}
+
+
+def param_lr_multipliers(labels, opt_config):
+  """Per-leaf lr multiplier tree from a tree of group labels (e.g. `dino.param_labels`), by
+  `group_lr_multipliers`."""
+  mult = group_lr_multipliers(opt_config)
   def lookup(label):
     if label not in mult:
       raise ValueError(f"unknown parameter group {label!r}; known: {GROUPS}")

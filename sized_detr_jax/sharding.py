@@ -58,6 +58,6 @@ def maybe_initialize_distributed(config):
   """`jax.distributed.initialize` from `config.distributed` (multi-host); no-op if absent."""
   dist = config.get("distributed")
   if dist and dist.get("enabled", False):
-    kwargs = {k: dist[k] for k in ("coordinator_address", "num_processes", "process_id")
-              if dist.get(k) is not None}
+    kwargs = {k: dist[k] for k in ("coordinator_address", "num_processes", "process_id",
+                                   "heartbeat_timeout_seconds") if dist.get(k) is not None}
     jax.distributed.initialize(**kwargs)

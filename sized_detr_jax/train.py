@@ -31,8 +31,11 @@ from sized_detr_jax import evaluate
 from sized_detr_jax import host_runtime
 from sized_detr_jax import inference_spec
 from sized_detr_jax import metrics_log
+from sized_detr_jax import optim
+from sized_detr_jax import preflight
 from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
+from sized_detr_jax import workdir_lock
 
 
 # Loss kinds whose gradient norms `grad_split_every` reports (the criterion's
@@ -126,14 +129,33 @@ class Preempted(Exception):
 
 
 class _StopSignal:
-  """Records SIGTERM while training (restores the previous handler on exit)."""
+  """Whether to stop for a preemption notice (SIGTERM) after a step; every process stops at
+  the same step.
+
+  One process (no `jax.distributed`): a Python SIGTERM handler records the signal (the previous
+  handler is restored on exit). Several processes: `jax.distributed.initialize` started the
+  coordination service's preemption sync manager, whose own SIGTERM handler reports a notice on
+  any process to every process; each step asks it, locally, whether this step is the agreed
+  stop step (`multihost_utils.reached_preemption_sync_point`): no cross-host collective per
+  step. (With the preemption service switched off, `jax_enable_preemption_service=False`, the
+  processes compare their flags with a collective every step instead.)
+  """
 
   def __init__(self):
     self.signum = None
     self._previous = None
 
+  @staticmethod
+  def _sync_manager():
+    # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    from jax._src import distributed
+    state = distributed.global_state
+    return state.preemption_sync_manager if state.client is not None else None
+
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    # Leave SIGTERM to the sync manager when there is one: a Python handler would replace it.
+    if (self._sync_manager() is None
+        and threading.current_thread() is threading.main_thread()):
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -141,8 +163,10 @@ class _StopSignal:
     del frame
     self.signum = signum
 
-  def requested(self):
-    """Whether any process got SIGTERM (all processes must stop at the same step)."""
+  def requested(self, step):
+    """Whether to stop after `step` (all processes must call it at every step)."""
+    if self._sync_manager() is not None:
+      return multihost_utils.reached_preemption_sync_point(step)
     flag = self.signum is not None
     if jax.process_count() > 1:
       flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
@@ -178,6 +202,7 @@ class _StepCache:
       start = time.perf_counter()
       self._compiled[layout] = self._jitted[stage].lower(state, batch).compile()
       logging.info("Compiled in %.1f s.", time.perf_counter() - start)
+      preflight.check_train_step(self._compiled[layout], self._config)  # before it allocates
       host_runtime.release_free_memory()  # the compiler's garbage, before the step's memory
     return self._compiled[layout](state, batch)
 
@@ -211,6 +236,12 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
   sharding.maybe_initialize_distributed(config)
   workdir = workdir or default_workdir(config)
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.WorkdirLock(workdir):  # one job per workdir (process 0 holds the lock)
+    return _train_locked(config, workdir, on_mismatch)
+
+
+def _train_locked(config, workdir, on_mismatch):
+  """`train_and_evaluate`'s body, run while this job holds the workdir's lock."""
   run = state_lib.setup(config, workdir, on_mismatch=on_mismatch)
   if jax.process_index() == 0:  # after the restore: a mismatch error can name changed fields
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -232,7 +263,10 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
 
   total = int(config.total_steps)
   start = int(jax.device_get(state.step))
-  log = metrics_log.MetricsLog(workdir, total_steps=total, start_step=start)
+  groups = optim.group_lr_multipliers(config.optimizer)
+  log = metrics_log.MetricsLog(workdir, total_steps=total, start_step=start,
+                               hparams=metrics_log.flat_hparams(config),
+                               lr_multipliers={g: m for g, m in groups.items() if m})
   batches = method.train_batches(config.data, seed=config.seed, start_step=start,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
@@ -268,9 +302,10 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
           if is_ckpt:
             ckpt.maybe_save(step, state, {**meta, "step": step}, force=True)
         if is_eval:
-          eval_metrics = evaluate_at(step, evaluate.box_loss_share(recent),
-                                     f"last {len(recent)} logged steps")
-        if step < total and stop.requested():
+          share = evaluate.box_loss_share(recent)
+          eval_metrics = evaluate_at(step, share, f"last {len(recent)} logged steps")
+          log.write_eval(step, eval_metrics, loss_share=share)
+        if step < total and stop.requested(step):
           _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
                         last_checked)
           ckpt.maybe_save(step, state, {**meta, "step": step}, force=True)
@@ -282,6 +317,7 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
         # A finished run whose final evaluation did not complete (killed during it).
         logging.info("Step %d is trained but not evaluated: evaluating it now.", total)
         eval_metrics = evaluate_at(total)
+        log.write_eval(total, eval_metrics)
   finally:
     # Also on errors (a NaN loss): let pending async saves of good steps complete.
     ckpt.close()

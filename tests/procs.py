@@ -16,3 +16,12 @@ def kill9_when_exists(proc, path, timeout=1200):
   assert os.path.isdir(path), f"{path} did not appear within {timeout} s"
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
+
+
+
+def start_workers(root, folder, args, num_processes=2, env=None, distributed_args=()):
+  """`benchmarks.multihost_step.start_local_job`: one jax.distributed job of `num_processes`
+  run.py processes on localhost (2 CPU devices each); their Popens, process 0 first."""
+  from sized_detr_jax.benchmarks import multihost_step  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  return multihost_step.start_local_job(root, folder, args, num_processes, env,
+                                        distributed_args)

@@ -173,37 +173,13 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_root, tmp_
   assert [r["step"] for r in _metrics(workdir)] == [1]
 
 
-_WORKER = """
-import os, sys
-os.environ.pop("XLA_FLAGS", None)
-os.environ["JAX_NUM_CPU_DEVICES"] = "2"
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-sys.argv = ["run.py"] + sys.argv[1:]
-sys.path.insert(0, {root!r})
-import runpy
-runpy.run_path({run_py!r}, run_name="__main__")
-"""
-
-
 def test_two_processes_train_like_one(data_root, tmp_path):
   """2 processes x 2 CPU devices (jax.distributed on localhost) = 1 process x 4 devices."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  worker = tmp_path / "worker.py"
-  worker.write_text(_WORKER.format(root=ROOT, run_py=os.path.join(ROOT, "run.py")))
-  common = [f"--config={CONFIG}:smoke", f"--config.data.root={data_root}",
-            "--config.total_steps=2", "--config.log_every=1", "--config.checkpoint_every=0",
-            "--config.eval_at_end=False", "--config.distributed.enabled=True",
-            f"--config.distributed.coordinator_address=localhost:{port}",
-            "--config.distributed.num_processes=2"]
   workdir = str(tmp_path / "multi")
-  workers = [subprocess.Popen([sys.executable, str(worker), *common, f"--workdir={workdir}",
-                               f"--config.distributed.process_id={i}"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+  workers = procs.start_workers(ROOT, str(tmp_path), [
+      f"--config={CONFIG}:smoke", f"--config.data.root={data_root}", "--config.total_steps=2",
+      "--config.log_every=1", "--config.checkpoint_every=0", "--config.eval_at_end=False",
+      f"--workdir={workdir}"])
   outs = [p.communicate(timeout=900)[0] for p in workers]
   for p, out in zip(workers, outs):
     assert p.returncode == 0, out[-3000:]

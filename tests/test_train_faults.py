@@ -22,6 +22,7 @@ from sized_detr_jax import evaluate
 from sized_detr_jax import metrics_log
 from sized_detr_jax import predict
 from sized_detr_jax import train
+from sized_detr_jax import workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "synthetic.py")
@@ -81,6 +82,18 @@ def test_finished_run_without_final_evaluation_evaluates_on_resume(chain):
   assert os.path.exists(os.path.join(chain["workdir"], "detections_2.json"))
 
 
+def test_tensorboard_holds_the_evaluation_and_the_learning_rates(chain):
+  import tb_events  # pylint: disable=g-import-not-at-top
+  scalars, hparams = tb_events.read_events(os.path.join(chain["workdir"], "tensorboard"))
+  for key in ("AP", "AP50", "APm"):
+    value = chain["final_eval"][key]
+    if value >= 0:
+      assert scalars[f"eval/{key}"] == [(2, pytest.approx(value))], key
+  assert [s for s, _ in scalars["train/loss"]] == [1, 2]
+  assert [s for s, _ in scalars["lr/default"]] == [1, 2]
+  assert hparams["total_steps"] == 2 and hparams["eval_at_end"] is True
+
+
 def test_metrics_jsonl_marks_resumes_and_read_metrics_drops_superseded_rows(chain):
   path = os.path.join(chain["workdir"], "metrics.jsonl")
   raw = [json.loads(line) for line in open(path)]
@@ -107,7 +120,15 @@ def test_eval_says_which_step_and_why_after_corruption(chain, capsys):
   data = [os.path.join(d, f) for d, _, fs in os.walk(step2) for f in fs if "/d/" in d + "/"]
   with open(max(data, key=os.path.getsize), "r+b") as f:
     f.truncate(0)
-  evaluate.evaluate_only(_config(chain["data_root"]), chain["workdir"])
+  # --mode=eval takes no lock: it runs beside a training job that holds the workdir.
+  lock = os.path.join(chain["workdir"], workdir_lock.LOCK_NAME)
+  with open(lock, "w") as f:
+    json.dump({"host": "another-host", "pid": 1, "started": "now"}, f)
+  try:
+    evaluate.evaluate_only(_config(chain["data_root"]), chain["workdir"])
+    assert json.load(open(lock))["host"] == "another-host"
+  finally:
+    os.remove(lock)
   out = capsys.readouterr().out
   assert "using checkpoint step 1 because step 2 was unreadable" in out
   record = json.load(open(os.path.join(chain["workdir"], "eval_metrics.json")))
