@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from typing import Any, Optional
 
@@ -41,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sized_detr_jax import fs
 
 ON_MISMATCH = ("error", "fresh")
 
@@ -170,8 +170,7 @@ def config_changes(config_json, config):
     list of "field: old -> new" strings, in sorted field order.
   """
   try:
-    with open(config_json) as f:
-      old = _flat_config(json.load(f))
+    old = _flat_config(json.loads(fs.path(config_json).read_text()))
   except (OSError, ValueError):
     return []
   new_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -220,8 +219,8 @@ class Checkpointer:
   """Saves every `every` steps (and when forced), keeps `keep`, restores the newest readable one."""
 
   def __init__(self, workdir, *, every, keep=3, async_save=True):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.workdir = fs.path(workdir)
+    self.directory = self.workdir / "checkpoints"
     self.every = int(every)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
@@ -237,12 +236,10 @@ class Checkpointer:
 
   def complete_steps(self):
     """Steps with a finished folder on disk (read from the directory, not orbax's cache)."""
-    try:
-      names = os.listdir(self.directory)
-    except FileNotFoundError:
+    if not self.directory.exists():
       return []
-    return sorted(int(n) for n in names
-                  if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
+    return sorted(int(p.name) for p in self.directory.iterdir()
+                  if p.name.isdigit() and p.is_dir())
 
   def _newest_text(self, state):
     """"the newest checkpoint on disk, step N (DIR/N), is <state>" or "there is no checkpoint"."""
@@ -283,9 +280,11 @@ class Checkpointer:
   def _save_failed(self, e):
     step, self._pending_step = self._pending_step, None
     if step is not None and jax.process_index() == 0:  # free the space of the partial write
-      for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
-        if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        try:
+          partial.rmtree()
+        except OSError:
+          pass
     what = f"step {step}" if step is not None else "an earlier asynchronous save"
     return CheckpointSaveError(f"saving the checkpoint of {what} to {self.directory} "
                                f"failed ({_short(e)}); {self._newest_text('intact')}")
@@ -303,18 +302,18 @@ class Checkpointer:
     """Renames checkpoints/<step> to <step>.<kind>-<time>; returns the new path (or None)."""
     if jax.process_index() != 0:
       return None
-    src = os.path.join(self.directory, str(step))
+    src = self.directory / str(step)
     # No "_" in the name: orbax would parse "<anything>_<digits>" as a step folder.
-    base = os.path.join(self.directory, f"{step}.{kind}-{time.strftime('%Y%m%dT%H%M%S')}")
-    dst, n = base, 1
-    while os.path.exists(dst):
-      dst, n = f"{base}-{n}", n + 1
+    base = f"{step}.{kind}-{time.strftime('%Y%m%dT%H%M%S')}"
+    dst, n = self.directory / base, 1
+    while dst.exists():
+      dst, n = self.directory / f"{base}-{n}", n + 1
     try:
-      os.rename(src, dst)
+      src.rename(dst)
     except OSError as e:
       logging.error("Could not move checkpoint %s aside to %s: %s", src, dst, e)
       return None
-    return dst
+    return str(dst)
 
   def _saved_shapes(self, step):
     return leaf_shapes(self._manager.item_metadata(step)["state"])
@@ -375,7 +374,7 @@ class Checkpointer:
 
   def _on_mismatch(self, step, mismatch, on_mismatch, config, skipped):
     if on_mismatch == "error":
-      changes = config_changes(os.path.join(self.workdir, "config.json"), config) if config else []
+      changes = config_changes(self.workdir / "config.json", config) if config else []
       changed = (f"; config fields changed since {self.workdir}/config.json: "
                  + ", ".join(changes[:6]) + (" ..." if len(changes) > 6 else "")) if changes else ""
       raise CheckpointMismatchError(

@@ -106,7 +106,10 @@ def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_e
       process_id=config_dict.placeholder(int),
       # Seconds without a heartbeat after which the coordination service declares a process
       # dead and stops the others (jax.distributed's default 100 when unset).
-      heartbeat_timeout_seconds=config_dict.placeholder(int)))
+      heartbeat_timeout_seconds=config_dict.placeholder(int),
+      # Training: seconds without news from a process after which the others stop with one
+      # line naming it (peer_watch; 60 when unset). Keep it below heartbeat_timeout_seconds.
+      lost_process_timeout_seconds=config_dict.placeholder(int)))
   return config
 
 

@@ -26,6 +26,7 @@ from pycocotools.cocoeval import COCOeval
 
 from sized_detr_jax import config_lib
 from sized_detr_jax import criterion
+from sized_detr_jax import fs
 from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
 from sized_detr_jax.data import batch as batch_lib
@@ -43,8 +44,7 @@ def load_coco(gt):
     return gt
   coco = COCO()
   if isinstance(gt, (str, os.PathLike)):
-    with open(gt) as f:
-      coco.dataset = json.load(f)
+    coco.dataset = json.loads(fs.path(gt).read_text())
   else:
     coco.dataset = gt
   with contextlib.redirect_stdout(io.StringIO()):
@@ -111,16 +111,13 @@ def coco_metrics(gt, detections, *, image_ids=None):
 
 def write_evaluation(workdir, step, detections, metrics):
   """Write `detections_<step>.json`, `eval_metrics.json` (latest) and append `eval_metrics.jsonl`."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, f"detections_{step}.json"), "w") as f:
-    json.dump(detections, f)
+  workdir = fs.path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / f"detections_{step}.json").write_text(json.dumps(detections))
   record = {"step": int(step), **metrics}
-  tmp = os.path.join(workdir, "eval_metrics.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, "eval_metrics.json"))  # atomic: never a half-written file
-  with open(os.path.join(workdir, "eval_metrics.jsonl"), "a") as f:
-    f.write(json.dumps(record) + "\n")
+  # Atomic: never a half-written file.
+  fs.write_text_atomic(workdir / "eval_metrics.json", json.dumps(record, indent=1))
+  fs.append_text(workdir / "eval_metrics.jsonl", json.dumps(record) + "\n")
   return record
 
 
@@ -157,7 +154,8 @@ def plot_per_size(metrics, path, *, box_loss_share=None, title="", share_title="
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  with fs.path(path).open("wb") as f:
+    fig.savefig(f, dpi=80, format="png")
   plt.close(fig)
   return path
 
@@ -269,7 +267,7 @@ def run_evaluation(predictor, params, model_state, step, workdir, data_info, bat
     return None
   metrics, _ = coco_metrics(data_info["val_gt_json"], dets)
   write_evaluation(workdir, step, dets, metrics)
-  plot_per_size(metrics, os.path.join(workdir, f"per_size_{step}.png"),
+  plot_per_size(metrics, fs.path(workdir) / f"per_size_{step}.png",
                 box_loss_share=loss_share, share_title=share_title, title=title or f"step {step}")
   logging.info("eval at step %d:\n%s", step, format_metrics_table(metrics))
   return metrics
@@ -303,8 +301,8 @@ def restore_for_inference(config, workdir, mode) -> Restored:
   """
   if not workdir:
     raise ValueError(f"--mode={mode} needs --workdir pointing at a training run")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = fs.path(workdir) / "checkpoints"
+  if not ckpt_dir.is_dir():
     raise FileNotFoundError(f"--mode={mode}: {ckpt_dir} does not exist (--workdir must be the "
                             "folder of a training run)")
   sharding.maybe_initialize_distributed(config)

@@ -7,13 +7,15 @@ every loss term, `lr`, throughput); a resumed run appends to it and never trunca
 step N were superseded) or `{"event": "restart", "from_step": 0}` (a fresh start: every earlier
 record was superseded). `read_metrics` applies them.
 """
+import io
 import json
 import math
-import os
 import time
 
 from absl import logging
 import jax
+
+from sized_detr_jax import fs
 
 
 # The evaluation's scalars in TensorBoard (evaluate.METRIC_NAMES' precision figures), under
@@ -50,17 +52,19 @@ class MetricsLog:
                lr_multipliers=None):
     self.enabled = jax.process_index() == 0
     self.total_steps = int(total_steps)
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = fs.path(workdir) / "metrics.jsonl"
     self._tb = None
     self._last_time = None
     self._last_step = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      self.path.parent.mkdir(parents=True, exist_ok=True)
       self._mark_start(int(start_step))
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+          logdir = fs.path(workdir) / "tensorboard"
+          _route_tensorboard_through_epath(logdir)
+          self._tb = SummaryWriter(str(logdir))
         except ImportError:
           logging.info("tensorboardX is not installed: no TensorBoard scalars.")
     self._lr_multipliers = dict(lr_multipliers or {})
@@ -79,14 +83,14 @@ class MetricsLog:
 
   def _mark_start(self, start_step):
     """Appends a resume/restart event when the file already holds records."""
-    if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+    if not self.path.exists() or self.path.stat().length == 0:
       return
     event = "resume" if start_step > 0 else "restart"
     if event == "restart":
       logging.warning("%s already holds records of an earlier run that restarted from step 0; "
                       "they are kept and marked superseded (read_metrics drops them).", self.path)
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"event": event, "from_step": start_step, "time": time.time()}) + "\n")
+    fs.append_text(self.path, json.dumps({"event": event, "from_step": start_step,
+                                          "time": time.time()}) + "\n")
 
   def write(self, step, scalars, *, images_per_step=None, prefix="train"):
     """Log `scalars` (dict of floats) at `step`; returns the record written."""
@@ -99,8 +103,7 @@ class MetricsLog:
     self._last_time, self._last_step = now, step
     if not self.enabled:
       return record
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    fs.append_text(self.path, json.dumps(record) + "\n")
     if self._tb is not None:
       for k, v in record.items():
         if k != "step" and math.isfinite(v):
@@ -130,6 +133,42 @@ class MetricsLog:
       self._tb.close()
 
 
+class _EpathEventFile:
+  """A TensorBoard event file on a non-local filesystem, written through epath: the events are
+  kept in memory and the whole object rewritten on flush (object stores cannot append)."""
+
+  def __init__(self, target):
+    self._path = fs.path(target)
+    self._buffer = io.BytesIO()
+
+  def write(self, data):
+    self._buffer.write(data)
+
+  def flush(self):
+    self._path.write_bytes(self._buffer.getvalue())
+
+  def close(self):
+    self.flush()
+
+
+class _EpathEventFiles:
+  """tensorboardX writer factory (`record_writer.register_writer_factory`) over epath."""
+
+  def open(self, target):
+    return _EpathEventFile(target)
+
+  def directory_check(self, target):
+    fs.path(target).mkdir(parents=True, exist_ok=True)
+
+
+def _route_tensorboard_through_epath(logdir):
+  """Event files under a `scheme://` logdir go through epath, as the rest of the workdir."""
+  if fs.is_local(logdir):
+    return
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  record_writer.register_writer_factory(str(logdir).split("://", 1)[0], _EpathEventFiles())
+
+
 def format_progress(record, total_steps):
   """One line: step/total, loss, the main loss terms, lr, img/s and ETA."""
   parts = [f"step {record['step']}/{total_steps}", f"loss {record.get('loss', float('nan')):.4f}"]
@@ -156,7 +195,7 @@ def read_metrics(path):
     list of record dicts (each with "step"), without the event records.
   """
   records = []
-  with open(path) as f:
+  with fs.path(path).open() as f:
     for line in f:
       try:
         record = json.loads(line)

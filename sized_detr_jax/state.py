@@ -4,7 +4,6 @@ Shared by the training loop (`train.py`) and inference (`evaluate.py`), so neith
 other. `TrainState` is one pytree (checkpointed whole): params, frozen model variables,
 optimiser state, step, a raw PRNG key, and optional EMA ("teacher") params.
 """
-import os
 from typing import Any, NamedTuple, Optional
 
 from absl import logging
@@ -17,6 +16,7 @@ import orbax.checkpoint as ocp
 from sized_detr_jax import checkpointing
 from sized_detr_jax import config_lib
 from sized_detr_jax import convert_torch
+from sized_detr_jax import fs
 from sized_detr_jax import method as method_lib
 from sized_detr_jax import methods
 from sized_detr_jax import optim
@@ -98,16 +98,15 @@ def _detector(params):
 def newest_step_dir(path):
   """`path` (a workdir, its checkpoints/ folder, or one checkpoints/<step>/) -> the newest
   complete step folder; FileNotFoundError naming `path` when there is none."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  folder = os.path.join(path, "checkpoints") if os.path.isdir(
-      os.path.join(path, "checkpoints")) else path
-  steps = sorted(int(n) for n in (os.listdir(folder) if os.path.isdir(folder) else ())
-                 if n.isdigit() and os.path.isdir(os.path.join(folder, n, "state")))
+  path = fs.path(path)
+  if (path / "state").is_dir():
+    return str(path)
+  folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  steps = sorted(int(p.name) for p in (folder.iterdir() if folder.is_dir() else ())
+                 if p.name.isdigit() and (p / "state").is_dir())
   if not steps:
     raise FileNotFoundError(f"init_from={path}: no checkpoint step folder found")
-  return os.path.join(folder, str(steps[-1]))
+  return str(folder / str(steps[-1]))
 
 
 def load_init_from(state, shardings, path, ema_subtree):
@@ -121,7 +120,7 @@ def load_init_from(state, shardings, path, ema_subtree):
   """
   step_dir = newest_step_dir(path)
   with ocp.StandardCheckpointer() as ckptr:
-    source = _detector(ckptr.restore(os.path.join(step_dir, "state"))["params"])
+    source = _detector(ckptr.restore(fs.path(step_dir) / "state")["params"])
   params = jax.device_get(state.params)
   target = _detector(params)
   mismatch = checkpointing.tree_mismatch(checkpointing.leaf_shapes(source),

@@ -14,7 +14,6 @@ run reproduces an uninterrupted one bit for bit on CPU.
 """
 import collections
 import json
-import os
 import signal
 import threading
 import time
@@ -28,10 +27,12 @@ import optax
 
 from sized_detr_jax import config_lib
 from sized_detr_jax import evaluate
+from sized_detr_jax import fs
 from sized_detr_jax import host_runtime
 from sized_detr_jax import inference_spec
 from sized_detr_jax import metrics_log
 from sized_detr_jax import optim
+from sized_detr_jax import peer_watch
 from sized_detr_jax import preflight
 from sized_detr_jax import sharding
 from sized_detr_jax import state as state_lib
@@ -117,7 +118,7 @@ def _describe_images(batch):
 
 def default_workdir(config):
   name = config.get("name", "run")
-  return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -210,8 +211,7 @@ class _StepCache:
 def _evaluated_at(workdir, step):
   """Whether WORKDIR/eval_metrics.json holds the evaluation of `step`."""
   try:
-    with open(os.path.join(workdir, "eval_metrics.json")) as f:
-      return json.load(f).get("step") == step
+    return json.loads((fs.path(workdir) / "eval_metrics.json").read_text()).get("step") == step
   except (OSError, ValueError):
     return False
 
@@ -235,8 +235,11 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
   config = config_lib.finalize(config)
   sharding.maybe_initialize_distributed(config)
   workdir = workdir or default_workdir(config)
-  os.makedirs(workdir, exist_ok=True)
-  with workdir_lock.WorkdirLock(workdir):  # one job per workdir (process 0 holds the lock)
+  fs.path(workdir).mkdir(parents=True, exist_ok=True)
+  # Several processes: a lost or failed process stops the others (peer_watch); one job per
+  # workdir (process 0 holds the lock).
+  with (peer_watch.PeerWatch.from_config(config, expected=(Preempted,)),
+        workdir_lock.WorkdirLock(workdir)):
     return _train_locked(config, workdir, on_mismatch)
 
 
@@ -244,8 +247,7 @@ def _train_locked(config, workdir, on_mismatch):
   """`train_and_evaluate`'s body, run while this job holds the workdir's lock."""
   run = state_lib.setup(config, workdir, on_mismatch=on_mismatch)
   if jax.process_index() == 0:  # after the restore: a mismatch error can name changed fields
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    (fs.path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=1))
     # What Detector.load / export need (classes, eval preprocessing, postprocess, params).
     inference_spec.write(workdir, inference_spec.from_run(config, run.data_info,
                                                           run.state.params,
@@ -327,7 +329,7 @@ def _train_locked(config, workdir, on_mismatch):
                total, elapsed / 60)
   if jax.process_index() == 0 and eval_metrics is not None:
     print(f"\nEvaluation ({run.data_info['val_gt_json']}):\n"
-          f"{evaluate.format_metrics_table(eval_metrics)}\n\nFiles in {os.path.abspath(workdir)}: "
+          f"{evaluate.format_metrics_table(eval_metrics)}\n\nFiles in {fs.path(workdir)}: "
           "metrics.jsonl, eval_metrics.json, detections_<step>.json, per_size_<step>.png, "
           "checkpoints/")
   return eval_metrics

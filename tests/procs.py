@@ -19,6 +19,12 @@ def kill9_when_exists(proc, path, timeout=1200):
 
 
 
+def free_port():
+  """A TCP port free on localhost now."""
+  from sized_detr_jax.benchmarks import multihost_step  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  return multihost_step.free_port()
+
+
 def start_workers(root, folder, args, num_processes=2, env=None, distributed_args=()):
   """`benchmarks.multihost_step.start_local_job`: one jax.distributed job of `num_processes`
   run.py processes on localhost (2 CPU devices each); their Popens, process 0 first."""
