@@ -34,8 +34,11 @@ _PREFIX = "sized_detr/peer_watch"
 
 def _client():
   """The coordination service client of `jax.distributed`, or None (single process)."""
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  return distributed.global_state.client
+  try:  # jax keeps it in a private module
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    return distributed.global_state.client
+  except (ImportError, AttributeError):
+    return None
 
 
 def _die(message: str) -> None:

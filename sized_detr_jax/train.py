@@ -148,10 +148,12 @@ class _StopSignal:
 
   @staticmethod
   def _sync_manager():
-    # pylint: disable=g-import-not-at-top,import-outside-toplevel
-    from jax._src import distributed
-    state = distributed.global_state
-    return state.preemption_sync_manager if state.client is not None else None
+    try:  # jax keeps it in a private module
+      from jax._src import distributed  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+      state = distributed.global_state
+      return state.preemption_sync_manager if state.client is not None else None
+    except (ImportError, AttributeError):
+      return None
 
   def __enter__(self):
     # Leave SIGTERM to the sync manager when there is one: a Python handler would replace it.

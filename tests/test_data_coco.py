@@ -197,3 +197,23 @@ def test_coco_category_ids_table():
   ids = coco.COCO_CATEGORY_IDS
   assert len(ids) == 80 and len(set(ids.tolist())) == 80 and ids[0] == 1 and ids[-1] == 90
   assert not {12, 26, 29, 30, 45, 66, 68, 69, 71, 83} & set(ids.tolist())
+
+
+
+def test_tfds_tfrecord_build_is_refused_with_the_rebuild_command(tmp_path):
+  """tfds.data_source reads ArrayRecord builds only; for a TFRecord build it raises
+  NotImplementedError (mocked here as tfds raises it): one line with the rebuild command."""
+  pytest.importorskip("tensorflow")
+  import tensorflow_datasets as tfds
+
+  def tfrecord_build(*args, **kwargs):
+    raise NotImplementedError("Random access data source for file format tfrecord is not "
+                              "supported.\n\t* ...")
+
+  with tfds.testing.mock_data(as_data_source_fn=tfrecord_build):
+    with pytest.raises(coco.CocoFormatError) as e:
+      coco.TfdsCocoSource("train", data_dir=str(tmp_path))
+  message = str(e.value)
+  assert "\n" not in message
+  assert (f"`tfds build coco/2017 --data_dir={tmp_path} --file_format=array_record`"
+          in message)

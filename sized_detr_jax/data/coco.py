@@ -27,6 +27,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from sized_detr_jax import fs
+
 # The 80 COCO category ids in order; TFDS coco/2017 label i is category COCO_CATEGORY_IDS[i].
 COCO_CATEGORY_IDS = np.array(
     [*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
@@ -69,10 +71,11 @@ class CocoIndex:
 
 def _read_json(ann_file):
   try:
-    with open(ann_file) as f:
+    with fs.path(ann_file).open() as f:
       return json.load(f)
   except OSError as e:
-    raise CocoFormatError(f"{ann_file}: cannot read annotation file: {e.strerror}") from None
+    raise CocoFormatError(f"{ann_file}: cannot read annotation file: "
+                          f"{e.strerror or e}") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CocoFormatError(f"{ann_file}: malformed JSON: {e}") from None
 
@@ -299,10 +302,7 @@ def write_filled_gt_json(ann_file, path):
       _, _, w, h = ann["bbox"]
       ann["area"] = float(w) * float(h)
     ann.setdefault("iscrowd", 0)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f)
-  os.replace(tmp, path)
+  fs.write_text_atomic(path, json.dumps(data))
   return path
 
 
@@ -365,6 +365,13 @@ class TfdsCocoSource:
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
       names = tfds.builder(name, data_dir=data_dir).info.features["objects"]["label"].names
+    except NotImplementedError as e:  # a build in a format without random access (TFRecord)
+      where = data_dir or "~/tensorflow_datasets"
+      raise CocoFormatError(
+          f"tfds {name} in {where} is stored in a format tfds.data_source cannot read at random "
+          f"(TFRecord; it needs ArrayRecord): rebuild it with `tfds build {name} "
+          f"--data_dir={where} --file_format=array_record` (or set data.tfds_data_dir to an "
+          "ArrayRecord build)") from e
     except Exception as e:  # tfds raises many types; all mean the same to the user
       raise CocoFormatError(f"tfds {self._split} (data_dir={data_dir}): cannot open: {e}") from e
     if len(names) != len(COCO_CATEGORY_IDS):
@@ -422,8 +429,8 @@ class TfdsCocoSource:
                      "category_id": int(self.category_ids[label]),
                      "bbox": [box[0], box[1], bw, bh], "area": bw * bh, "iscrowd": int(crowd)})
     cats = [{"id": int(c), "name": n} for c, n in zip(self.category_ids, self.category_names)]
-    with open(path, "w") as f:
-      json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    fs.write_text_atomic(path, json.dumps({"images": images, "annotations": anns,
+                                           "categories": cats}))
     return path
 
 

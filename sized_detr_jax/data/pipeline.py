@@ -47,6 +47,7 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
+from sized_detr_jax import fs
 from sized_detr_jax.data import coco
 from sized_detr_jax.data import image_files
 from sized_detr_jax.data import synthetic
@@ -398,18 +399,16 @@ def _val_gt_json(data_cfg, val):
   "area"/"iscrowd": a filled copy, written once per version)."""
   if val.gt_json is not None:
     return val.gt_json
-  folder = data_cfg.gt_cache_dir or tempfile.gettempdir()
-  os.makedirs(folder, exist_ok=True)
+  folder = fs.path(data_cfg.gt_cache_dir or tempfile.gettempdir())
+  folder.mkdir(parents=True, exist_ok=True)
   if hasattr(val, "gt_cache_name"):  # a COCO json lacking "area"/"iscrowd": a filled copy
-    gt_json = os.path.join(folder, val.gt_cache_name())
+    gt_json = folder / val.gt_cache_name()
   else:
-    gt_json = os.path.join(folder, f"{data_cfg.tfds_name.replace('/', '_')}-"
-                                   f"{data_cfg.tfds_val_split}-gt.json")
-  if not os.path.exists(gt_json):
-    tmp = f"{gt_json}.{os.getpid()}.tmp"  # processes sharing a folder never collide
-    val.write_gt_json(tmp)
-    os.replace(tmp, gt_json)
-  return gt_json
+    gt_json = folder / (f"{data_cfg.tfds_name.replace('/', '_')}-"
+                        f"{data_cfg.tfds_val_split}-gt.json")
+  if not gt_json.exists():
+    val.write_gt_json(str(gt_json))  # written whole or not at all (fs.write_text_atomic)
+  return str(gt_json)
 
 
 def dataset_info(data_cfg):
