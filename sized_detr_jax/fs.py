@@ -38,7 +38,7 @@ def write_text_atomic(target: PathLike, text: str) -> None:
     return
   tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
   tmp.write_text(text)
-  tmp.rename(target)  # atomic on one filesystem (os.rename)
+  tmp.replace(target)  # atomic on one filesystem (os.replace)
 
 
 def append_text(target: PathLike, text: str) -> None:

@@ -57,6 +57,18 @@ def test_paths_are_uris_or_absolute(tmp_path, monkeypatch):
   assert str(fs.path("gs://b/run/x")) == "gs://b/run/x" and not fs.is_local("gs://b/x")
 
 
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_atomic_write_replaces_and_append_appends(where, gs, tmp_path):
+  folder = str(tmp_path) if where == "local" else gs
+  fs.path(folder).mkdir(parents=True, exist_ok=True)
+  for text in ("old", "new"):
+    fs.write_text_atomic(f"{folder}/a.json", text)
+    fs.append_text(f"{folder}/b.txt", text + "\n")
+  assert fs.path(f"{folder}/a.json").read_text() == "new"
+  assert fs.path(f"{folder}/b.txt").read_text() == "old\nnew\n"
+  assert sorted(p.name for p in fs.path(folder).iterdir()) == ["a.json", "b.txt"]  # no tmp left
+
+
 def test_metrics_and_tensorboard_on_gs(gs, tmp_path):
   log = metrics_log.MetricsLog(gs, total_steps=4, hparams={"lr": 0.1})
   log.write(2, {"loss": 3.0})
