@@ -233,6 +233,12 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
   see `state.setup`). SIGTERM saves a checkpoint of the current step and raises `Preempted`.
   The config is finalised first (`config_lib.finalize`: derived classes, sizes, schedule and
   name); config.json records the finalised one.
+
+  One job per workdir: process 0 holds WORKDIR/run.lock meanwhile (`workdir_lock`; a second job
+  raises `workdir_lock.WorkdirLockedError`). Before the first step the compiled step's memory is
+  checked against the device (`preflight`; `preflight.DoesNotFitError`). With several processes
+  a SIGTERM on any of them stops all at the same step (the preemption sync point), and a lost
+  or failed process stops the others in one line (`peer_watch`).
   """
   config = config_lib.finalize(config)
   sharding.maybe_initialize_distributed(config)

@@ -49,8 +49,15 @@ def _steps(workdir):
 
 
 def _params(workdir, step):
+  """The params of a checkpoint the 2-process job saved, restored onto this process's device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.join(workdir, "checkpoints", str(step), "state"))["params"]
+    saved = ckptr.metadata(path).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          saved)
+    return ckptr.restore(path, target)["params"]
 
 
 def _wait_for(predicate, workers, timeout=1200):
