@@ -23,9 +23,9 @@ trained run predicts without its dataset. The file (format 1):
   the path of the detector inside it (["dino"] for methods that wrap a DINO).
 """
 import json
-import os
 from typing import Any, Callable, Optional, Sequence
 
+from sized_detr_jax import fs
 from sized_detr_jax.data import pipeline
 from sized_detr_jax.data import transforms
 
@@ -98,11 +98,8 @@ def from_run(config, data_info: dict, params: Any, ema_params: Optional[Any]) ->
 
 def write(workdir: str, spec: dict) -> str:
   """Writes WORKDIR/inference.json atomically; returns its path."""
-  path = os.path.join(workdir, FILE_NAME)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(spec, f, indent=1)
-  os.replace(tmp, path)
+  path = str(fs.path(workdir) / FILE_NAME)
+  fs.write_text_atomic(path, json.dumps(spec, indent=1))
   return path
 
 
@@ -113,12 +110,11 @@ def read(workdir: str) -> dict:
     MissingSpecError: no inference.json (a run trained before it was written).
     ValueError: an unreadable file or an unknown format, naming the file.
   """
-  path = os.path.join(workdir, FILE_NAME)
-  if not os.path.exists(path):
-    raise MissingSpecError(path)
+  path = fs.path(workdir) / FILE_NAME
+  if not path.exists():
+    raise MissingSpecError(str(path))
   try:
-    with open(path) as f:
-      spec = json.load(f)
+    spec = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: cannot read it ({e})") from None
   if spec.get("format") != FORMAT:

@@ -14,6 +14,7 @@ import tb_events
 from sized_detr_jax import checkpointing
 from sized_detr_jax import evaluate
 from sized_detr_jax import fs
+from sized_detr_jax import inference_spec
 from sized_detr_jax import metrics_log
 from sized_detr_jax import state as state_lib
 from sized_detr_jax import train
@@ -132,10 +133,11 @@ _LOCAL_FILE_CALLS = re.compile(
     *[inspect.getsource(f) for f in (evaluate.load_coco, evaluate.write_evaluation,
                                      evaluate.plot_per_size, evaluate.run_evaluation,
                                      evaluate.restore_for_inference,
-                                     state_lib.newest_step_dir, state_lib.load_init_from)]],
+                                     state_lib.newest_step_dir, state_lib.load_init_from,
+                                     inference_spec.write, inference_spec.read)]],
     ids=["train", "checkpointing", "metrics_log", "workdir_lock", "load_coco",
          "write_evaluation", "plot_per_size", "run_evaluation", "restore_for_inference",
-         "newest_step_dir", "load_init_from"])
+         "newest_step_dir", "load_init_from", "inference_spec.write", "inference_spec.read"])
 def test_no_bare_open_or_os_path_on_run_files(source):
   """Run files go through fs/epath; /proc (always local) is the one marked exception."""
   bad = [line.strip() for line in source.splitlines()

@@ -37,7 +37,8 @@ def test_eval_metrics_lrs_throughput_and_hparams_read_back(tmp_path):
   assert "eval/APs" not in scalars  # COCO's -1: no small ground truth, not a score
   for size, value in share.items():
     assert scalars[f"eval/box_loss_share_{size}"] == [(4, pytest.approx(value))]
-  assert hparams["data.batch_size"] == 4 and hparams["total_steps"] == 6
+  assert hparams["data.batch_size"] == config.data.batch_size == 4
+  assert hparams["total_steps"] == config.total_steps
   assert hparams["name"] == config.name and hparams["optimizer.lr"] == pytest.approx(1e-3)
 
 
