@@ -9,15 +9,21 @@ Writes, into OUT (default WORKDIR/predictions):
     the input's position (0, 1, ...) in sorted order;
   * <image>.png: each image with its detections scoring >= min_score drawn (draw=True).
 Images stream through `Detector.predict_iter` (bounded memory); the json is written as results
-come. Unreadable images are skipped, counted and named in the summary.
+come. Unreadable images are skipped, counted and named in the summary. WORKDIR, OUT and the
+json go through `fs` (a gs:// folder works): detections.json streams into a local temporary
+file that then replaces (or, on an object store, is copied to) the target.
 """
+import io
 import json
 import os
+import pathlib
 import sys
+import tempfile
 import time
 from typing import Optional, Sequence
 
 from sized_detr_jax import detector as detector_lib
+from sized_detr_jax import fs
 from sized_detr_jax import visualize
 
 # Detections kept in detections.json (the evaluation's min_score, evaluate.run_evaluation).
@@ -40,13 +46,12 @@ def output_names(paths):
 def image_ids_from_ann(ann_file: str, sources: Sequence[str]) -> list:
   """COCO image ids of `sources` by file name (the json's `file_name`, or its base name), None
   for a source the json does not list."""
-  with open(ann_file) as f:
-    images = json.load(f).get("images", [])
+  images = json.loads(fs.path(ann_file).read_text()).get("images", [])
   by_name = {}
   for image in images:
     by_name[image["file_name"]] = int(image["id"])
-    by_name.setdefault(os.path.basename(image["file_name"]), int(image["id"]))
-  return [by_name.get(s, by_name.get(os.path.basename(s))) for s in sources]
+    by_name.setdefault(pathlib.PurePath(image["file_name"]).name, int(image["id"]))
+  return [by_name.get(s, by_name.get(pathlib.PurePath(s).name)) for s in sources]
 
 
 class _Progress:
@@ -108,12 +113,13 @@ def predict_to_files(workdir: str, images, *, out: Optional[str] = None,
   else:
     ids = list(range(len(inputs)))
   names = output_names([i.source for i in inputs])
-  out = out or os.path.join(workdir, "predictions")
-  os.makedirs(out, exist_ok=True)
+  out = fs.path(out or fs.path(workdir) / "predictions")
+  out.mkdir(parents=True, exist_ok=True)
   print(f"predict: {len(inputs)} images with {det.workdir} step {det.step} "
         f"({det.params_used}), batches of {det.batch_size}", file=sys.stderr)
-  json_path = os.path.join(out, "detections.json")
-  tmp = f"{json_path}.{os.getpid()}.tmp"
+  json_path = out / "detections.json"
+  tmp = (str(out / f".detections.json.{os.getpid()}.tmp") if fs.is_local(out)
+         else tempfile.mkstemp(suffix=".json")[1])
   written, count, done, predicted = [], 0, 0, 0
   progress = _Progress(len(inputs))
   with open(tmp, "w") as f:
@@ -129,14 +135,21 @@ def predict_to_files(workdir: str, images, *, out: Optional[str] = None,
               {**result, "file_name": os.path.basename(dets.source)}))
           count += 1
         if draw:
-          path = os.path.join(out, names[position])
+          path = out / names[position]
+          png = io.BytesIO()
           visualize.draw_detections(image, dets.boxes, dets.scores, dets.labels,
                                     [c["name"] for c in det.categories],
-                                    min_score=min_score).save(path)
-          written.append(path)
+                                    min_score=min_score).save(png, format="PNG")
+          path.write_bytes(png.getvalue())
+          written.append(str(path))
       progress.update(done)
     f.write("\n]\n")
-  os.replace(tmp, json_path)
+  if fs.is_local(json_path):
+    os.replace(tmp, json_path)
+  else:
+    with open(tmp, "rb") as f:
+      json_path.write_bytes(f.read())
+    os.remove(tmp)
   progress.update(done, final=True)
   summary = (f"predict: {predicted} images, {count} detections (score >= "
              f"{JSON_MIN_SCORE}) -> {json_path}"
@@ -146,5 +159,5 @@ def predict_to_files(workdir: str, images, *, out: Optional[str] = None,
                 + "; ".join(reason for _, reason in skipped[:5])
                 + (f" ... ({len(skipped) - 5} more)" if len(skipped) > 5 else ""))
   print(summary)
-  return {"detections_json": json_path, "images": predicted, "detections": count,
+  return {"detections_json": str(json_path), "images": predicted, "detections": count,
           "skipped": skipped, "written": written}

@@ -4,6 +4,7 @@ that is not the local one (a fake gs:// backed by fsspec's in-memory filesystem,
 here), and no bare open()/os.path on those paths in the modules that write them."""
 import inspect
 import json
+import os
 import re
 
 import fsspec
@@ -16,6 +17,7 @@ from sized_detr_jax import evaluate
 from sized_detr_jax import fs
 from sized_detr_jax import inference_spec
 from sized_detr_jax import metrics_log
+from sized_detr_jax import predict
 from sized_detr_jax import state as state_lib
 from sized_detr_jax import train
 from sized_detr_jax import workdir_lock
@@ -134,12 +136,33 @@ _LOCAL_FILE_CALLS = re.compile(
                                      evaluate.plot_per_size, evaluate.run_evaluation,
                                      evaluate.restore_for_inference,
                                      state_lib.newest_step_dir, state_lib.load_init_from,
-                                     inference_spec.write, inference_spec.read)]],
+                                     inference_spec.write, inference_spec.read,
+                                     predict.image_ids_from_ann)]],
     ids=["train", "checkpointing", "metrics_log", "workdir_lock", "load_coco",
          "write_evaluation", "plot_per_size", "run_evaluation", "restore_for_inference",
-         "newest_step_dir", "load_init_from", "inference_spec.write", "inference_spec.read"])
+         "newest_step_dir", "load_init_from", "inference_spec.write", "inference_spec.read",
+         "predict.image_ids_from_ann"])
 def test_no_bare_open_or_os_path_on_run_files(source):
   """Run files go through fs/epath; /proc (always local) is the one marked exception."""
   bad = [line.strip() for line in source.splitlines()
          if _LOCAL_FILE_CALLS.search(line.split("#")[0]) and "/proc" not in line]
   assert not bad, bad
+
+
+def test_predict_reads_the_image_json_on_gs(gs):
+  ann = f"{gs}/val.json"
+  fs.write_text_atomic(ann, json.dumps({"images": [{"id": 7, "file_name": "sub/a.png"},
+                                                   {"id": 9, "file_name": "b.png"}]}))
+  assert predict.image_ids_from_ann(ann, ["x/a.png", "b.png", "c.png"]) == [7, 9, None]
+
+
+@pytest.mark.slow
+def test_predict_writes_detections_and_drawings_to_gs(gs, trained_smoke_run):
+  images = os.path.join(trained_smoke_run["data"], "images", "val")
+  out = f"{gs}/pred"
+  result = predict.predict_to_files(trained_smoke_run["workdir"], images, out=out)
+  stored = json.loads(_stored(f"{out}/detections.json"))
+  assert len(stored) == result["detections"] > 0
+  assert {d["file_name"] for d in stored} <= set(os.listdir(images))
+  assert result["written"] and all(_stored(p)[:8] == b"\x89PNG\r\n\x1a\n"
+                                   for p in result["written"][:3])
