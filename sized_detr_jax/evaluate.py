@@ -320,7 +320,7 @@ def restore_for_inference(config, workdir, mode) -> Restored:
 
 def evaluate_only(config, workdir):
   """Evaluate the newest checkpoint of `workdir` (EMA params if `config.eval_ema`)."""
-  config = config_lib.finalize(config)
+  config_lib.require_finalized(config, "evaluate.evaluate_only")
   r = restore_for_inference(config, workdir, "eval")
   metrics = run_evaluation(r.predictor, r.params, r.model_state, r.step, workdir, r.data_info,
                            eval_batches(config))

@@ -153,14 +153,13 @@ def setup(config, workdir, *, on_mismatch="error") -> RunSetup:
   """Mesh, data info, method, optimiser and state (restored when the workdir has a checkpoint).
 
   Args:
-    config: the experiment config (finalised here with `config_lib.finalize` when it is not
-      yet; the result is `RunSetup.config`).
+    config: the experiment config, finalised (`config_lib.finalize`; `RunSetup.config`).
     workdir: the run's folder (its checkpoints/ is created if missing).
     on_mismatch: "error": checkpoints that do not fit this config raise
       `checkpointing.CheckpointMismatchError` naming the first differing param and the changed
       config fields; "fresh": they are moved aside and the run starts from step 0.
   """
-  config = config_lib.finalize(config)
+  config_lib.require_finalized(config, "state.setup")
   mesh = sharding.make_mesh(config.get("num_devices"))
   data_info = pipeline.dataset_info(config.data)
   if config.model.num_classes != data_info["num_classes"]:

@@ -117,6 +117,7 @@ def test_one_device_loss_equals_four_and_teacher_gets_no_gradient(straight, tmp_
   config.data.root = straight["data_root"]
   config.num_devices = 1
   config.semi.switch_step = SWITCH
+  config = config_lib.finalize(config)
   run = state_lib.setup(config, str(tmp_path / "one"))
   run.checkpointer.close()
   state = run.state

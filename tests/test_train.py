@@ -29,10 +29,11 @@ def data_root(tmp_path_factory):
 
 
 def _config(data_root, **overrides):
+  """The smoke config with `overrides`, finalised as the CLI does."""
   config = config_lib.load_config(CONFIG, "smoke")
   config.data.root = data_root
   config.update(overrides)
-  return config
+  return config_lib.finalize(config)
 
 
 def _metrics(workdir):

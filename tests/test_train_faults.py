@@ -28,13 +28,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "synthetic.py")
 
 
-def _config(data_root, **overrides):
+def _config(data_root, model=None, **overrides):
+  """The smoke config with `overrides` (top-level fields) and `model` (model fields), finalised
+  as the CLI does."""
   config = config_lib.load_config(CONFIG, "smoke")
   config.data.root = data_root
   config.update(dict(total_steps=2, log_every=1, checkpoint_every=0, eval_at_end=False,
                      num_devices=1))
   config.update(overrides)
-  return config
+  config.model.update(model or {})
+  return config_lib.finalize(config)
 
 
 def _params(workdir, step):
@@ -139,8 +142,7 @@ def test_eval_says_which_step_and_why_after_corruption(chain, capsys):
 
 def test_changed_model_is_an_error_then_a_fresh_start_on_request(chain):
   workdir = chain["workdir"]
-  changed = _config(chain["data_root"], seed=1)
-  changed.model.hidden_dim = 32
+  changed = _config(chain["data_root"], seed=1, model={"hidden_dim": 32})
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"does not fit this config: .*shape.*model.hidden_dim: 64 -> 32"):
@@ -150,8 +152,8 @@ def test_changed_model_is_an_error_then_a_fresh_start_on_request(chain):
     evaluate.evaluate_only(changed, workdir)
   train.train_and_evaluate(_config(chain["data_root"], seed=1, total_steps=1), workdir,
                            on_mismatch="error")  # the original model still restores
-  changed.total_steps = 1
-  train.train_and_evaluate(changed, workdir, on_mismatch="fresh")
+  train.train_and_evaluate(_config(chain["data_root"], seed=1, total_steps=1,
+                                   model={"hidden_dim": 32}), workdir, on_mismatch="fresh")
   names = os.listdir(os.path.join(workdir, "checkpoints"))
   assert "1" in names and any(".superseded-" in n for n in names)
   raw = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

@@ -25,6 +25,7 @@ from ml_collections import config_dict
 
 from sized_detr_jax import config_lib
 from sized_detr_jax import configs
+from sized_detr_jax import criterion
 from sized_detr_jax.data import pipeline
 
 
@@ -67,25 +68,6 @@ def _model_config():
       # ImageNet ResNet-50 for the backbone, or of a full PyTorch DINO checkpoint.
       pretrained_backbone="",
       pretrained="",
-  ))
-
-
-def _criterion_config():
-  """sized_detr_jax.criterion fields, DINO-4scale values."""
-  return ml_collections.ConfigDict(dict(
-      cls_loss_coef=1.0,
-      bbox_loss_coef=5.0,
-      giou_loss_coef=2.0,
-      set_cost_class=2.0,
-      set_cost_bbox=5.0,
-      set_cost_giou=2.0,
-      focal_alpha=0.25,
-      focal_gamma=2.0,
-      bbox_loss="l1",  # "l1" | "sized_l1"
-      sized_l1_rescale=False,
-      matcher_box_cost="l1",
-      interm_loss_coef=1.0,
-      use_dn=True,
   ))
 
 
@@ -145,7 +127,7 @@ def get_config(arg=None):
                                 total_steps=12 * STEPS_PER_EPOCH, log_every=100,
                                 checkpoint_every=STEPS_PER_EPOCH // 2)
   config.model = _model_config()
-  config.criterion = _criterion_config()
+  config.criterion = criterion.default_criterion_config()  # DINO-4scale's values
   config.optimizer = _optimizer_config()
   # COCO 2017 at DINO's augmentation, 16 images per step; point train_ann/val_ann and the
   # image folders at your copy (README, Data).
