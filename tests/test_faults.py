@@ -485,7 +485,7 @@ def test_case10_cli_dataset_is_used_as_is_by_the_trainer_data_path(tmp_path):
   from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from sized_detr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = str(tmp_path / "by_hand")
-  # README's "generate by hand" step, then the trainer's data path on that root.
+  # docs/custom_data.md's "generate by hand" step, then the trainer's data path on that root.
   assert synthetic.main(["--out", root, "--num-images", "2", "--seed", "5", "--num-val", "1",
                          "--num-unlabeled", "1"]) == 0
   before = _mtimes(root)

@@ -5,10 +5,10 @@ Launch:
   sized-detr --config=dino_r50:tiny --mode=summary
   sized-detr --config=dino_r50:sized_l1 --workdir=DIR
 
-`arg`: comma-separated tokens of `TOKENS` (their meanings: `sized-detr --list-configs`, one table for every config). Here `sized_l1` puts the
-rescaled Sized L1 in every branch at L1's coefficient 5.0 (the form that does not collapse on
-the embedded data, not one the project's study found better than L1: README, "Does Sized L1
-help?"); `tiny` / `smoke` need images of at least 64x64 (top-Q over encoder tokens); `coco91`
+`arg`: comma-separated tokens of `TOKENS` (their meanings: `sized-detr --list-configs`, one
+table for every config). Here `sized_l1` puts the rescaled Sized L1 in every branch at L1's
+coefficient 5.0 (the form that does not collapse; what the study measured: docs/study.md);
+`tiny` / `smoke` need images of at least 64x64 (top-Q over encoder tokens); `coco91`
 gives the reference parameter count (46,893,182); `invariant` implies
 query_selection="valid_only".
 
@@ -130,7 +130,7 @@ def get_config(arg=None):
   config.criterion = criterion.default_criterion_config()  # DINO-4scale's values
   config.optimizer = _optimizer_config()
   # COCO 2017 at DINO's augmentation, 16 images per step; point train_ann/val_ann and the
-  # image folders at your copy (README, Data).
+  # image folders at your copy (docs/custom_data.md).
   config.data = pipeline.coco_data_config(batch_size=16, eval_batch_size=16)
   if "tiny" in tokens or "smoke" in tokens:
     _shrink(config.model, smoke="smoke" in tokens)

@@ -1,6 +1,6 @@
 """Semi-DETR (DINO-4scale R50 teacher-student) with L1 or Sized L1: the paper's Tables 1, 2, 3, 5.
 
-Launch (COCO paths: README, Data; the partial splits come from `python -m
+Launch (COCO paths: docs/custom_data.md; the partial splits come from `python -m
 sized_detr_jax.data.coco_partial --ann instances_train2017.json --percent 10 --fold 1 --out DIR`):
   sized-detr --config=semi_detr:p10,fold1,baseline --workdir=DIR \\
       --config.data.train_ann=DIR/instances_train2017.1@10.json \\
@@ -64,13 +64,11 @@ Which Sized L1 form the paper rows use: the rescaled one, which `sized_both` / `
 weight term "can" be adjusted by the average box dimensions "to compensate for the potential
 change in the scale of the loss", and it keeps Semi-DETR's hyper-parameters (the box weight
 stays 10). Without the rescale Sized L1 is L1 divided by the box size (for COCO's mean
-normalised side ~0.2, about 5x larger, far more for small boxes) at an unchanged weight;
-measured on the embedded data at weight 5 the plain form starves classification (README "Does
-Sized L1 help?", DINO, seeds 0-2: AP 0.021 plain vs 0.057 rescaled vs 0.125 L1). With the
-rescale, Sized L1 did not beat L1 in the Semi-DETR pilot either (synthetic 10% split from a
-supervised burn-in, 2 seeds: AP 0.096 L1, 0.088 sized_both, 0.083 sized_sup; README), so
-these rows run the paper's loss in the form that does not collapse, not one the study found
-better. The plain form stays available with the `plain` token (e.g. `p10,sized_sup,plain`) for that ablation.
+normalised side ~0.2, about 5x larger, far more for small boxes) at an unchanged weight, and
+on the embedded data it starved classification; with the rescale Sized L1 did not beat L1 there
+either (docs/study.md). So these rows run the paper's loss in the form that does not collapse,
+not one the study found better; the `plain` token (e.g. `p10,sized_sup,plain`) gives the
+ablation.
 The per-branch box-loss magnitudes are logged as `sup_loss_bbox` / `unsup_loss_bbox`.
 """
 import ml_collections
@@ -87,7 +85,7 @@ TOKENS = DATASETS + FOLDS + BOX_LOSSES + ("plain", "iters120k", "iters300k",
 
 
 def _coco(config, dataset, fold):
-  """COCO-partial / COCO-full data and schedule (design.md section 9)."""
+  """COCO-partial / COCO-full data and schedule (Semi-DETR's recipe, the module docstring)."""
   percent = dataset[1:]
   config.data.update(dict(
       train_ann=(f"data/coco/semi_supervised/instances_train2017.{fold}@{percent}.json"

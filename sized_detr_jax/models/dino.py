@@ -90,7 +90,8 @@ class InputProjection(nn.Module):
 
 
 class DINO(nn.Module):
-  """DINO detector. Field defaults are DINO-4scale R50 (design.md section 5).
+  """DINO detector. Field defaults are DINO-4scale R50 (IDEA-Research/DINO
+  config/DINO/DINO_4scale.py).
 
   Attributes:
     num_classes: C (91 for COCO category ids, 80 for contiguous COCO labels).
