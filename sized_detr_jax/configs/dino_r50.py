@@ -59,9 +59,7 @@ def _model_config():
       dtype="float32",
       msda_implementation="gather",  # "pallas": models/msda_pallas.py (GPU kernel)
       remat=False,  # True: recompute transformer layers in backward (GPU/TPU; no gain on CPU)
-      # True: one lax.scan per layer stack, same param tree. On the CPU (2 cores) R50 at
-      # 320x416: compile 46.7 -> 41.3 s but step 4.42 -> 5.54 s; tiny: worse in both.
-      scan_layers=False,
+      scan_layers=False,  # True: one lax.scan per layer stack (slower steps on the CPU)
       # Not module fields (build_dino skips them):
       num_select=300,  # detections kept by postprocess
       # Converted weights (python -m sized_detr_jax.convert_torch): an .npz of a torchvision

@@ -8,56 +8,16 @@ sized_detr_jax.data.coco_partial --ann instances_train2017.json --percent 10 --f
   sized-detr --config=semi_detr:synthetic,sized_both   # CPU, embedded data
   sized-detr --config=semi_detr:smoke                  # end to end, ~2 min
 
-`arg` tokens (comma-separated), one row of the paper's tables per combination:
-  p1 | p5 | p10 | full   COCO-partial 1/5/10% (120k iterations, 8 GPUs x 5 images drawn at
-                         1:4 labeled:unlabeled, switch at 60k) or COCO-full (train2017 +
-                         unlabeled2017, 240k, 8 x 8 images at 1:1, unsup weight 2.0, switch at
-                         120k, lr x0.1 at 120k and 160k);
-  fold1 .. fold5         the COCO-partial fold (file names only; default fold1);
-  baseline | sized_both | sized_sup
-                         L1 everywhere / Sized L1 in both branches / Sized L1 in the supervised
-                         branch only (plain L1 on pseudo-labels); default baseline. Sized L1
-                         runs with the mean-size rescale (x/w terms times the batch's mean
-                         target width, y/h terms times its mean height: L1's overall
-                         magnitude), the form the paper rows use (below);
-  plain                  with sized_both / sized_sup: Sized L1 without the rescale (ablation);
-  iters120k | iters300k  Table 5's schedules (switch at half of the iterations);
-  noswitch               Table 5's ablation: one-to-many assignment for the whole run;
-  synthetic              the embedded synthetic data with 10% labels (51 labeled, 461 unlabeled
-                         images, the default run's 128 validation images), the default run's tiny
-                         DINO on CPU;
-  supervised             with `synthetic`: the supervised-only baseline (DINO on the 51 labeled
-                         images, same steps and seed);
-  smoke                  a few steps end to end on CPU (tiny model, tiny data) with the switch
-                         inside the run.
-Official recipe of the COCO variants (JCZ404/Semi-DETR configs/detr_ssod/
-detr_ssod_dino_detr_r50_coco_120k.py, its base base_dino_detr_ssod_coco.py and
-configs/dino_detr/dino_detr_ssod_r50_coco_120k.py):
-  * classification weight 2.0 in every branch (loss_cls1 TaskAlignedFocalLoss and loss_cls2
-    FocalLoss, both loss_weight=2.0: supervised, unsupervised, denoising, encoder, one-to-many);
-  * box regression: Semi-DETR's head adds L1 terms on the xy and wh parts to its L1 loss (weight
-    5 each), so its effective weight is 10 in every branch: bbox_loss_coef = 10 (for L1 and for
-    Sized L1); GIoU 2.0;
-  * labeled view: resize 480-800 (max 1333), flip, one colour op, no random crop (train_pipeline:
-    RandResize, RandFlip, OneOf colour ops);
-  * AdamW lr 1e-4, only the backbone at x0.1 (paramwise_cfg custom_keys {'backbone': lr_mult
-    0.1}; DINO's extra x0.1 on sampling offsets does not apply), weight decay 1e-4, clip 0.1;
-  * batch composition (sampler SemiBalanceSampler, sample_ratio [1, 4], by_prob=True,
-    samples_per_gpu 5; detr_ssod/datasets/samplers/semi_sampler.py): each step's 40 images are
-    8 groups of 5 with a labeled count per group drawn as the reference's (semi.batch_sampler
-    "by_prob", E = 1.33 : 3.67 per group; `semi.sampler` says why one draw per step);
-    COCO-full: 1:1 in expectation, kept as the fixed 32 + 32;
-  * pseudo-label slots (max_pseudo 0): the most non-crowd boxes of one labeled image, so the
-    final set is truncated only in images more crowded than any labeled one (logged:
-    metric_pseudo_dropped / _final_dropped / _truncated); 30 would truncate more than 1% of
-    COCO images' ground-truth-sized sets (99% of COCO train images have 1..33 instances);
-  * method semantics of every variant (semi.* defaults): class-agnostic encoder proposals
-    (agnostic_interm), consistency queries for the final + mined boxes only
-    (consistency_queries="chosen"), the strong view's colour / geometric ops in random order,
-    shear x then y, 1-4 erase patches of the view's aspect (data.transforms).
+`arg`: comma-separated tokens of `TOKENS`, one row of the paper's tables per combination of a
+dataset (p1 | p5 | p10 | full), a fold (fold1 .. fold5) and a box loss (baseline | sized_both |
+sized_sup, + plain); their meanings: `sized-detr --list-configs`. The COCO variants follow
+Semi-DETR's official recipe (JCZ404/Semi-DETR configs/detr_ssod/
+detr_ssod_dino_detr_r50_coco_120k.py), each value with its source in a comment below; the
+recipe and its deviations: docs/methods.md.
+
 The synthetic / smoke variants keep the default run's recipe (cls 1, L1 5, lr 1e-3, sampling
 offsets x0.1, a fixed 4 + 4 batch, fixed max_pseudo), which their measured figures were
-obtained with; the method semantics above changed after those figures.
+obtained with; the method semantics changed after those figures.
 
 Which Sized L1 form the paper rows use: the rescaled one, which `sized_both` / `sized_sup` run
 (e.g. `p10,fold1,sized_sup`). The paper says the
@@ -85,7 +45,7 @@ TOKENS = DATASETS + FOLDS + BOX_LOSSES + ("plain", "iters120k", "iters300k",
 
 
 def _coco(config, dataset, fold):
-  """COCO-partial / COCO-full data and schedule (Semi-DETR's recipe, the module docstring)."""
+  """COCO-partial / COCO-full data and schedule (Semi-DETR's recipe, docs/methods.md)."""
   percent = dataset[1:]
   config.data.update(dict(
       train_ann=(f"data/coco/semi_supervised/instances_train2017.{fold}@{percent}.json"
@@ -114,7 +74,7 @@ def _coco(config, dataset, fold):
                        images_per_group=5)  # switch at 60k
     config.optimizer.lr_drop_fractions = ()  # Semi-DETR's steps at 120k/160k are never reached
   config.semi.max_pseudo = 0  # sized from the labeled annotations (the reference has no cap)
-  config.criterion.bbox_loss_coef = 10.0  # Semi-DETR's effective L1 weight (see docstring)
+  config.criterion.bbox_loss_coef = 10.0  # Semi-DETR's L1 5 + its xy and wh L1 terms 5 each
   config.criterion.cls_loss_coef = 2.0  # loss_cls1 / loss_cls2 loss_weight, every branch
   config.data.random_crop = False  # the labeled view has no resize-crop-resize
   config.optimizer.lr_linear_proj_mult = 1.0  # only the backbone at x0.1
