@@ -220,15 +220,15 @@ def test_synthetic_labelbook_follows_num_classes():
 
 def test_study_accepts_runs_made_before_the_derivation_fields():
   """A run's config.json written before `data.size` / `*_fraction` existed still matches."""
-  from sized_detr_jax import study  # pylint: disable=g-import-not-at-top
+  from sized_detr_jax.study import runner  # pylint: disable=g-import-not-at-top
   now = json.loads(config_lib.finalize(_load("synthetic.py:")).to_json_best_effort())
   old = copy.deepcopy(now)
   for section, key in (("data", "size"), ("data", "scale_step"), ("data", "min_scale_fraction"),
                        ("optimizer", "lr_drop_fractions"), ("optimizer", "warmup_fraction")):
     del old[section][key]
-  assert study.config_differences(old, now) == []
+  assert runner.config_differences(old, now) == []
   old["optimizer"]["lr_drop_steps"] = [1000]
-  assert study.config_differences(old, now) == ["optimizer.lr_drop_steps"]
+  assert runner.config_differences(old, now) == ["optimizer.lr_drop_steps"]
 
 
 @pytest.mark.parametrize("ann, name", [
