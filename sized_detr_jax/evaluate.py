@@ -39,7 +39,7 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                 "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-def load_coco(gt):
+def pycocotools_coco(gt):
   """A pycocotools COCO from a json path, a dataset dict, or an existing COCO (returned as is)."""
   if isinstance(gt, COCO):
     return gt
@@ -96,7 +96,7 @@ def coco_evaluation(gt, detections, *, image_ids=None):
     the printed summary text; (None, "no detections") for an empty list, which pycocotools'
     loadRes rejects.
   """
-  coco_gt = load_coco(gt)
+  coco_gt = pycocotools_coco(gt)
   if not detections:
     return None, "no detections"
   out = io.StringIO()

@@ -59,7 +59,7 @@ def test_summarize_mean_sample_std_and_missing_values():
   per_run = {"a": {0: {"AP": 0.1, "APs": -1.0}, 1: {"AP": 0.3, "APs": 0.5},
                    2: {"AP": 0.2, "APs": None}},
              "b": {5: {"AP": 0.4}}}
-  s = statistics.summarize(per_run, metrics=("AP", "APs"))
+  s = statistics.seed_statistics(per_run, metrics=("AP", "APs"))
   # deviations -0.1, 0.1, 0 -> sum of squares 0.02 / (3 - 1) -> std 0.1
   assert s["a"]["AP"]["n"] == 3 and s["a"]["AP"]["mean"] == pytest.approx(0.2, abs=1e-15)
   assert s["a"]["AP"]["std"] == pytest.approx(0.1, abs=1e-15)
@@ -83,7 +83,8 @@ def test_paired_difference_by_hand():
 
 
 def test_paired_difference_ties_single_seed_and_constant_differences():
-  d = statistics.paired_difference({0: 1.0, 1: 2.0, 2: 0.0, 3: 4.0}, {0: 1.0, 1: 1.0, 2: 1.0, 3: 2.0})
+  d = statistics.paired_difference({0: 1.0, 1: 2.0, 2: 0.0, 3: 4.0},
+                                   {0: 1.0, 1: 1.0, 2: 1.0, 3: 2.0})
   assert (d["higher"], d["lower"], d["tied"]) == (2, 1, 1)
   assert d["p_sign"] == pytest.approx(1.0)            # 2 of 3 untied: as likely as not
   one = statistics.paired_difference({0: 0.5}, {0: 0.25})
@@ -168,7 +169,8 @@ def test_precision_ap_matches_cocoeval_summary():
   ev = evaluate.coco_evaluation(_hand_gt(), dets)[0]
   for i, (iou, area) in enumerate([(None, "all"), (0.5, "all"), (0.75, "all"), (None, "small"),
                                    (None, "medium"), (None, "large")]):
-    assert study_metrics.precision_ap(ev, iou=iou, area=area) == pytest.approx(ev.stats[i], abs=1e-12)
+    assert study_metrics.precision_ap(ev, iou=iou, area=area) == pytest.approx(ev.stats[i],
+                                                                               abs=1e-12)
   with pytest.raises(ValueError, match="0.42"):
     study_metrics.precision_ap(ev, iou=0.42)
 
@@ -231,7 +233,8 @@ def test_killed_study_takes_its_run_with_it(tmp_path):
   """SIGKILL of the study process also ends the run it started (no orphan training on)."""
   pid_file = tmp_path / "child.pid"
   child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
-  parent = (f"from sized_detr_jax.study import runner; import sys; runner.run_job(runner.Job('v', 0, "
+  parent = (f"from sized_detr_jax.study import runner; import sys; "
+            f"runner.run_job(runner.Job('v', 0, "
             f"{str(tmp_path / 'v')!r}, [sys.executable, '-c', {child!r}], 1), log=print)")
   proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
   deadline = time.time() + 60

@@ -217,7 +217,7 @@ def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, comm
         per_run_log.setdefault(job.variant, {})[job.seed] = run["log_means"]
     runs.append(run)
   names = list(variants)
-  summary = statistics.summarize({v: per_run.get(v, {}) for v in names}, metrics_lib.METRICS)
+  summary = statistics.seed_statistics({v: per_run.get(v, {}) for v in names}, metrics_lib.METRICS)
   paired = (statistics.paired_differences(per_run, baseline, metrics_lib.METRICS)
             if baseline in per_run else {})
   wall = {}
@@ -233,7 +233,7 @@ def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, comm
            "gt_json": sorted(set(gt_paths.values())), "summary": summary, "paired": paired,
            "wall": wall, "runs": runs, "failed": failed,
            "log_metrics": list(log_metrics), "log_from": log_from,
-           "log_summary": statistics.summarize({v: per_run_log.get(v, {}) for v in names},
+           "log_summary": statistics.seed_statistics({v: per_run_log.get(v, {}) for v in names},
                                                log_metrics)}
   os.makedirs(study_dir, exist_ok=True)
   runner.write_json(os.path.join(study_dir, f"{name}.json"), study)

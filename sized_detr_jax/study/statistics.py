@@ -19,7 +19,7 @@ def num_or_none(x):
   return None if x is None or not math.isfinite(x) else float(x)
 
 
-def summarize(per_run, metrics, ddof=STD_DDOF):
+def seed_statistics(per_run, metrics, ddof=STD_DDOF):
   """Mean, std and n over seeds.
 
   Args:
