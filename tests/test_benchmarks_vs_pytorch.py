@@ -15,6 +15,7 @@ from sized_detr_jax.models import deformable_transformer
 from sized_detr_jax.models import denoising
 
 
+@pytest.mark.slow
 def test_jax_half_reports_every_field(tmp_path, capsys):
   out = tmp_path / "report.json"
   report = vs_pytorch.main(["--jax_only", "--config_arg=tiny", "--sizes=64x64", "--batch=1",

@@ -166,6 +166,7 @@ def _tfds_examples():
   }]
 
 
+@pytest.mark.slow
 def test_tfds_source_with_mock_data(tmp_path):
   pytest.importorskip("tensorflow")
   import tensorflow_datasets as tfds

@@ -291,6 +291,7 @@ print("ok", jax.process_index())
 """
 
 
+@pytest.mark.slow
 def test_two_real_jax_processes_assemble_the_single_process_global_batch(cfg, tmp_path):
   # Multi-host path on one machine (docs/operations.md, multi-host): both processes pick the same bucket
   # without communicating, and their local batches form exactly the single-process batch.

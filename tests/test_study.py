@@ -288,6 +288,7 @@ def smoke_study(tmp_path_factory):
     return workdir, json.load(f), out.stdout
 
 
+@pytest.mark.slow
 def test_study_writes_reports(smoke_study):
   workdir, result, stdout = smoke_study
   for name in ("study.json", "study.md", "study_ap_by_size.png", "study_curves.png"):
@@ -305,6 +306,7 @@ def test_study_writes_reports(smoke_study):
   assert "Paired per-seed difference against `l1`" in md and "agnostic_APs" in md
 
 
+@pytest.mark.slow
 def test_second_invocation_skips_finished_runs(smoke_study):
   workdir = smoke_study[0]
   before = {v: _snapshot(os.path.join(workdir, v)) for v in ("l1", "sized")}
@@ -349,6 +351,7 @@ def _per_run_reference(workdir, gt_path):
   return per_run
 
 
+@pytest.mark.slow
 def test_statistics_equal_numpy_on_the_run_files(smoke_study):
   workdir, result, _ = smoke_study
   (gt_path,) = result["gt_json"]

@@ -73,18 +73,21 @@ def chain(tmp_path_factory):
               final_eval=metrics)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resume_continues(chain):
   assert chain["after_sigterm"] == ["1"]
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(chain["step1"]))
   assert sorted(os.listdir(os.path.join(chain["workdir"], "checkpoints"))) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_finished_run_without_final_evaluation_evaluates_on_resume(chain):
   record = json.load(open(os.path.join(chain["workdir"], "eval_metrics.json")))
   assert record["step"] == 2 and chain["final_eval"]["AP"] == record["AP"]
   assert os.path.exists(os.path.join(chain["workdir"], "detections_2.json"))
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_evaluation_and_the_learning_rates(chain):
   import tb_events  # pylint: disable=g-import-not-at-top
   scalars, hparams = tb_events.read_events(os.path.join(chain["workdir"], "tensorboard"))
@@ -97,6 +100,7 @@ def test_tensorboard_holds_the_evaluation_and_the_learning_rates(chain):
   assert hparams["total_steps"] == 2 and hparams["eval_at_end"] is True
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_marks_resumes_and_read_metrics_drops_superseded_rows(chain):
   path = os.path.join(chain["workdir"], "metrics.jsonl")
   raw = [json.loads(line) for line in open(path)]
@@ -117,6 +121,7 @@ def test_read_metrics_applies_events(tmp_path):
       (1, 5), (2, 4), (3, 2.5), (4, 2)]
 
 
+@pytest.mark.slow
 def test_eval_says_which_step_and_why_after_corruption(chain, capsys):
   # Damage the newest step: eval falls back to step 1, moves step 2 aside, and says so.
   step2 = os.path.join(chain["workdir"], "checkpoints", "2", "state")
@@ -140,6 +145,7 @@ def test_eval_says_which_step_and_why_after_corruption(chain, capsys):
   assert "1" in names and any(n.startswith("2.corrupt-") for n in names)
 
 
+@pytest.mark.slow
 def test_changed_model_is_an_error_then_a_fresh_start_on_request(chain):
   workdir = chain["workdir"]
   changed = _config(chain["data_root"], seed=1, model={"hidden_dim": 32})
