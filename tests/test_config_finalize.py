@@ -250,7 +250,6 @@ def test_library_functions_take_finalised_configs(tmp_path):
   workdir = str(tmp_path / "run")
   calls = {"train.train_and_evaluate": lambda: train.train_and_evaluate(raw, workdir),
            "evaluate.evaluate_only": lambda: evaluate.evaluate_only(raw, workdir),
-           "evaluate.predict": lambda: evaluate.predict(raw, workdir, ["a.png"]),
            "state.setup": lambda: state.setup(raw, workdir)}
   for name, call in calls.items():
     with pytest.raises(ValueError, match=rf"{name}: the config is not finalised"):
