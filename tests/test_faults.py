@@ -591,38 +591,32 @@ def test_case5_case13_config_values_rejected_up_front_naming_the_field(field, va
 
 # ------------------------------------------------------------ run.py flags (cases 12 and 13)
 
-# One subprocess per case: two run in the fast tier (a flag parse error, a config value error).
-_SLOW = pytest.mark.slow
+_BAD_FLAGS = [
+    (["--config.total_steps=abc"],
+     r"flag --config.total_steps=abc: invalid literal for int\(\) with base 10: 'abc'"),
+    (["--config.optimizer.lr=abc"],
+     r"flag --config.optimizer.lr=abc: could not convert string to float: 'abc'"),
+    (["--config=experiments/nope.py"],
+     r"--config=experiments/nope.py: config file experiments/nope.py not found"),
+    (["--config=experiments/synthetic.py:nonsense"],
+     r"--config=experiments/synthetic.py:nonsense: ValueError: synthetic: unknown "
+     r"variant tokens \['nonsense'\]; known: \('smoke', 'sized_l1', 'plain'\)"),
+    (["--config=synthetic:nonsense"],
+     r"--config=synthetic:nonsense: ValueError: synthetic: unknown variant tokens"),
+    (["--mode=bogus"], r"flag --mode=bogus: value should be one of <train\|eval\|predict\|summary>"),
+    (["--workdir={file}"], r"FileExistsError: --workdir=.*a_file exists and is not a folder"),
+    (["--config.data.batch_size=0"], r"ValueError: config.data.batch_size=0 must be an integer"),
+    (["--config.data.buckets=abc"], r"ValueError: config.data.buckets=\('abc',\) must be None or"),
+    (["--config.optimizer.lr=1e39"], r"config.optimizer.lr=1e\+39 is not a finite float32"),
+    (["--config.seed=-1"], r"ValueError: config.seed=-1 must be an integer >= 0"),
+]
+# One subprocess per case: a flag parse error and a config value error run in the fast tier.
+_FAST_FLAGS = ("--config.total_steps=abc", "--config.data.batch_size=0")
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config.total_steps=abc"],
-     r"flag --config.total_steps=abc: invalid literal for int\(\) with base 10: 'abc'"),
-    pytest.param(["--config.optimizer.lr=abc"],
-                 r"flag --config.optimizer.lr=abc: could not convert string to float: 'abc'",
-                 marks=_SLOW),
-    pytest.param(["--config=experiments/nope.py"],
-                 r"--config=experiments/nope.py: config file experiments/nope.py not found",
-                 marks=_SLOW),
-    pytest.param(["--config=experiments/synthetic.py:nonsense"],
-                 r"--config=experiments/synthetic.py:nonsense: ValueError: synthetic: unknown "
-                 r"variant tokens \['nonsense'\]; known: \('smoke', 'sized_l1', 'plain'\)",
-                 marks=_SLOW),
-    pytest.param(["--config=synthetic:nonsense"],
-                 r"--config=synthetic:nonsense: ValueError: synthetic: unknown variant tokens",
-                 marks=_SLOW),
-    pytest.param(["--mode=bogus"],
-                 r"flag --mode=bogus: value should be one of <train\|eval\|predict\|summary>",
-                 marks=_SLOW),
-    pytest.param(["--workdir={file}"],
-                 r"FileExistsError: --workdir=.*a_file exists and is not a folder", marks=_SLOW),
-    (["--config.data.batch_size=0"], r"ValueError: config.data.batch_size=0 must be an integer"),
-    pytest.param(["--config.data.buckets=abc"],
-                 r"ValueError: config.data.buckets=\('abc',\) must be None or", marks=_SLOW),
-    pytest.param(["--config.optimizer.lr=1e39"],
-                 r"config.optimizer.lr=1e\+39 is not a finite float32", marks=_SLOW),
-    pytest.param(["--config.seed=-1"], r"ValueError: config.seed=-1 must be an integer >= 0",
-                 marks=_SLOW),
+    pytest.param(args, message, marks=() if args[0] in _FAST_FLAGS else pytest.mark.slow)
+    for args, message in _BAD_FLAGS
 ], ids=lambda v: v[0].split("/")[-1] if isinstance(v, list) else "")
 def test_case12_case13_bad_flags_give_one_line_and_no_traceback(tmp_path, args, message):
   import subprocess  # pylint: disable=g-import-not-at-top
