@@ -104,7 +104,7 @@ def test_evaluation_files_plot_and_coco_json_on_gs(gs):
   gt = {"images": [{"id": 1, "width": 10, "height": 10}], "annotations": [],
         "categories": [{"id": 1, "name": "a"}]}
   fs.path(f"{gs}/gt.json").write_text(json.dumps(gt))
-  assert evaluate.load_coco(f"{gs}/gt.json").getImgIds() == [1]
+  assert evaluate.pycocotools_coco(f"{gs}/gt.json").getImgIds() == [1]
 
 
 def test_lock_config_changes_and_step_folders_on_gs(gs):
