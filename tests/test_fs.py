@@ -130,12 +130,12 @@ _LOCAL_FILE_CALLS = re.compile(
 @pytest.mark.parametrize("source", [
     inspect.getsource(train), inspect.getsource(checkpointing), inspect.getsource(metrics_log),
     inspect.getsource(workdir_lock),
-    *[inspect.getsource(f) for f in (evaluate.load_coco, evaluate.write_evaluation,
+    *[inspect.getsource(f) for f in (evaluate.pycocotools_coco, evaluate.write_evaluation,
                                      evaluate.plot_per_size, evaluate.run_evaluation,
                                      evaluate.restore_for_inference,
                                      state_lib.newest_step_dir, state_lib.load_init_from,
                                      inference_spec.write, inference_spec.read)]],
-    ids=["train", "checkpointing", "metrics_log", "workdir_lock", "load_coco",
+    ids=["train", "checkpointing", "metrics_log", "workdir_lock", "pycocotools_coco",
          "write_evaluation", "plot_per_size", "run_evaluation", "restore_for_inference",
          "newest_step_dir", "load_init_from", "inference_spec.write", "inference_spec.read"])
 def test_no_bare_open_or_os_path_on_run_files(source):
