@@ -44,8 +44,8 @@ flags.DEFINE_string(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "sized_detr_jax", "xla"),
     "JAX persistent compilation cache folder ('' turns it off; $JAX_COMPILATION_CACHE_DIR, "
-    "when set, wins). Re-runs load the compiled init, evaluation and prediction functions "
-    "(the smoke run: 113 -> 82 s wall); the train step is compiled every run, as JAX never "
+    "when set, wins). Re-runs load the compiled init, evaluation and prediction functions; "
+    "the train step is compiled every run, as JAX never "
     "caches an executable that calls back into Python (the host Hungarian matching).")
 flags.DEFINE_string("images", None, "--mode=predict: an image folder, glob or file to run the "
                     "trained detector of --workdir on (only its config.json, inference.json and "

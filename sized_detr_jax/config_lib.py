@@ -406,7 +406,9 @@ def finalize(config):
     * classes: `model.num_classes` None -> the training data's category count (reads the
       training json), `model.dn_labelbook_size` None -> num_classes; both set: checked
       (dn_labelbook_size >= num_classes) before any data is read;
-    * `validate_config` on the result.
+    * `validate_config` on the result;
+    * `finalized` = True, which the library functions that take a config check
+      (`require_finalized`).
 
   Raises:
     ValueError: one line naming the field(s), the value(s) and the fix.
@@ -429,4 +431,14 @@ def finalize(config):
   _resolve_unlabeled(config)
   _resolve_classes(config)
   validate_config(config)
+  with config.unlocked():
+    config.finalized = True
   return config
+
+
+def require_finalized(config, caller: str) -> None:
+  """Raises unless `config` came from `finalize` (the entry points call it once: the CLI, the
+  study, the benchmarks, `Detector`); library functions take resolved configs."""
+  if not config.get("finalized", False):
+    raise ValueError(f"{caller}: the config is not finalised; pass config_lib.finalize(config) "
+                     "(it resolves the schedule, image sizes, classes and name)")

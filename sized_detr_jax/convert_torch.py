@@ -11,7 +11,7 @@ r"""PyTorch weights -> this package's DINO params: official DINO checkpoints, to
   # or keep the 91 rows for a model built with experiments/dino_r50.py:coco91
 
 then point `config.model.pretrained_backbone` (or `config.model.pretrained`) at the .npz and
-apply `load_pretrained(params, config.model)` after init.
+apply `merge_pretrained_params(params, config.model)` after init.
 
 The mapping works on plain `{name: numpy array}` dicts (`convert_state_dict`), so it needs no
 torch; reading a .pth needs `torch` (an optional extra). Inputs may also be .npz files with the
@@ -284,7 +284,7 @@ def load_npz(path):
     return _unflatten({tuple(k.split("/")): data[k] for k in data.files})
 
 
-def load_pretrained(params, model_config):
+def merge_pretrained_params(params, model_config):
   """Applies `model_config.pretrained_backbone` then `model_config.pretrained` (.npz paths).
 
   Either may be empty. Returns the updated params (float32 leaves of the template's dtypes).

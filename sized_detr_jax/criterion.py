@@ -59,35 +59,31 @@ CLS_LOSSES = ("focal", "qfl")
 SIZE_THRESHOLDS = (32.0**2, 96.0**2)
 SIZE_NAMES = ("small", "medium", "large")
 
-def default_criterion_config():
-  """The criterion's settings with DINO-4scale's values (configs/DINO/DINO_4scale.py).
 
-  Fields:
+@dataclasses.dataclass(frozen=True)
+class CriterionConfig:
+  """The criterion's settings (`config.criterion`), resolved once; defaults are DINO-4scale's
+  (IDEA-Research/DINO config/DINO/DINO_4scale.py).
+
+  Attributes:
     cls_loss_coef, bbox_loss_coef, giou_loss_coef: loss weights (1.0, 5.0, 2.0).
-    cls_loss: "focal" (DINO) or "qfl" (Co-DINO's quality focal loss, IoU soft targets) in the
-      matched and denoising branches; qfl_beta its exponent (2.0).
     set_cost_class, set_cost_bbox, set_cost_giou: matching cost weights (2.0, 5.0, 2.0).
     focal_alpha, focal_gamma: focal loss and focal matching cost parameters (0.25, 2.0).
     bbox_loss: "l1" (DINO) or "sized_l1" (the paper), used in every branch.
     sized_l1_rescale: rescale Sized L1 by the mean target width/height (losses.sized_l1_loss).
+    cls_loss: "focal" (DINO) or "qfl" (Co-DINO's quality focal loss, IoU soft targets) in the
+      matched and denoising branches; qfl_beta its exponent (2.0).
     matcher_box_cost: "l1" (DINO and the paper) or "sized_l1" box term of the matching cost
       (rescaled like the loss when sized_l1_rescale is set).
     matcher_prune: send the host only each ground truth's G cheapest queries instead of the
       whole [Q, G] matching cost (`matching.hungarian_matching(prune=True)`: the same optimal
-      totals; 0.02 vs 1.15 MiB per step at 6 x 8 x 900 queries x 7 GT, 3.7 vs 16.5 MiB at 100
-      GT; `benchmarks.matching --host_table`). Off by default: with tied costs the chosen
-      assignment may differ, so runs would not repeat the unpruned ones bit for bit.
+      totals, less host traffic: docs/benchmarks.md). Off by default: with tied costs the
+      chosen assignment may differ, so runs would not repeat the unpruned ones bit for bit.
     interm_loss_coef: extra factor on the encoder-proposal losses (1.0).
     use_dn: add the denoising losses when the outputs carry `dn_outputs`.
     o2m_topk, o2m_alpha, o2m_beta: task-aligned assigner of `one_to_many_criterion` (Semi-DETR
       stage 1: top-13 queries per ground truth, alignment `score^1 * IoU^6`).
   """
-  return ml_collections.ConfigDict(dataclasses.asdict(CriterionConfig()))
-
-
-@dataclasses.dataclass(frozen=True)
-class CriterionConfig:
-  """Typed, hashable, validated form of `default_criterion_config()` (same fields and defaults)."""
   cls_loss_coef: float = 1.0
   bbox_loss_coef: float = 5.0
   giou_loss_coef: float = 2.0
@@ -143,6 +139,11 @@ class CriterionConfig:
     given = config_lib.section_fields(section, [f.name for f in dataclasses.fields(cls)],
                                       "config.criterion")
     return cls(**{**given, **overrides})
+
+
+def default_criterion_config():
+  """`config.criterion` defaults as a ConfigDict (the fields of `CriterionConfig`)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(CriterionConfig()))
 
 
 def _checked(config):

@@ -6,12 +6,14 @@
   `detections_<step>.json`, `eval_metrics.json(l)`, `per_size_<step>.png`.
 * `evaluate_only`: `run.py --mode=eval` on a workdir's newest checkpoint (`--mode=predict` is
   `predict.py`, on `detector.Detector`).
-* Host-side helpers: `detections_to_coco`, `coco_metrics`, `write_evaluation`, `plot_per_size`.
+* Host-side helpers: `detections_to_coco`, `coco_evaluation`, `coco_metrics`,
+  `write_evaluation`, `plot_per_size`.
 
 Metrics are AP, AP50, AP75, APs, APm, APl (and the recalls) as 0-1 floats. Size classes follow
 COCO: small < 32^2 px area <= medium < 96^2 <= large.
 """
 import contextlib
+import copy
 import functools
 import io
 import json
@@ -35,10 +37,9 @@ from sized_detr_jax.data import pipeline
 # Order of COCOeval.stats for iouType="bbox".
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                 "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-SIZE_CLASSES = ("small", "medium", "large")
 
 
-def load_coco(gt):
+def pycocotools_coco(gt):
   """A pycocotools COCO from a json path, a dataset dict, or an existing COCO (returned as is)."""
   if isinstance(gt, COCO):
     return gt
@@ -82,31 +83,46 @@ def detections_to_coco(image_ids, scores, labels, boxes_xywh, label_to_category,
   return results
 
 
-def coco_metrics(gt, detections, *, image_ids=None):
-  """Run pycocotools' bbox COCOeval.
+def coco_evaluation(gt, detections, *, image_ids=None):
+  """pycocotools' bbox COCOeval, evaluated, accumulated and summarised.
 
   Args:
     gt: ground truth (json path, dataset dict, or COCO).
-    detections: COCO results list (as from `detections_to_coco`).
+    detections: COCO results list (as from `detections_to_coco`); not modified.
     image_ids: evaluate on these images only (default: every image of `gt`).
 
   Returns:
-    (metrics, summary): dict of METRIC_NAMES -> float in [0, 1] (-1 where COCO has no ground
-    truth of that kind, as pycocotools reports), and the printed COCOeval summary text.
+    (coco_eval, summary): the COCOeval (its `stats`, `eval["precision"]` [T, R, K, A, M]) and
+    the printed summary text; (None, "no detections") for an empty list, which pycocotools'
+    loadRes rejects.
   """
-  coco_gt = load_coco(gt)
-  if not detections:  # loadRes rejects an empty list; no detection means zero AP and AR.
-    return {name: 0.0 for name in METRIC_NAMES}, "no detections"
+  coco_gt = pycocotools_coco(gt)
+  if not detections:
+    return None, "no detections"
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    coco_dt = coco_gt.loadRes(detections)
+    coco_dt = coco_gt.loadRes(copy.deepcopy(detections))  # loadRes adds fields to each dict
     coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
     if image_ids is not None:
       coco_eval.params.imgIds = sorted(int(i) for i in image_ids)
     coco_eval.evaluate()
     coco_eval.accumulate()
     coco_eval.summarize()
-  return {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}, out.getvalue()
+  return coco_eval, out.getvalue()
+
+
+def coco_metrics(gt, detections, *, image_ids=None):
+  """COCO bbox metrics of `detections` (arguments as `coco_evaluation`).
+
+  Returns:
+    (metrics, summary): dict of METRIC_NAMES -> float in [0, 1] (-1 where COCO has no ground
+    truth of that kind, as pycocotools reports; all 0 without detections), and the printed
+    COCOeval summary text.
+  """
+  coco_eval, summary = coco_evaluation(gt, detections, image_ids=image_ids)
+  if coco_eval is None:  # no detection means zero AP and AR
+    return {name: 0.0 for name in METRIC_NAMES}, summary
+  return {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}, summary
 
 
 def write_evaluation(workdir, step, detections, metrics):
@@ -139,14 +155,14 @@ def plot_per_size(metrics, path, *, box_loss_share=None, title="", share_title="
   ap = [max(metrics[k], 0.0) for k in ("APs", "APm", "APl")]
   ncols = 2 if box_loss_share else 1
   fig, axes = plt.subplots(1, ncols, figsize=(4 * ncols, 3.2), squeeze=False)
-  bars = axes[0, 0].bar(SIZE_CLASSES, ap, color=["#d95f02", "#7570b3", "#1b9e77"])
+  bars = axes[0, 0].bar(criterion.SIZE_NAMES, ap, color=["#d95f02", "#7570b3", "#1b9e77"])
   axes[0, 0].bar_label(bars, fmt="%.3f")
   axes[0, 0].set_ylim(0, 1)
   axes[0, 0].set_ylabel("AP")
   axes[0, 0].set_title(f"AP by size (AP={metrics['AP']:.3f})")
   if box_loss_share:
-    share = [box_loss_share.get(k, 0.0) for k in SIZE_CLASSES]
-    bars = axes[0, 1].bar(SIZE_CLASSES, share, color="#666666")
+    share = [box_loss_share.get(k, 0.0) for k in criterion.SIZE_NAMES]
+    bars = axes[0, 1].bar(criterion.SIZE_NAMES, share, color="#666666")
     axes[0, 1].bar_label(bars, fmt="%.2f")
     axes[0, 1].set_ylim(0, 1)
     axes[0, 1].set_title("box-loss share by size" + (f"\n({share_title})" if share_title
@@ -320,7 +336,7 @@ def restore_for_inference(config, workdir, mode) -> Restored:
 
 def evaluate_only(config, workdir):
   """Evaluate the newest checkpoint of `workdir` (EMA params if `config.eval_ema`)."""
-  config = config_lib.finalize(config)
+  config_lib.require_finalized(config, "evaluate.evaluate_only")
   r = restore_for_inference(config, workdir, "eval")
   metrics = run_evaluation(r.predictor, r.params, r.model_state, r.step, workdir, r.data_info,
                            eval_batches(config))

@@ -1,20 +1,17 @@
 """Process settings for running XLA on the host CPU: the scheduler flag and glibc's malloc.
 
-`configure()` is called first thing by run.py and by the benchmarks' JAX processes, before the
-XLA backend starts. Measured on DINO-4scale R50 train steps, batch 2 x 320x416, 2-core CPU:
+`configure()` is called first thing by the CLI and by the benchmarks' JAX processes, before
+the XLA backend starts (what each setting changes for an R50 step: docs/benchmarks.md):
 
 * `--xla_cpu_enable_concurrency_optimized_scheduler=false` (XLA_FLAGS): XLA orders the step for
-  memory instead of concurrency: compiled temporaries 6.62 -> 5.50 GiB, peak RSS 9.52 ->
-  8.37 GB, same speed and loss (before the MSDA / attention backward rewrite).
-* malloc keeps freed memory: XLA's CPU runtime allocates each step's temporaries (one 2.6 GiB
+  memory instead of concurrency (lower peak memory, same speed and loss).
+* malloc keeps freed memory: XLA's CPU runtime allocates each step's temporaries (one large
   block) with malloc, which glibc serves with a fresh mmap and unmaps on free, so every step
-  page-faults and zeroes it again: 0.9 M minor faults and 1.4 s of system CPU time per step.
-  With `mallopt(M_MMAP_MAX, 0)` (large blocks come from the heap) and
-  `mallopt(M_TRIM_THRESHOLD, -1)` (the heap is never given back) the block is reused: 0.18 M
-  faults, 0.3 s system time, step 4.71 -> 4.29 s. The process keeps its high-water mark, so
-  `release_free_memory()` trims the heap once after each compilation (the trainer and the
-  benchmarks call it), before the step's own memory: resident before the first R50 step
-  2.79 -> 1.80 GiB.
+  page-faults and zeroes it again. With `mallopt(M_MMAP_MAX, 0)` (large blocks come from the
+  heap) and `mallopt(M_TRIM_THRESHOLD, -1)` (the heap is never given back) the block is
+  reused. The process keeps its high-water mark, so `release_free_memory()` trims the heap
+  once after each compilation (the trainer and the benchmarks call it), before the step's own
+  memory.
 
 A setting the user made wins: an XLA flag already in XLA_FLAGS, or any MALLOC_MMAP_MAX_ /
 MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ / MALLOC_TOP_PAD_ environment variable (glibc's
@@ -71,8 +68,7 @@ def release_free_memory() -> bool:
 
   Call after compiling, before running: XLA's compiler leaves a heap of freed, fragmented
   blocks that the step's one large temporary block cannot reuse, and with trimming off (above)
-  they would stay resident beside it (R50 step: 2.8 GB resident after compiling, 5.5 GB after
-  the first step).
+  they would stay resident beside it.
   """
   if os.environ.get(SWITCH, "1") == "0":
     return False

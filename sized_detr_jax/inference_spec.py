@@ -138,8 +138,8 @@ def make_postprocess(entry: dict) -> Callable[..., Any]:
   pixels of `batch["orig_size"]`), built from the methods' own postprocess functions."""
   num_select = int(entry["num_select"])
   if entry["kind"] == "topk":
-    from sized_detr_jax.models import dino  # pylint: disable=g-import-not-at-top
-    return dino.topk_postprocess(num_select)
+    from sized_detr_jax import dino_method  # pylint: disable=g-import-not-at-top
+    return dino_method.topk_postprocess(num_select)
   if entry["kind"] == "nms":
     from sized_detr_jax.semi import method as semi_method  # pylint: disable=g-import-not-at-top
     return lambda outputs, batch: semi_method.nms_postprocess(

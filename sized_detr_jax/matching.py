@@ -7,7 +7,7 @@ host with `scipy.optimize.linear_sum_assignment` through `jax.pure_callback`
 decoder layer (and the encoder proposals) along leading dims so one step makes one host call per
 device shard. With a `mesh`, the callback runs inside `jax.shard_map`, so each device solves its
 own slice of the batch on its own host: under a plain `jit` with a sharded input the callback
-would gather the whole batch to one device first (design.md section 6). Within one call, the
+would gather the whole batch to one device first. Within one call, the
 independent per-image problems are solved by a pool of host threads (scipy releases the GIL;
 `set_host_workers` / $SIZED_DETR_MATCHING_WORKERS, default all host cores). With `prune=True`
 only each ground truth's G cheapest queries travel to the host ([..., G, G] costs and indices
@@ -20,7 +20,7 @@ copies its operands onto CPU device 0, and that copy waits behind device 0's own
 itself inside the callback. Accelerator meshes are unaffected (the host CPU device is not a mesh
 device); one CPU device, or `mesh=None` (a single callback), has not hung in our runs.
 
-One-to-many (Semi-DETR's first stage, design.md section 9): `task_aligned_assign` is TOOD's
+One-to-many (Semi-DETR's first stage, docs/methods.md): `task_aligned_assign` is TOOD's
 task-aligned assigner as Semi-DETR applies it to DETR queries, fully on device with static shapes,
 and `losses.task_aligned_focal_loss` is the classification loss that goes with its soft targets.
 

@@ -4,11 +4,11 @@ The only place that lists methods (as big_vision picks models by name). A new DE
 a new folder with `build(config)` plus one line here.
 """
 from sized_detr_jax import co_dino
+from sized_detr_jax import dino_method
 from sized_detr_jax import semi
-from sized_detr_jax.models import dino
 
 BUILDERS = {
-    "dino": dino.build,
+    "dino": dino_method.build,
     "semi_detr": semi.build,
     "co_dino": co_dino.build,
 }

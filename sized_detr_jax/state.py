@@ -76,14 +76,14 @@ def _teacher_copy(state, params, ema_subtree):
   return jax.tree.map(jnp.copy, ema_subtree(params))
 
 
-def load_pretrained(state, shardings, model_config, ema_subtree):
+def state_with_pretrained(state, shardings, model_config, ema_subtree):
   """Fresh run: converted weights (convert_torch .npz) into the detector's params (and the EMA
   copy). Methods that wrap a DINO keep it under params["dino"]."""
   params = jax.device_get(state.params)
   if "dino" in params:
-    params = {**params, "dino": convert_torch.load_pretrained(params["dino"], model_config)}
+    params = {**params, "dino": convert_torch.merge_pretrained_params(params["dino"], model_config)}
   else:
-    params = convert_torch.load_pretrained(params, model_config)
+    params = convert_torch.merge_pretrained_params(params, model_config)
   params = jax.device_put(params, shardings.params)
   logging.info("Loaded pretrained weights: backbone=%r full=%r",
                model_config.get("pretrained_backbone"), model_config.get("pretrained"))
@@ -153,14 +153,13 @@ def setup(config, workdir, *, on_mismatch="error") -> RunSetup:
   """Mesh, data info, method, optimiser and state (restored when the workdir has a checkpoint).
 
   Args:
-    config: the experiment config (finalised here with `config_lib.finalize` when it is not
-      yet; the result is `RunSetup.config`).
+    config: the experiment config, finalised (`config_lib.finalize`; `RunSetup.config`).
     workdir: the run's folder (its checkpoints/ is created if missing).
     on_mismatch: "error": checkpoints that do not fit this config raise
       `checkpointing.CheckpointMismatchError` naming the first differing param and the changed
       config fields; "fresh": they are moved aside and the run starts from step 0.
   """
-  config = config_lib.finalize(config)
+  config_lib.require_finalized(config, "state.setup")
   mesh = sharding.make_mesh(config.get("num_devices"))
   data_info = pipeline.dataset_info(config.data)
   if config.model.num_classes != data_info["num_classes"]:
@@ -190,6 +189,6 @@ def setup(config, workdir, *, on_mismatch="error") -> RunSetup:
   elif config.get("init_from"):
     state = load_init_from(state, shardings, config.init_from, method.ema_subtree)
   elif config.model.get("pretrained") or config.model.get("pretrained_backbone"):
-    state = load_pretrained(state, shardings, config.model, method.ema_subtree)
+    state = state_with_pretrained(state, shardings, config.model, method.ema_subtree)
   return RunSetup(mesh, data_info, method, tx, schedule, state, shardings, ckpt, restored,
                   config)

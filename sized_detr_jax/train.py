@@ -231,8 +231,8 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
 
   `on_mismatch`: what to do with checkpoints that do not fit the config ("error" or "fresh",
   see `state.setup`). SIGTERM saves a checkpoint of the current step and raises `Preempted`.
-  The config is finalised first (`config_lib.finalize`: derived classes, sizes, schedule and
-  name); config.json records the finalised one.
+  `config` is finalised (`config_lib.finalize`: derived classes, sizes, schedule and name);
+  config.json records it.
 
   One job per workdir: process 0 holds WORKDIR/run.lock meanwhile (`workdir_lock`; a second job
   raises `workdir_lock.WorkdirLockedError`). Before the first step the compiled step's memory is
@@ -240,7 +240,7 @@ def train_and_evaluate(config, workdir, *, on_mismatch="error"):
   a SIGTERM on any of them stops all at the same step (the preemption sync point), and a lost
   or failed process stops the others in one line (`peer_watch`).
   """
-  config = config_lib.finalize(config)
+  config_lib.require_finalized(config, "train.train_and_evaluate")
   sharding.maybe_initialize_distributed(config)
   workdir = workdir or default_workdir(config)
   fs.path(workdir).mkdir(parents=True, exist_ok=True)

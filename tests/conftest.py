@@ -47,6 +47,6 @@ def trained_smoke_run(tmp_path_factory):
   config.data.root = str(root / "data")
   config.update(total_steps=2, log_every=1, checkpoint_every=2)
   workdir = str(root / "run")
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config_lib.finalize(config), workdir)  # as the CLI does
   os.rename(root / "data", root / "data_moved")
   return {"workdir": workdir, "data": str(root / "data_moved"), "step": 2}

@@ -15,6 +15,7 @@ from sized_detr_jax.models import deformable_transformer
 from sized_detr_jax.models import denoising
 
 
+@pytest.mark.slow
 def test_jax_half_reports_every_field(tmp_path, capsys):
   out = tmp_path / "report.json"
   report = vs_pytorch.main(["--jax_only", "--config_arg=tiny", "--sizes=64x64", "--batch=1",
@@ -36,7 +37,7 @@ def test_jax_half_reports_every_field(tmp_path, capsys):
     assert r["device_peak_gb"] is None  # CPU
     assert f"{mode:6} jax" in printed
   assert "peak_rss_gb" in printed and "compile_s" in printed and "load (1/5/15 min)" in printed
-  assert "config dino_r50.py:tiny" in printed
+  assert "config dino_r50:tiny" in printed  # the packaged config, by name
 
 
 def test_bad_arguments_name_the_flag(tmp_path):

@@ -66,6 +66,7 @@ def setup():
               batch=(images, mask, targets), grads=grads, losses=losses, outputs=outputs)
 
 
+@pytest.mark.slow
 def test_training_losses_and_gradients_finite(setup):
   losses, grads = setup["losses"], setup["grads"]
   for name in ("loss_atss_cls", "loss_atss_giou", "loss_atss_centerness", "loss_rpn_cls",
@@ -83,6 +84,7 @@ def test_training_losses_and_gradients_finite(setup):
         grads["dino"]["transformer"][key])) > 0
 
 
+@pytest.mark.slow
 def test_positive_query_slots(setup):
   config, outputs = setup["config"], setup["outputs"]
   _, _, targets = setup["batch"]
@@ -108,6 +110,7 @@ def test_positive_query_slots(setup):
       assert len(match) == 1 and gt_labels[i, match[0]] == q["labels"][i, j]
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device(setup):
   mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:4])
@@ -125,6 +128,7 @@ def test_four_devices_equal_one_device(setup):
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_inference_is_plain_dino_on_params_dino(setup):
   config, model, params = setup["config"], setup["model"], setup["params"]
   images, mask, _ = setup["batch"]
@@ -139,6 +143,7 @@ def test_inference_is_plain_dino_on_params_dino(setup):
   assert "co_outputs" not in co_out and "extra_outputs" not in co_out
 
 
+@pytest.mark.slow
 def test_param_labels(setup):
   params, labels_fn = setup["params"], setup["labels_fn"]
   labels = labels_fn(params)

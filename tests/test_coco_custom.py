@@ -77,6 +77,7 @@ def trained(dataset, tmp_path_factory):
   return dict(workdir=workdir, config=config, rows=rows, out=out)
 
 
+@pytest.mark.slow
 def test_classes_sizes_and_name_are_derived(trained):
   config = trained["config"]
   assert (config["model"]["num_classes"], config["model"]["dn_labelbook_size"]) == (7, 7)
@@ -91,6 +92,7 @@ def test_classes_sizes_and_name_are_derived(trained):
   assert detections and {d["category_id"] for d in detections} <= set(CATEGORY_IDS)
 
 
+@pytest.mark.slow
 def test_total_steps_moves_the_lr_drop(trained):
   """2000-step recipe (drop at 7/8, warm-up 2.5%) run for 8 steps: drop at round(7) = 7, no
   warm-up (round(0.2) = 0); the lr logged at step s is the one step s trained with (s - 1

@@ -220,15 +220,15 @@ def test_synthetic_labelbook_follows_num_classes():
 
 def test_study_accepts_runs_made_before_the_derivation_fields():
   """A run's config.json written before `data.size` / `*_fraction` existed still matches."""
-  from sized_detr_jax import study  # pylint: disable=g-import-not-at-top
+  from sized_detr_jax.study import runner  # pylint: disable=g-import-not-at-top
   now = json.loads(config_lib.finalize(_load("synthetic.py:")).to_json_best_effort())
   old = copy.deepcopy(now)
   for section, key in (("data", "size"), ("data", "scale_step"), ("data", "min_scale_fraction"),
                        ("optimizer", "lr_drop_fractions"), ("optimizer", "warmup_fraction")):
     del old[section][key]
-  assert study.config_differences(old, now) == []
+  assert runner.config_differences(old, now) == []
   old["optimizer"]["lr_drop_steps"] = [1000]
-  assert study.config_differences(old, now) == ["optimizer.lr_drop_steps"]
+  assert runner.config_differences(old, now) == ["optimizer.lr_drop_steps"]
 
 
 @pytest.mark.parametrize("ann, name", [
@@ -240,3 +240,29 @@ def test_study_accepts_runs_made_before_the_derivation_fields():
 def test_dataset_name(ann, name):
   assert config_lib.dataset_name({"source": "coco", "train_ann": ann}) == name
   assert config_lib.dataset_name({"source": "synthetic"}) == "synthetic"
+
+
+def test_library_functions_take_finalised_configs(tmp_path):
+  """The entry points finalise once; train / evaluate / state refuse a raw config, naming
+  themselves, before anything is created."""
+  from sized_detr_jax import evaluate, state, train  # pylint: disable=g-import-not-at-top
+  raw = _load("synthetic.py:smoke")
+  workdir = str(tmp_path / "run")
+  calls = {"train.train_and_evaluate": lambda: train.train_and_evaluate(raw, workdir),
+           "evaluate.evaluate_only": lambda: evaluate.evaluate_only(raw, workdir),
+           "state.setup": lambda: state.setup(raw, workdir)}
+  for name, call in calls.items():
+    with pytest.raises(ValueError, match=rf"{name}: the config is not finalised"):
+      call()
+  assert not os.path.exists(workdir)
+  assert config_lib.finalize(raw).finalized and "finalized" not in raw
+
+
+def test_dino_r50_criterion_is_dino_4scale():
+  """dino_r50 states no criterion field: the CriterionConfig defaults are DINO_4scale.py's."""
+  from sized_detr_jax import criterion  # pylint: disable=g-import-not-at-top
+  c = criterion.CriterionConfig.from_config(_load("dino_r50.py:").criterion)
+  assert (c.cls_loss_coef, c.bbox_loss_coef, c.giou_loss_coef) == (1.0, 5.0, 2.0)
+  assert (c.set_cost_class, c.set_cost_bbox, c.set_cost_giou) == (2.0, 5.0, 2.0)
+  assert (c.focal_alpha, c.focal_gamma, c.bbox_loss, c.sized_l1_rescale) == (0.25, 2.0, "l1",
+                                                                             False)

@@ -208,7 +208,7 @@ def test_torchvision_backbone_and_merge_roundtrip(template, state_dict, tmp_path
   assert set(backbone) == {"backbone"}
   ct.save_npz(tmp_path / "r50.npz", backbone)
   init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-  merged = ct.load_pretrained(init, {"pretrained_backbone": str(tmp_path / "r50.npz")})
+  merged = ct.merge_pretrained_params(init, {"pretrained_backbone": str(tmp_path / "r50.npz")})
   np.testing.assert_array_equal(merged["backbone"]["layer4_0"]["conv2"]["kernel"],
                                 tv["layer4.0.conv2.weight"].transpose(2, 3, 1, 0))
   assert not np.any(merged["transformer"]["tgt_embed"])  # untouched

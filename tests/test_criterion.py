@@ -231,6 +231,7 @@ def test_per_size_metrics(example, jitted):
                                            if k.startswith("loss_bbox")), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_normalisation_equals_unsharded(example, jitted):
   """jit with a sharded batch, and shard_map with axis_name, both give the global values."""
   outputs, targets, matches = example
@@ -325,6 +326,7 @@ def test_compute_matches_pruned_keeps_optimal_totals(example, count_host_calls):
                                cost[n, b][want[n, b, cols], cols].sum(), rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_dino_criterion_value_and_finite_gradients(example, jit_matches):
   """The trainer's one call: matches + losses, differentiable, equal to the numpy reference."""
   outputs, targets, _ = example
@@ -349,6 +351,7 @@ def test_dino_criterion_value_and_finite_gradients(example, jit_matches):
                grads_mesh, grads)
 
 
+@pytest.mark.slow
 def test_compute_matches_pads_shorter_interm_branch(example):
   outputs, targets, _ = example
   outputs = dict(outputs, interm_outputs={k: v[:, :2] for k, v in outputs["interm_outputs"].items()})

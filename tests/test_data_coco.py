@@ -106,33 +106,33 @@ def _mutated(fn):
 def test_malformed_annotations_raise_named_errors(tmp_path, data, pattern):
   path, img_dir = _write(tmp_path, data, images=False)
   with pytest.raises(coco.CocoFormatError, match=pattern):
-    coco.load_coco(path, img_dir, check_files=False)
+    coco.load_coco_index(path, img_dir, check_files=False)
 
 
 def test_unreadable_annotation_file(tmp_path):
   with pytest.raises(coco.CocoFormatError, match=r"nope\.json: cannot read"):
-    coco.load_coco(str(tmp_path / "nope.json"), str(tmp_path))
+    coco.load_coco_index(str(tmp_path / "nope.json"), str(tmp_path))
 
 
 def test_missing_annotations_allowed_only_for_unlabeled(tmp_path):
   data = _mutated(lambda d: d.pop("annotations"))
   path, img_dir = _write(tmp_path, data)
   with pytest.raises(coco.CocoFormatError, match="'annotations'"):
-    coco.load_coco(path, img_dir)
-  idx = coco.load_coco(path, img_dir, require_annotations=False)
+    coco.load_coco_index(path, img_dir)
+  idx = coco.load_coco_index(path, img_dir, require_annotations=False)
   assert [b.shape for b in idx.boxes] == [(0, 4)] * 3
   data.pop("categories")
   path, img_dir = _write(tmp_path, data, name="unlabeled.json")
-  assert len(coco.load_coco(path, img_dir, require_annotations=False).category_ids) == 0
+  assert len(coco.load_coco_index(path, img_dir, require_annotations=False).category_ids) == 0
   with pytest.raises(coco.CocoFormatError, match="'categories'"):
-    coco.load_coco(path, img_dir)
+    coco.load_coco_index(path, img_dir)
 
 
 def test_image_file_errors_and_mode_conversion(tmp_path):
   path, img_dir = _write(tmp_path, _base())
   os.remove(os.path.join(img_dir, "b.png"))
   with pytest.raises(coco.CocoFormatError, match=r"1 image file\(s\) missing .*'b.png' \(image id 11\)"):
-    coco.load_coco(path, img_dir)
+    coco.load_coco_index(path, img_dir)
   # Corrupt file: named with its image id at decode time.
   with open(os.path.join(img_dir, "b.png"), "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n garbage")
@@ -166,6 +166,7 @@ def _tfds_examples():
   }]
 
 
+@pytest.mark.slow
 def test_tfds_source_with_mock_data(tmp_path):
   pytest.importorskip("tensorflow")
   import tensorflow_datasets as tfds

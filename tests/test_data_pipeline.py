@@ -291,8 +291,9 @@ print("ok", jax.process_index())
 """
 
 
+@pytest.mark.slow
 def test_two_real_jax_processes_assemble_the_single_process_global_batch(cfg, tmp_path):
-  # Multi-host path on one machine (design.md section 6): both processes pick the same bucket
+  # Multi-host path on one machine (docs/operations.md, multi-host): both processes pick the same bucket
   # without communicating, and their local batches form exactly the single-process batch.
   import socket
   import subprocess

@@ -37,6 +37,7 @@ def test_block_finder_on_a_made_up_page():
   assert section("# t\n## A\nx\n## B\ny\n", "A") == "\n## A\nx"
 
 
+@pytest.mark.slow
 def test_api_md_runs(tmp_path):
   blocks = python_blocks((ROOT / "docs" / "api.md").read_text())
   assert len(blocks) >= 4

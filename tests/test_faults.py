@@ -485,7 +485,7 @@ def test_case10_cli_dataset_is_used_as_is_by_the_trainer_data_path(tmp_path):
   from sized_detr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from sized_detr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = str(tmp_path / "by_hand")
-  # README's "generate by hand" step, then the trainer's data path on that root.
+  # docs/custom_data.md's "generate by hand" step, then the trainer's data path on that root.
   assert synthetic.main(["--out", root, "--num-images", "2", "--seed", "5", "--num-val", "1",
                          "--num-unlabeled", "1"]) == 0
   before = _mtimes(root)
@@ -591,8 +591,7 @@ def test_case5_case13_config_values_rejected_up_front_naming_the_field(field, va
 
 # ------------------------------------------------------------ run.py flags (cases 12 and 13)
 
-
-@pytest.mark.parametrize("args, message", [
+_BAD_FLAGS = [
     (["--config.total_steps=abc"],
      r"flag --config.total_steps=abc: invalid literal for int\(\) with base 10: 'abc'"),
     (["--config.optimizer.lr=abc"],
@@ -610,6 +609,14 @@ def test_case5_case13_config_values_rejected_up_front_naming_the_field(field, va
     (["--config.data.buckets=abc"], r"ValueError: config.data.buckets=\('abc',\) must be None or"),
     (["--config.optimizer.lr=1e39"], r"config.optimizer.lr=1e\+39 is not a finite float32"),
     (["--config.seed=-1"], r"ValueError: config.seed=-1 must be an integer >= 0"),
+]
+# One subprocess per case: a flag parse error and a config value error run in the fast tier.
+_FAST_FLAGS = ("--config.total_steps=abc", "--config.data.batch_size=0")
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(args, message, marks=() if args[0] in _FAST_FLAGS else pytest.mark.slow)
+    for args, message in _BAD_FLAGS
 ], ids=lambda v: v[0].split("/")[-1] if isinstance(v, list) else "")
 def test_case12_case13_bad_flags_give_one_line_and_no_traceback(tmp_path, args, message):
   import subprocess  # pylint: disable=g-import-not-at-top

@@ -106,7 +106,7 @@ def test_evaluation_files_plot_and_coco_json_on_gs(gs):
   gt = {"images": [{"id": 1, "width": 10, "height": 10}], "annotations": [],
         "categories": [{"id": 1, "name": "a"}]}
   fs.path(f"{gs}/gt.json").write_text(json.dumps(gt))
-  assert evaluate.load_coco(f"{gs}/gt.json").getImgIds() == [1]
+  assert evaluate.pycocotools_coco(f"{gs}/gt.json").getImgIds() == [1]
 
 
 def test_lock_config_changes_and_step_folders_on_gs(gs):
@@ -132,13 +132,13 @@ _LOCAL_FILE_CALLS = re.compile(
 @pytest.mark.parametrize("source", [
     inspect.getsource(train), inspect.getsource(checkpointing), inspect.getsource(metrics_log),
     inspect.getsource(workdir_lock),
-    *[inspect.getsource(f) for f in (evaluate.load_coco, evaluate.write_evaluation,
+    *[inspect.getsource(f) for f in (evaluate.pycocotools_coco, evaluate.write_evaluation,
                                      evaluate.plot_per_size, evaluate.run_evaluation,
                                      evaluate.restore_for_inference,
                                      state_lib.newest_step_dir, state_lib.load_init_from,
                                      inference_spec.write, inference_spec.read,
                                      predict.image_ids_from_ann)]],
-    ids=["train", "checkpointing", "metrics_log", "workdir_lock", "load_coco",
+    ids=["train", "checkpointing", "metrics_log", "workdir_lock", "pycocotools_coco",
          "write_evaluation", "plot_per_size", "run_evaluation", "restore_for_inference",
          "newest_step_dir", "load_init_from", "inference_spec.write", "inference_spec.read",
          "predict.image_ids_from_ann"])

@@ -93,6 +93,7 @@ def test_matching_cost_matches_numpy(box_cost):
     np.testing.assert_allclose(got[b], want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_matching_cost_broadcasts_layers_and_rejects_unknown_box_cost():
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(3, 2, 5, 4)).astype(np.float32)

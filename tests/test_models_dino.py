@@ -79,6 +79,7 @@ def tiny():
               out=out, grads=grads, train_apply=train_apply, eval_apply=eval_apply)
 
 
+@pytest.mark.slow
 def test_output_contract(tiny):
   out, cfg = tiny["out"], tiny["config"].model
   b, q, c, layers = 2, cfg.num_queries, cfg.num_classes, cfg.dec_layers
@@ -101,6 +102,7 @@ def test_output_contract(tiny):
   assert boxes.min() >= 0 and boxes.max() <= 1
 
 
+@pytest.mark.slow
 def test_gradients_finite_and_frozen(tiny):
   grads, labels = jax.device_get(tiny["grads"]), dino.param_labels(tiny["params"])
   for g, label in zip(jax.tree.leaves(grads), jax.tree.leaves(labels)):
@@ -115,6 +117,7 @@ def test_gradients_finite_and_frozen(tiny):
   assert np.any(t["enc_out_bbox_embed"]["layers_2"]["kernel"])
 
 
+@pytest.mark.slow
 def test_extra_padding_gives_identical_outputs(tiny):
   """The fixture batch (64x64 and 64x48 images in a 64x64 canvas) again in a 128x128 canvas
   with garbage padding: every output, denoising included, must be unchanged."""
@@ -128,6 +131,7 @@ def test_extra_padding_gives_identical_outputs(tiny):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_matching_queries_do_not_see_denoising_queries(tiny):
   out_eval = tiny["eval_apply"](tiny["params"], tiny["images"], tiny["mask"])
   assert "dn_outputs" not in out_eval and "dn_meta" not in out_eval
@@ -153,6 +157,7 @@ def _extra_queries(n_groups, per_group, isolated, dim):
           "group": jnp.asarray(group), "isolated": isolated}
 
 
+@pytest.mark.slow
 def test_extra_query_groups(tiny):
   """Extra slots never change the matching/denoising outputs; isolated groups decode exactly as
   a separate pass of their own (Co-DETR), non-isolated ones also see the matching queries."""
@@ -181,6 +186,7 @@ def test_extra_query_groups(tiny):
   assert np.abs(np.asarray(shared["hidden"]) - np.asarray(iso["hidden"])).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_encode_decode_and_five_scales():
   """`decode(encode(x))` is `__call__`; the 5-scale (C2-C5 + 1) variant has strides 4..64."""
   config = dino_r50.get_config("smoke")
@@ -217,6 +223,7 @@ def test_selection_scores_hand_computed():
     transformer_lib.selection_scores(logits, usable, "all")
 
 
+@pytest.mark.slow
 def test_query_selection_rules_in_the_model():
   """With a zero `enc_output` kernel every token has the same encoder logits, so top-k keeps
   the lowest token indices (lax.top_k puts ties in index order) among those it may take, and
@@ -259,6 +266,7 @@ def test_query_selection_rules_in_the_model():
         jax.random.PRNGKey(0), images, mask)
 
 
+@pytest.mark.slow
 def test_per_layer_heads(tiny):
   """share_decoder_heads=False: one class Linear and box MLP per decoder layer, same shapes as
   the shared pair; with every copy equal to the shared one the outputs are the shared model's,
@@ -297,6 +305,7 @@ def test_per_layer_heads(tiny):
   np.testing.assert_allclose(changed["pred_logits"] - same["pred_logits"], 0.5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_layers_matches_unrolled(tiny):
   """scan_layers=True: same parameter tree, same outputs and gradients as the unrolled layers
   (the fixture's remat model, training mode with denoising, batch-sharded), and for per-layer
@@ -332,6 +341,7 @@ def test_scan_layers_matches_unrolled(tiny):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute(tiny):
   # Also the only run of the reference (not padding-invariant) code path.
   model = dino.build_dino(dict(tiny["config"].model, dtype="bfloat16", padding_invariant=False))
@@ -369,6 +379,7 @@ def test_postprocess_against_numpy():
     np.testing.assert_allclose(np.asarray(got["boxes_xywh"][b]), xywh, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_param_labels(tiny):
   labels = dino.param_labels(tiny["params"])
   assert labels["backbone"]["conv1"]["kernel"] == "frozen"

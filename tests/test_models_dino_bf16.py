@@ -17,6 +17,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sized_detr_jax import config_lib
 from sized_detr_jax import criterion
@@ -41,6 +42,7 @@ def _batch(batch):
   return images, mask, targets
 
 
+@pytest.mark.slow
 def test_bf16_train_loss_close_to_float32():
   config = config_lib.load_config_module(str(CONFIG)).get_config("smoke,bf16")
   assert config.model.dtype == "bfloat16"

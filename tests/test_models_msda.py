@@ -71,6 +71,7 @@ def test_hand_computed_single_pixel():
   np.testing.assert_allclose(np.asarray(got).ravel(), [2.0, 1.5, 0.0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_finite_and_match_finite_differences(inputs):
   value, loc, attn = (jnp.asarray(a, jnp.float32) for a in inputs)
 

@@ -94,6 +94,7 @@ def results():
   return {"pallas": pallas, "gather": gather, "numpy": reference}
 
 
+@pytest.mark.slow
 def test_forward_matches_float64_reference_and_gather(results):
   out, _ = results["pallas"]
   assert out.shape == (B, Q, HEADS * D) and out.dtype == jnp.float32
@@ -176,6 +177,7 @@ def test_unsupported_backend_error(monkeypatch):
     msda_pallas.msda_pallas(value, SHAPES, loc, attn)
 
 
+@pytest.mark.slow
 def test_msdeformattn_module_same_output_and_param_grads():
   """`MSDeformAttn(implementation="pallas")` (what `model.msda_implementation` selects) equals
   the gather module, output and parameter gradients, on perturbed (non-initial) parameters."""
@@ -206,6 +208,7 @@ def test_msdeformattn_module_same_output_and_param_grads():
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["gather", "pallas"])
 def test_bfloat16_value_gradient_accumulates_in_float32(implementation):
   """~100 bilinear hits per value row: the bf16 value gradient is rounded once, not per hit."""

@@ -73,6 +73,7 @@ def test_resnet50_conv_parameter_count():
   assert conv + 2 * bn_channels == 25_557_032 - 2_049_000
 
 
+@pytest.mark.slow
 def test_group_norm_variant_trains_everything():
   """norm="group_norm" (from scratch): GroupNorm statistics and a gradient reaching the stem."""
   model = resnet.ResNet(**TINY, norm="group_norm")

@@ -134,7 +134,7 @@ def test_trainer_stops_before_the_first_step_and_frees_the_workdir(tmp_path, mon
   workdir = str(tmp_path / "run")
   with pytest.raises(preflight.DoesNotFitError, match=r"cannot run\. To make it fit, lower "
                      r"data\.batch_size=4"):
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config_lib.finalize(config), workdir)
   assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
   metrics = os.path.join(workdir, "metrics.jsonl")
   assert not os.path.exists(metrics) or os.path.getsize(metrics) == 0

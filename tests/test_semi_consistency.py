@@ -147,6 +147,7 @@ def test_consistency_set():
   np.testing.assert_array_equal(cons.consistency_set(targets, mined), [[1, 1, 0, 0]])
 
 
+@pytest.mark.slow
 def test_masked_consistency_queries_change_only_their_group():
   """`semi.consistency_queries`: queries for the whole initial set with the loss masked to the
   chosen boxes ("initial") leave the matching queries' outputs (so the detection losses and the

@@ -245,6 +245,7 @@ def test_mapping_with_planned_semi_views():
   np.testing.assert_allclose(tgt["boxes"], np.asarray(want), atol=3e-5)
 
 
+@pytest.mark.slow
 def test_truncation_counts_and_step_metrics(outputs):
   """Boxes of the initial / final sets beyond `max_pseudo` are counted per image (numpy
   re-derivation of the sets from the detections), and the step's metrics average them."""

@@ -57,6 +57,7 @@ def straight(tmp_path_factory):
   return dict(data_root=data_root, workdir=workdir, out=out, metrics=_metrics(workdir))
 
 
+@pytest.mark.slow
 def test_stage_switch_at_configured_step_and_eval(straight):
   records = straight["metrics"]
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -71,6 +72,7 @@ def test_stage_switch_at_configured_step_and_eval(straight):
   assert metrics["step"] == STEPS and 0.0 <= metrics["AP"] <= 1.0
 
 
+@pytest.mark.slow
 def test_teacher_is_the_ema_of_the_student(straight):
   """ema_t = m ema_{t-1} + (1 - m) params_t with m = min(0.999, s / (s + 1)), s = t - 1."""
   for step in (1, STEPS):
@@ -90,6 +92,7 @@ def test_teacher_is_the_ema_of_the_student(straight):
     assert max(diff) > 0  # teacher and student differ after a few steps
 
 
+@pytest.mark.slow
 def test_kill9_resume_restores_student_and_teacher(straight, tmp_path):
   killed = str(tmp_path / "killed")
   extra = ("--config.eval_at_end=False",)
@@ -111,12 +114,14 @@ def test_kill9_resume_restores_student_and_teacher(straight, tmp_path):
   chex.assert_trees_all_equal(a["ema_params"], b["ema_params"])
 
 
+@pytest.mark.slow
 def test_one_device_loss_equals_four_and_teacher_gets_no_gradient(straight, tmp_path):
   """Step 1 on a 1-device mesh reproduces the 4-device run's loss; d loss / d teacher = 0."""
   config = config_lib.load_config(CONFIG, "smoke")
   config.data.root = straight["data_root"]
   config.num_devices = 1
   config.semi.switch_step = SWITCH
+  config = config_lib.finalize(config)
   run = state_lib.setup(config, str(tmp_path / "one"))
   run.checkpointer.close()
   state = run.state

@@ -25,6 +25,7 @@ def _save(workdir, params, steps=(3, 5)):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_semi_run_starts_student_and_teacher_from_a_supervised_checkpoint(tmp_path):
   supervised = {"backbone": {"w": jnp.arange(6.0).reshape(2, 3)}, "head": {"b": jnp.ones(4)}}
   _save(tmp_path / "sup", supervised)

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sized_detr_jax import study
+from sized_detr_jax import evaluate
+from sized_detr_jax.study import metrics as study_metrics
+from sized_detr_jax.study import report
+from sized_detr_jax.study import runner
+from sized_detr_jax.study import statistics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Flags parsing.
 # ---------------------------------------------------------------------------------------------
 def test_parse_variants_keeps_tuple_commas_and_order():
-  v = study.parse_variants("l1=;sized=criterion.bbox_loss=sized_l1,optimizer.lr_drop_steps=(5,9),"
+  v = runner.parse_variants("l1=;sized=criterion.bbox_loss=sized_l1,optimizer.lr_drop_steps=(5,9),"
                            "--config.criterion.sized_l1_rescale=True; b2=x=1,y=(875,),z=2")
   assert list(v) == ["l1", "sized", "b2"]
   assert v["l1"] == []
@@ -35,17 +39,17 @@ def test_parse_variants_keeps_tuple_commas_and_order():
     ("a=seed=3", "--seeds"), ("a=3=4", "field.path=value")])
 def test_parse_variants_errors_name_the_problem(text, fragment):
   with pytest.raises(ValueError, match=fragment):
-    study.parse_variants(text)
+    runner.parse_variants(text)
 
 
 def test_resolve_config_applies_overrides_and_rejects_typos():
-  config = study.resolve_config("experiments/synthetic.py:smoke",
+  config = runner.resolve_config("experiments/synthetic.py:smoke",
                                 ["criterion.bbox_loss=sized_l1", "optimizer.lr_drop_steps=(1,2)"],
                                 seed=3)
   assert config.seed == 3 and config.criterion.bbox_loss == "sized_l1"
   assert tuple(config.optimizer.lr_drop_steps) == (1, 2)
   with pytest.raises(ValueError, match="bbox_los"):
-    study.resolve_config("experiments/synthetic.py:smoke", ["criterion.bbox_los=x"], seed=0)
+    runner.resolve_config("experiments/synthetic.py:smoke", ["criterion.bbox_los=x"], seed=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +59,7 @@ def test_summarize_mean_sample_std_and_missing_values():
   per_run = {"a": {0: {"AP": 0.1, "APs": -1.0}, 1: {"AP": 0.3, "APs": 0.5},
                    2: {"AP": 0.2, "APs": None}},
              "b": {5: {"AP": 0.4}}}
-  s = study.summarize(per_run, metrics=("AP", "APs"))
+  s = statistics.seed_statistics(per_run, metrics=("AP", "APs"))
   # deviations -0.1, 0.1, 0 -> sum of squares 0.02 / (3 - 1) -> std 0.1
   assert s["a"]["AP"]["n"] == 3 and s["a"]["AP"]["mean"] == pytest.approx(0.2, abs=1e-15)
   assert s["a"]["AP"]["std"] == pytest.approx(0.1, abs=1e-15)
@@ -66,7 +70,7 @@ def test_summarize_mean_sample_std_and_missing_values():
 
 def test_paired_difference_by_hand():
   base = {0: 0.0, 1: 0.0, 2: 0.0, 7: 5.0}
-  d = study.paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 9: 1.0}, base)
+  d = statistics.paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 9: 1.0}, base)
   assert d["seeds"] == [0, 1, 2] and d["n"] == 3       # only the common seeds
   assert d["mean"] == pytest.approx(2.0) and d["std"] == pytest.approx(1.0)
   # df=2: the t CDF is 1/2 + t / (2 sqrt(t^2 + 2)), so t_{0.975} = 0.95 sqrt(2 / (1 - 0.95^2)).
@@ -79,19 +83,20 @@ def test_paired_difference_by_hand():
 
 
 def test_paired_difference_ties_single_seed_and_constant_differences():
-  d = study.paired_difference({0: 1.0, 1: 2.0, 2: 0.0, 3: 4.0}, {0: 1.0, 1: 1.0, 2: 1.0, 3: 2.0})
+  d = statistics.paired_difference({0: 1.0, 1: 2.0, 2: 0.0, 3: 4.0},
+                                   {0: 1.0, 1: 1.0, 2: 1.0, 3: 2.0})
   assert (d["higher"], d["lower"], d["tied"]) == (2, 1, 1)
   assert d["p_sign"] == pytest.approx(1.0)            # 2 of 3 untied: as likely as not
-  one = study.paired_difference({0: 0.5}, {0: 0.25})
+  one = statistics.paired_difference({0: 0.5}, {0: 0.25})
   assert one["n"] == 1 and one["mean"] == 0.25 and one["ci"] is None and one["p_t"] is None
-  const = study.paired_difference({0: 1.5, 1: 2.5}, {0: 1.0, 1: 2.0})
+  const = statistics.paired_difference({0: 1.5, 1: 2.5}, {0: 1.0, 1: 2.0})
   assert const["ci"] == [0.5, 0.5] and const["p_t"] is None
-  assert study.paired_difference({0: -1}, {0: 0.3})["n"] == 0  # -1: no ground truth
+  assert statistics.paired_difference({0: -1}, {0: 0.3})["n"] == 0  # -1: no ground truth
 
 
 def test_paired_differences_covers_every_non_baseline_variant():
   per_run = {"base": {0: {"AP": 0.1}, 1: {"AP": 0.2}}, "x": {0: {"AP": 0.3}, 1: {"AP": 0.1}}}
-  out = study.paired_differences(per_run, "base", metrics=("AP",))
+  out = statistics.paired_differences(per_run, "base", metrics=("AP",))
   assert list(out) == ["x"]
   assert out["x"]["AP"]["diffs"] == pytest.approx([0.2, -0.1])
 
@@ -103,18 +108,18 @@ def test_metrics_jsonl_keeps_last_record_per_step_and_mean_curves(tmp_path):
       {"step": 6, "loss": 6.0, "metric_loss_bbox_small": 2.0, "metric_num_boxes_small": 3.0,
        "metric_loss_bbox_medium": 1.0, "metric_num_boxes_medium": 2.0,
        "metric_loss_bbox_large": 0.5, "metric_num_boxes_large": 8.0}]) + "\nnot json\n")
-  records = study.read_metrics_jsonl(path)
+  records = study_metrics.read_metrics_jsonl(path)
   assert [r["step"] for r in records] == [2, 4, 6] and records[1]["loss"] == 7.0
-  share = study.box_loss_share(records[2])
+  share = evaluate.box_loss_share(records[2])
   assert share == pytest.approx({"small": 6 / 12, "medium": 2 / 12, "large": 4 / 12})
-  assert study.box_loss_share(records[0]) is None
+  assert evaluate.box_loss_share(records[0]) is None
   other = [{"step": 4, "loss": 3.0}, {"step": 6, "loss": 2.0}]
-  curves = study.mean_curves([records, other], keys=("loss", "share_small", "loss_ce"))
+  curves = statistics.mean_curves([records, other], keys=("loss", "share_small", "loss_ce"))
   assert curves["loss"] == ([2, 4, 6], [9.0, 5.0, 4.0])
   assert curves["share_small"] == ([6], [0.5])
   assert "loss_ce" not in curves
   curves["grad_norm_bbox"] = ([2, 4], [3.0, float("nan")])
-  study.plot_curves({"a": curves, "b": {}}, ["a", "b"], str(tmp_path / "c.png"))
+  report.plot_curves({"a": curves, "b": {}}, ["a", "b"], str(tmp_path / "c.png"))
   assert (tmp_path / "c.png").stat().st_size > 0
 
 
@@ -134,8 +139,8 @@ def _hand_gt():
 def test_log_means_by_hand():
   records = [{"step": 10, "a": 1.0, "b": 4.0}, {"step": 20, "a": 3.0},
              {"step": 30, "a": float("nan"), "b": 8.0}, {"step": 40, "a": 5.0, "b": "x"}]
-  assert study.log_means(records, ["a", "b", "c"]) == {"a": 3.0, "b": 6.0}
-  assert study.log_means(records, ["a", "b"], from_step=20) == {"a": 4.0, "b": 8.0}
+  assert statistics.log_means(records, ["a", "b", "c"]) == {"a": 3.0, "b": 6.0}
+  assert statistics.log_means(records, ["a", "b"], from_step=20) == {"a": 4.0, "b": 8.0}
 
 
 def test_detection_metrics_by_hand():
@@ -143,7 +148,7 @@ def test_detection_metrics_by_hand():
   # the large box found exactly but under the wrong class.
   dets = [{"image_id": 1, "category_id": 1, "bbox": [50, 50, 120, 120], "score": 0.9},  # is 2
           {"image_id": 1, "category_id": 1, "bbox": [16, 10, 20, 20], "score": 0.8}]
-  m = study.detection_metrics(_hand_gt(), dets)
+  m = study_metrics.detection_metrics(_hand_gt(), dets)
   assert m["AP50_small"] == pytest.approx(1.0) and m["AP75_small"] == 0.0
   assert m["AP50_large"] == 0.0 and m["AP75_large"] == 0.0    # class 2 never predicted
   assert m["AP50_medium"] == -1.0                             # no medium ground truth
@@ -154,19 +159,20 @@ def test_detection_metrics_by_hand():
   # IoU 0.55..0.95: the large hit first (precision 1 up to recall 0.5 = 51 of 101 recall
   # points), then the small false positive.
   assert m["agnostic_AP"] == pytest.approx((1 + 9 * 51 / 101) / 10)
-  assert study.detection_metrics(_hand_gt(), [])["agnostic_AP"] == 0.0
+  assert study_metrics.detection_metrics(_hand_gt(), [])["agnostic_AP"] == 0.0
 
 
 def test_precision_ap_matches_cocoeval_summary():
   dets = [{"image_id": 1, "category_id": 1, "bbox": [12, 11, 20, 19], "score": 0.7},
           {"image_id": 1, "category_id": 2, "bbox": [55, 48, 110, 125], "score": 0.6},
           {"image_id": 1, "category_id": 2, "bbox": [0, 0, 40, 40], "score": 0.9}]
-  ev = study._coco_eval(_hand_gt(), dets)  # pylint: disable=protected-access
+  ev = evaluate.coco_evaluation(_hand_gt(), dets)[0]
   for i, (iou, area) in enumerate([(None, "all"), (0.5, "all"), (0.75, "all"), (None, "small"),
                                    (None, "medium"), (None, "large")]):
-    assert study.precision_ap(ev, iou=iou, area=area) == pytest.approx(ev.stats[i], abs=1e-12)
+    assert study_metrics.precision_ap(ev, iou=iou, area=area) == pytest.approx(ev.stats[i],
+                                                                               abs=1e-12)
   with pytest.raises(ValueError, match="0.42"):
-    study.precision_ap(ev, iou=0.42)
+    study_metrics.precision_ap(ev, iou=0.42)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,14 +187,14 @@ _FAKE_FAIL = "import sys; print('line one'); print('boom: bad thing'); sys.exit(
 
 def _job(tmp_path, name, code, config_json=None):
   workdir = str(tmp_path / name / "seed0")
-  return study.Job(name, 0, workdir, [sys.executable, "-c", code, workdir], 3, config_json)
+  return runner.Job(name, 0, workdir, [sys.executable, "-c", code, workdir], 3, config_json)
 
 
 def test_run_jobs_reports_failures_skips_finished_and_runs_in_parallel(tmp_path):
   jobs = [_job(tmp_path, "ok", _FAKE_OK), _job(tmp_path, "bad", _FAKE_FAIL),
           _job(tmp_path, "ok2", _FAKE_OK)]
   lines = []
-  results = study.run_jobs(jobs, parallel=2, log=lines.append)
+  results = runner.run_jobs(jobs, parallel=2, log=lines.append)
   assert [results[j.name]["status"] for j in jobs] == ["done", "failed", "done"]
   bad = results["bad/seed0"]
   assert bad["log"] == jobs[1].log_path and "exit code 3" in bad["error"]
@@ -200,7 +206,7 @@ def test_run_jobs_reports_failures_skips_finished_and_runs_in_parallel(tmp_path)
   assert len(record["attempts"][0]["load_start"]) == 3
 
   lines.clear()
-  results = study.run_jobs(jobs, parallel=1, log=lines.append)
+  results = runner.run_jobs(jobs, parallel=1, log=lines.append)
   assert [results[j.name]["status"] for j in jobs] == ["skipped", "failed", "skipped"]
   assert sum("skipped" in l for l in lines) == 2
   assert len(json.loads(open(os.path.join(jobs[0].workdir, "study_run.json")).read())
@@ -209,7 +215,7 @@ def test_run_jobs_reports_failures_skips_finished_and_runs_in_parallel(tmp_path)
 
 def test_run_job_exit_zero_without_final_eval_is_a_failure(tmp_path):
   job = _job(tmp_path, "short", "print('did nothing')")
-  out = study.run_job(job, log=lambda _: None)
+  out = runner.run_job(job, log=lambda _: None)
   assert out["status"] == "failed" and "no eval_metrics.json for step 3" in out["error"]
 
 
@@ -218,7 +224,7 @@ def test_run_job_refuses_a_folder_run_with_another_config(tmp_path):
   os.makedirs(job.workdir)
   with open(os.path.join(job.workdir, "config.json"), "w") as f:
     json.dump({"seed": 0, "criterion": {"bbox_loss": "sized_l1"}}, f)
-  out = study.run_job(job, log=lambda _: None)
+  out = runner.run_job(job, log=lambda _: None)
   assert out["status"] == "failed" and "criterion.bbox_loss" in out["error"]
   assert not os.path.exists(job.log_path)  # nothing was started
 
@@ -227,7 +233,8 @@ def test_killed_study_takes_its_run_with_it(tmp_path):
   """SIGKILL of the study process also ends the run it started (no orphan training on)."""
   pid_file = tmp_path / "child.pid"
   child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
-  parent = (f"from sized_detr_jax import study; import sys; study.run_job(study.Job('v', 0, "
+  parent = (f"from sized_detr_jax.study import runner; import sys; "
+            f"runner.run_job(runner.Job('v', 0, "
             f"{str(tmp_path / 'v')!r}, [sys.executable, '-c', {child!r}], 1), log=print)")
   proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
   deadline = time.time() + 60
@@ -281,6 +288,7 @@ def smoke_study(tmp_path_factory):
     return workdir, json.load(f), out.stdout
 
 
+@pytest.mark.slow
 def test_study_writes_reports(smoke_study):
   workdir, result, stdout = smoke_study
   for name in ("study.json", "study.md", "study_ap_by_size.png", "study_curves.png"):
@@ -298,6 +306,7 @@ def test_study_writes_reports(smoke_study):
   assert "Paired per-seed difference against `l1`" in md and "agnostic_APs" in md
 
 
+@pytest.mark.slow
 def test_second_invocation_skips_finished_runs(smoke_study):
   workdir = smoke_study[0]
   before = {v: _snapshot(os.path.join(workdir, v)) for v in ("l1", "sized")}
@@ -325,7 +334,7 @@ def _direct_agnostic(gt_path, dets_path):
   ev.evaluate()
   ev.accumulate()
   ev.summarize()
-  return dict(zip(study.COCO_METRICS, ev.stats[:6]))
+  return dict(zip(study_metrics.COCO_METRICS, ev.stats[:6]))
 
 
 def _per_run_reference(workdir, gt_path):
@@ -337,16 +346,17 @@ def _per_run_reference(workdir, gt_path):
       ev = json.load(open(os.path.join(d, "eval_metrics.json")))
       agn = _direct_agnostic(os.path.join(ROOT, gt_path),
                              os.path.join(d, f"detections_{ev['step']}.json"))
-      per_run.setdefault(v, {})[s] = {**{m: ev[m] for m in study.COCO_METRICS},
+      per_run.setdefault(v, {})[s] = {**{m: ev[m] for m in study_metrics.COCO_METRICS},
                                       **{f"agnostic_{m}": agn[m] for m in agn}}
   return per_run
 
 
+@pytest.mark.slow
 def test_statistics_equal_numpy_on_the_run_files(smoke_study):
   workdir, result, _ = smoke_study
   (gt_path,) = result["gt_json"]
   per_run = _per_run_reference(workdir, gt_path)
-  names = study.COCO_METRICS + study.AGNOSTIC_METRICS
+  names = study_metrics.COCO_METRICS + study_metrics.AGNOSTIC_METRICS
   for r in result["runs"]:
     ref = per_run[r["variant"]][r["seed"]]
     np.testing.assert_allclose([r["metrics"][m] for m in names], [ref[m] for m in names],

@@ -29,10 +29,11 @@ def data_root(tmp_path_factory):
 
 
 def _config(data_root, **overrides):
+  """The smoke config with `overrides`, finalised as the CLI does."""
   config = config_lib.load_config(CONFIG, "smoke")
   config.data.root = data_root
   config.update(overrides)
-  return config
+  return config_lib.finalize(config)
 
 
 def _metrics(workdir):
@@ -40,6 +41,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_four_devices_give_the_single_device_loss(data_root, tmp_path):
   assert jax.device_count() == 4
   runs = {}
@@ -107,6 +109,7 @@ def _final_params(workdir, step):
   return state["params"]
 
 
+@pytest.mark.slow
 def test_kill9_resume_is_bit_identical_and_eval_files_written(data_root, tmp_path):
   cache = str(tmp_path / "jax_cache")
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
@@ -153,6 +156,7 @@ def test_kill9_resume_is_bit_identical_and_eval_files_written(data_root, tmp_pat
   chex.assert_trees_all_equal(a, b)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):
   from sized_detr_jax.data import pipeline
   real = pipeline.build_train_iterator
@@ -173,6 +177,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_root, tmp_
   assert [r["step"] for r in _metrics(workdir)] == [1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(data_root, tmp_path):
   """2 processes x 2 CPU devices (jax.distributed on localhost) = 1 process x 4 devices."""
   workdir = str(tmp_path / "multi")
@@ -191,6 +196,7 @@ def test_two_processes_train_like_one(data_root, tmp_path):
     np.testing.assert_allclose(multi["loss"], one["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["dino_r50", "co_dino"])
 def test_smoke_config_runs_end_to_end(experiment, data_root, tmp_path):
   """Every experiments config has a smoke variant; synthetic.py:smoke runs in the kill -9 test,

@@ -28,13 +28,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "synthetic.py")
 
 
-def _config(data_root, **overrides):
+def _config(data_root, model=None, **overrides):
+  """The smoke config with `overrides` (top-level fields) and `model` (model fields), finalised
+  as the CLI does."""
   config = config_lib.load_config(CONFIG, "smoke")
   config.data.root = data_root
   config.update(dict(total_steps=2, log_every=1, checkpoint_every=0, eval_at_end=False,
                      num_devices=1))
   config.update(overrides)
-  return config
+  config.model.update(model or {})
+  return config_lib.finalize(config)
 
 
 def _params(workdir, step):
@@ -70,18 +73,21 @@ def chain(tmp_path_factory):
               final_eval=metrics)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resume_continues(chain):
   assert chain["after_sigterm"] == ["1"]
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(chain["step1"]))
   assert sorted(os.listdir(os.path.join(chain["workdir"], "checkpoints"))) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_finished_run_without_final_evaluation_evaluates_on_resume(chain):
   record = json.load(open(os.path.join(chain["workdir"], "eval_metrics.json")))
   assert record["step"] == 2 and chain["final_eval"]["AP"] == record["AP"]
   assert os.path.exists(os.path.join(chain["workdir"], "detections_2.json"))
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_evaluation_and_the_learning_rates(chain):
   import tb_events  # pylint: disable=g-import-not-at-top
   scalars, hparams = tb_events.read_events(os.path.join(chain["workdir"], "tensorboard"))
@@ -94,6 +100,7 @@ def test_tensorboard_holds_the_evaluation_and_the_learning_rates(chain):
   assert hparams["total_steps"] == 2 and hparams["eval_at_end"] is True
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_marks_resumes_and_read_metrics_drops_superseded_rows(chain):
   path = os.path.join(chain["workdir"], "metrics.jsonl")
   raw = [json.loads(line) for line in open(path)]
@@ -114,6 +121,7 @@ def test_read_metrics_applies_events(tmp_path):
       (1, 5), (2, 4), (3, 2.5), (4, 2)]
 
 
+@pytest.mark.slow
 def test_eval_says_which_step_and_why_after_corruption(chain, capsys):
   # Damage the newest step: eval falls back to step 1, moves step 2 aside, and says so.
   step2 = os.path.join(chain["workdir"], "checkpoints", "2", "state")
@@ -137,10 +145,10 @@ def test_eval_says_which_step_and_why_after_corruption(chain, capsys):
   assert "1" in names and any(n.startswith("2.corrupt-") for n in names)
 
 
+@pytest.mark.slow
 def test_changed_model_is_an_error_then_a_fresh_start_on_request(chain):
   workdir = chain["workdir"]
-  changed = _config(chain["data_root"], seed=1)
-  changed.model.hidden_dim = 32
+  changed = _config(chain["data_root"], seed=1, model={"hidden_dim": 32})
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"does not fit this config: .*shape.*model.hidden_dim: 64 -> 32"):
@@ -150,8 +158,8 @@ def test_changed_model_is_an_error_then_a_fresh_start_on_request(chain):
     evaluate.evaluate_only(changed, workdir)
   train.train_and_evaluate(_config(chain["data_root"], seed=1, total_steps=1), workdir,
                            on_mismatch="error")  # the original model still restores
-  changed.total_steps = 1
-  train.train_and_evaluate(changed, workdir, on_mismatch="fresh")
+  train.train_and_evaluate(_config(chain["data_root"], seed=1, total_steps=1,
+                                   model={"hidden_dim": 32}), workdir, on_mismatch="fresh")
   names = os.listdir(os.path.join(workdir, "checkpoints"))
   assert "1" in names and any(".superseded-" in n for n in names)
   raw = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

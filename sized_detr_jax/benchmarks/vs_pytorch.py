@@ -1,6 +1,6 @@
 r"""Side by side with the official PyTorch DINO-4scale R50: agreement, speed, memory, compile.
 
-  python -m sized_detr_jax.benchmarks.vs_pytorch --dino_src=DIR          # CPU, README's size
+  python -m sized_detr_jax.benchmarks.vs_pytorch --dino_src=DIR          # CPU, docs/benchmarks.md's size
   python -m sized_detr_jax.benchmarks.vs_pytorch --dino_src=DIR --device=gpu --batch=8 \
       --sizes=800x1333,800x1200 --reps=5
   python -m sized_detr_jax.benchmarks.vs_pytorch --jax_only --config_arg=tiny \

@@ -1,7 +1,7 @@
 """Co-DINO's auxiliary heads as Flax modules, and the RPN's static-shape proposals.
 
 As Co-DETR's projects/configs/co_dino/co_dino_5scale_r50_1x_coco.py builds them on the encoder
-memory maps plus one extra 3x3 stride-2 conv + GN map (strides 4..128, design.md section 8):
+memory maps plus one extra 3x3 stride-2 conv + GN map (strides 4..128):
 
 * `ATSSHead` (Co-DETR projects/models/co_atss_head.py CoATSSHead, stacked_convs=1): a cls and
   a reg tower of one 3x3 conv + GroupNorm + ReLU each (shared by all levels), then 3x3 convs to

@@ -2,12 +2,12 @@
 import functools
 
 from sized_detr_jax import criterion
+from sized_detr_jax import dino_method
 from sized_detr_jax import method as method_lib
 from sized_detr_jax import soft_nms
 from sized_detr_jax.co_dino import config as co_config
 from sized_detr_jax.co_dino import criterion as co_criterion
 from sized_detr_jax.co_dino import model as co_model
-from sized_detr_jax.models import dino
 
 
 def build(config) -> method_lib.Method:
@@ -30,7 +30,7 @@ def build(config) -> method_lib.Method:
     postprocess_fn = lambda outputs, batch: soft_nms.co_dino_postprocess(
         outputs, batch["orig_size"], num_select=num_select, iou_threshold=float(soft_nms_iou))
   else:
-    postprocess_fn = dino.topk_postprocess(num_select)
+    postprocess_fn = dino_method.topk_postprocess(num_select)
   return method_lib.Method(
       name="co_dino", model=model, param_labels=param_labels, loss_fn=lambda stage: loss,
       stage_at=method_lib.single_stage, train_batches=method_lib.labeled_batches,

@@ -2,7 +2,7 @@
 one-to-many assignments also feed "customized positive queries" back into the decoder.
 
 As Sense-X/Co-DETR projects/models/co_detr.py CoDETR.forward_train with the
-co_dino_5scale_r50_1x_coco.py config (design.md section 8):
+co_dino_5scale_r50_1x_coco.py config:
 
 1. `self.dino.encode`: backbone (C2-C5), 5 input levels, deformable encoder; the encoder memory
    reshaped per level plus one extra 3x3 stride-2 conv + GN map on the coarsest one

@@ -12,7 +12,7 @@ Launch:
 the main DETR head's box losses only (matching branch, denoising, positive queries); the
 auxiliary heads keep theirs, as in the paper.
 
-Reference settings reproduced (design.md section 8): ResNet-50 C2-C5 (frozen BN, stem + layer1
+Reference settings reproduced (docs/methods.md): ResNet-50 C2-C5 (frozen BN, stem + layer1
 frozen), 1x1 conv + GN projections and one 3x3 stride-2 conv + GN level (5 levels, strides
 4-64), 900 queries, 6 + 6 layers, two-stage mixed query selection, look-forward-twice, 100
 denoising queries with box noise 1.0 and label noise 0.5; matcher focal 2 / L1 5 / GIoU 2; main
@@ -28,7 +28,7 @@ The COCO rows and `smoke` (which exercises them) use that recipe; `synthetic` ke
 focal loss, shared branches and top-K (its measured figures; a same-model comparison with
 `no_aux`).
 
-Not reproduced (deviations, see README): the RPN's per-level nms_pre 4000 (1000 here:
+Not reproduced (deviations, docs/methods.md): the RPN's per-level nms_pre 4000 (1000 here:
 static-shape NMS memory grows with its square) and RoIAlign's adaptive sampling ratio (fixed 2:
 static shapes).
 """

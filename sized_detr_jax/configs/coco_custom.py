@@ -85,7 +85,7 @@ def get_config(arg=None):
     method = "dino"
     config = configs.get("synthetic" if cpu else "dino_r50")
     if cpu:
-      config.total_steps = 2000  # the measured schedule (docs: own COCO data on the CPU)
+      config.total_steps = 2000  # the measured schedule (docs/benchmarks.md, own data)
       config.ema_momentum, config.eval_ema = None, False  # measured without the EMA
   if cpu:
     _cpu_data(config)

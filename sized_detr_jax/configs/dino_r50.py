@@ -5,10 +5,10 @@ Launch:
   sized-detr --config=dino_r50:tiny --mode=summary
   sized-detr --config=dino_r50:sized_l1 --workdir=DIR
 
-`arg`: comma-separated tokens of `TOKENS` (their meanings: `sized-detr --list-configs`, one table for every config). Here `sized_l1` puts the
-rescaled Sized L1 in every branch at L1's coefficient 5.0 (the form that does not collapse on
-the embedded data, not one the project's study found better than L1: README, "Does Sized L1
-help?"); `tiny` / `smoke` need images of at least 64x64 (top-Q over encoder tokens); `coco91`
+`arg`: comma-separated tokens of `TOKENS` (their meanings: `sized-detr --list-configs`, one
+table for every config). Here `sized_l1` puts the rescaled Sized L1 in every branch at L1's
+coefficient 5.0 (the form that does not collapse; what the study measured: docs/study.md);
+`tiny` / `smoke` need images of at least 64x64 (top-Q over encoder tokens); `coco91`
 gives the reference parameter count (46,893,182); `invariant` implies
 query_selection="valid_only".
 
@@ -25,6 +25,7 @@ from ml_collections import config_dict
 
 from sized_detr_jax import config_lib
 from sized_detr_jax import configs
+from sized_detr_jax import criterion
 from sized_detr_jax.data import pipeline
 
 
@@ -58,34 +59,13 @@ def _model_config():
       dtype="float32",
       msda_implementation="gather",  # "pallas": models/msda_pallas.py (GPU kernel)
       remat=False,  # True: recompute transformer layers in backward (GPU/TPU; no gain on CPU)
-      # True: one lax.scan per layer stack, same param tree. On the CPU (2 cores) R50 at
-      # 320x416: compile 46.7 -> 41.3 s but step 4.42 -> 5.54 s; tiny: worse in both.
-      scan_layers=False,
+      scan_layers=False,  # True: one lax.scan per layer stack (slower steps on the CPU)
       # Not module fields (build_dino skips them):
       num_select=300,  # detections kept by postprocess
       # Converted weights (python -m sized_detr_jax.convert_torch): an .npz of a torchvision
       # ImageNet ResNet-50 for the backbone, or of a full PyTorch DINO checkpoint.
       pretrained_backbone="",
       pretrained="",
-  ))
-
-
-def _criterion_config():
-  """sized_detr_jax.criterion fields, DINO-4scale values."""
-  return ml_collections.ConfigDict(dict(
-      cls_loss_coef=1.0,
-      bbox_loss_coef=5.0,
-      giou_loss_coef=2.0,
-      set_cost_class=2.0,
-      set_cost_bbox=5.0,
-      set_cost_giou=2.0,
-      focal_alpha=0.25,
-      focal_gamma=2.0,
-      bbox_loss="l1",  # "l1" | "sized_l1"
-      sized_l1_rescale=False,
-      matcher_box_cost="l1",
-      interm_loss_coef=1.0,
-      use_dn=True,
   ))
 
 
@@ -145,10 +125,10 @@ def get_config(arg=None):
                                 total_steps=12 * STEPS_PER_EPOCH, log_every=100,
                                 checkpoint_every=STEPS_PER_EPOCH // 2)
   config.model = _model_config()
-  config.criterion = _criterion_config()
+  config.criterion = criterion.default_criterion_config()  # DINO-4scale's values
   config.optimizer = _optimizer_config()
   # COCO 2017 at DINO's augmentation, 16 images per step; point train_ann/val_ann and the
-  # image folders at your copy (README, Data).
+  # image folders at your copy (docs/custom_data.md).
   config.data = pipeline.coco_data_config(batch_size=16, eval_batch_size=16)
   if "tiny" in tokens or "smoke" in tokens:
     _shrink(config.model, smoke="smoke" in tokens)

@@ -1,6 +1,6 @@
 """Semi-DETR (DINO-4scale R50 teacher-student) with L1 or Sized L1: the paper's Tables 1, 2, 3, 5.
 
-Launch (COCO paths: README, Data; the partial splits come from `python -m
+Launch (COCO paths: docs/custom_data.md; the partial splits come from `python -m
 sized_detr_jax.data.coco_partial --ann instances_train2017.json --percent 10 --fold 1 --out DIR`):
   sized-detr --config=semi_detr:p10,fold1,baseline --workdir=DIR \\
       --config.data.train_ann=DIR/instances_train2017.1@10.json \\
@@ -8,69 +8,27 @@ sized_detr_jax.data.coco_partial --ann instances_train2017.json --percent 10 --f
   sized-detr --config=semi_detr:synthetic,sized_both   # CPU, embedded data
   sized-detr --config=semi_detr:smoke                  # end to end, ~2 min
 
-`arg` tokens (comma-separated), one row of the paper's tables per combination:
-  p1 | p5 | p10 | full   COCO-partial 1/5/10% (120k iterations, 8 GPUs x 5 images drawn at
-                         1:4 labeled:unlabeled, switch at 60k) or COCO-full (train2017 +
-                         unlabeled2017, 240k, 8 x 8 images at 1:1, unsup weight 2.0, switch at
-                         120k, lr x0.1 at 120k and 160k);
-  fold1 .. fold5         the COCO-partial fold (file names only; default fold1);
-  baseline | sized_both | sized_sup
-                         L1 everywhere / Sized L1 in both branches / Sized L1 in the supervised
-                         branch only (plain L1 on pseudo-labels); default baseline. Sized L1
-                         runs with the mean-size rescale (x/w terms times the batch's mean
-                         target width, y/h terms times its mean height: L1's overall
-                         magnitude), the form the paper rows use (below);
-  plain                  with sized_both / sized_sup: Sized L1 without the rescale (ablation);
-  iters120k | iters300k  Table 5's schedules (switch at half of the iterations);
-  noswitch               Table 5's ablation: one-to-many assignment for the whole run;
-  synthetic              the embedded synthetic data with 10% labels (51 labeled, 461 unlabeled
-                         images, the default run's 128 validation images), the default run's tiny
-                         DINO on CPU;
-  supervised             with `synthetic`: the supervised-only baseline (DINO on the 51 labeled
-                         images, same steps and seed);
-  smoke                  a few steps end to end on CPU (tiny model, tiny data) with the switch
-                         inside the run.
-Official recipe of the COCO variants (JCZ404/Semi-DETR configs/detr_ssod/
-detr_ssod_dino_detr_r50_coco_120k.py, its base base_dino_detr_ssod_coco.py and
-configs/dino_detr/dino_detr_ssod_r50_coco_120k.py):
-  * classification weight 2.0 in every branch (loss_cls1 TaskAlignedFocalLoss and loss_cls2
-    FocalLoss, both loss_weight=2.0: supervised, unsupervised, denoising, encoder, one-to-many);
-  * box regression: Semi-DETR's head adds L1 terms on the xy and wh parts to its L1 loss (weight
-    5 each), so its effective weight is 10 in every branch: bbox_loss_coef = 10 (for L1 and for
-    Sized L1); GIoU 2.0;
-  * labeled view: resize 480-800 (max 1333), flip, one colour op, no random crop (train_pipeline:
-    RandResize, RandFlip, OneOf colour ops);
-  * AdamW lr 1e-4, only the backbone at x0.1 (paramwise_cfg custom_keys {'backbone': lr_mult
-    0.1}; DINO's extra x0.1 on sampling offsets does not apply), weight decay 1e-4, clip 0.1;
-  * batch composition (sampler SemiBalanceSampler, sample_ratio [1, 4], by_prob=True,
-    samples_per_gpu 5; detr_ssod/datasets/samplers/semi_sampler.py): each step's 40 images are
-    8 groups of 5 with a labeled count per group drawn as the reference's (semi.batch_sampler
-    "by_prob", E = 1.33 : 3.67 per group; `semi.sampler` says why one draw per step);
-    COCO-full: 1:1 in expectation, kept as the fixed 32 + 32;
-  * pseudo-label slots (max_pseudo 0): the most non-crowd boxes of one labeled image, so the
-    final set is truncated only in images more crowded than any labeled one (logged:
-    metric_pseudo_dropped / _final_dropped / _truncated); 30 would truncate more than 1% of
-    COCO images' ground-truth-sized sets (99% of COCO train images have 1..33 instances);
-  * method semantics of every variant (semi.* defaults): class-agnostic encoder proposals
-    (agnostic_interm), consistency queries for the final + mined boxes only
-    (consistency_queries="chosen"), the strong view's colour / geometric ops in random order,
-    shear x then y, 1-4 erase patches of the view's aspect (data.transforms).
+`arg`: comma-separated tokens of `TOKENS`, one row of the paper's tables per combination of a
+dataset (p1 | p5 | p10 | full), a fold (fold1 .. fold5) and a box loss (baseline | sized_both |
+sized_sup, + plain); their meanings: `sized-detr --list-configs`. The COCO variants follow
+Semi-DETR's official recipe (JCZ404/Semi-DETR configs/detr_ssod/
+detr_ssod_dino_detr_r50_coco_120k.py), each value with its source in a comment below; the
+recipe and its deviations: docs/methods.md.
+
 The synthetic / smoke variants keep the default run's recipe (cls 1, L1 5, lr 1e-3, sampling
 offsets x0.1, a fixed 4 + 4 batch, fixed max_pseudo), which their measured figures were
-obtained with; the method semantics above changed after those figures.
+obtained with; the method semantics changed after those figures.
 
 Which Sized L1 form the paper rows use: the rescaled one, which `sized_both` / `sized_sup` run
 (e.g. `p10,fold1,sized_sup`). The paper says the
 weight term "can" be adjusted by the average box dimensions "to compensate for the potential
 change in the scale of the loss", and it keeps Semi-DETR's hyper-parameters (the box weight
 stays 10). Without the rescale Sized L1 is L1 divided by the box size (for COCO's mean
-normalised side ~0.2, about 5x larger, far more for small boxes) at an unchanged weight;
-measured on the embedded data at weight 5 the plain form starves classification (README "Does
-Sized L1 help?", DINO, seeds 0-2: AP 0.021 plain vs 0.057 rescaled vs 0.125 L1). With the
-rescale, Sized L1 did not beat L1 in the Semi-DETR pilot either (synthetic 10% split from a
-supervised burn-in, 2 seeds: AP 0.096 L1, 0.088 sized_both, 0.083 sized_sup; README), so
-these rows run the paper's loss in the form that does not collapse, not one the study found
-better. The plain form stays available with the `plain` token (e.g. `p10,sized_sup,plain`) for that ablation.
+normalised side ~0.2, about 5x larger, far more for small boxes) at an unchanged weight, and
+on the embedded data it starved classification; with the rescale Sized L1 did not beat L1 there
+either (docs/study.md). So these rows run the paper's loss in the form that does not collapse,
+not one the study found better; the `plain` token (e.g. `p10,sized_sup,plain`) gives the
+ablation.
 The per-branch box-loss magnitudes are logged as `sup_loss_bbox` / `unsup_loss_bbox`.
 """
 import ml_collections
@@ -87,7 +45,7 @@ TOKENS = DATASETS + FOLDS + BOX_LOSSES + ("plain", "iters120k", "iters300k",
 
 
 def _coco(config, dataset, fold):
-  """COCO-partial / COCO-full data and schedule (design.md section 9)."""
+  """COCO-partial / COCO-full data and schedule (Semi-DETR's recipe, docs/methods.md)."""
   percent = dataset[1:]
   config.data.update(dict(
       train_ann=(f"data/coco/semi_supervised/instances_train2017.{fold}@{percent}.json"
@@ -116,7 +74,7 @@ def _coco(config, dataset, fold):
                        images_per_group=5)  # switch at 60k
     config.optimizer.lr_drop_fractions = ()  # Semi-DETR's steps at 120k/160k are never reached
   config.semi.max_pseudo = 0  # sized from the labeled annotations (the reference has no cap)
-  config.criterion.bbox_loss_coef = 10.0  # Semi-DETR's effective L1 weight (see docstring)
+  config.criterion.bbox_loss_coef = 10.0  # Semi-DETR's L1 5 + its xy and wh L1 terms 5 each
   config.criterion.cls_loss_coef = 2.0  # loss_cls1 / loss_cls2 loss_weight, every branch
   config.data.random_crop = False  # the labeled view has no resize-crop-resize
   config.optimizer.lr_linear_proj_mult = 1.0  # only the backbone at x0.1

@@ -30,32 +30,24 @@ def get_config(arg=None):
   # label book follows num_classes (config_lib.finalize).
   config.model = base.model
   # Widened for capacity. The backbone keeps DINO's frozen stem/layer1 (random here): the
-  # trainable `backbone_norm="group_norm"` variant learns from scratch but runs 3x slower on
-  # CPU (3.1 vs 10.5 img/s), which does not fit the 10-minute budget of the default run.
+  # trainable `backbone_norm="group_norm"` variant learns from scratch but runs about 3x slower
+  # on the CPU, too slow for the default run's 10-minute budget (docs/benchmarks.md).
   config.model.update(num_classes=4, dn_labelbook_size=config_dict.placeholder(int),
                       num_queries=30, num_select=30,
                       dn_number=20, backbone_width=16, hidden_dim=64, dim_feedforward=256,
                       gn_groups=16)
-  # The measured AP 0.308 run selected queries among usable tokens only; DINO's rule
-  # ("dino", dino_r50.py's default) would also let the padding of the 160-192 px images in
-  # their 192x192 canvas compete, so this run keeps its rule (and figure).
+  # The default run's figures were measured selecting queries among usable tokens only; DINO's
+  # rule ("dino", dino_r50.py's default) would also let the padding of the 160-192 px images in
+  # their 192x192 canvas compete, so this run keeps its rule (and figures).
   config.model.query_selection = "valid_only"
 
   config.criterion = base.criterion
   configs.apply_box_loss_tokens(config.criterion, tokens)
 
   # Data: the synthetic images (160-256 px) resized to a 160-192 px shorter side, one padded
-  # shape (one compile). Measured: 192 px learns ~3x more AP in the 10-minute budget than 256 px
-  # (AP 0.265 after 1000 steps vs 0.094 after 600), since steps are ~1.7x cheaper. For the same
-  # 8000 images (same CPU time: img/s barely depends on the batch here), 2000 steps of 4 images
-  # reach AP 0.308 against 0.265 for 1000 steps of 8 and 0.273 for 4000 steps of 2.
-  # Since the faster train step (MSDA/attention VJPs, host_runtime), from a fresh clone, seeds
-  # 0/1/2: AP 0.263/0.103/0.246 at 2000 steps, 0.296/0.367/0.335 at 4000 (6.2-6.8 min), and
-  # 0.404/0.251 (seeds 0/1) at 5000 (10.1 min for seed 0, in a slow spell of the machine: the
-  # same command ran 44-48 img/s 20 minutes later against 35-41). The seed decides more than
-  # the step count. With the EMA below (chosen before any EMA run): 0.302/0.364/0.331 in
-  # 7.2-7.3 min, the last iterate of those runs 0.296/0.367/0.335 (the EMA is neutral on
-  # average: it lifts seed 0 over 0.30 by 0.002).
+  # shape (one compile). 192 px and 4 images per step learned the most AP in the 10-minute
+  # budget among the sizes and batch shapes tried (docs/benchmarks.md, how the default run was
+  # chosen).
   # One knob, `data.size` (192): scales 160/176/192 (size down to 0.8 x size in steps of 16),
   # a square cap max_size = size (one 192x192 bucket, one compile), evaluation at the middle
   # scale size - 16 = 176. max_size and eval_size are lazy references to size, so

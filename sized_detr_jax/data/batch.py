@@ -1,4 +1,4 @@
-"""What the model reads from a pipeline batch (the batch contract of design.md section 3).
+"""What the model reads from a pipeline batch (the batch contract; docs/architecture.md).
 
 A batch dict holds `image [B, H, W, 3]` (float32 ImageNet-normalised, or uint8 when
 `config.data.host_normalize=False`), `pixel_mask [B, H, W]` bool (True on real pixels),

@@ -113,7 +113,7 @@ def clip_boxes_xyxy(boxes, height, width):
   return clipped, keep, np.any(clipped != boxes, axis=1)
 
 
-def load_coco(ann_file, image_dir, *, require_annotations=True, check_files=True):
+def load_coco_index(ann_file, image_dir, *, require_annotations=True, check_files=True):
   """Reads and validates a COCO instances json.
 
   Args:
@@ -315,7 +315,7 @@ class CocoSource:
   """
 
   def __init__(self, ann_file, image_dir, *, require_annotations=True, check_files=True):
-    self.index = load_coco(ann_file, image_dir, require_annotations=require_annotations,
+    self.index = load_coco_index(ann_file, image_dir, require_annotations=require_annotations,
                            check_files=check_files)
     self.category_ids = self.index.category_ids
     self.category_names = self.index.category_names

@@ -3,7 +3,7 @@
 Batches (numpy, this process's share of the global batch; the trainer assembles global arrays
 with `jax.make_array_from_process_local_data`):
 
-  labeled / eval batch (design.md section 3):
+  labeled / eval batch (`data/batch.py` reads it):
     image [b, H, W, 3] f32 ImageNet-normalised, zero in padding (uint8 RGB, zero in padding,
       with config.data.host_normalize=False; normalise with transforms.normalize_image_jax)
     pixel_mask [b, H, W] bool, True on real pixels

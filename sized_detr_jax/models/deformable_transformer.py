@@ -324,19 +324,16 @@ class DeformableTransformer(nn.Module):
     dtype: compute dtype (boxes and logits come back float32).
     msda_implementation: sampling kernel name.
     remat: recompute each encoder/decoder layer in the backward pass (nn.remat), for about
-      one extra forward of the transformer. On the CPU it saves nothing (R50 step at 320x416:
-      compiled temporaries 2.64 -> 2.79 GiB, 0.72 vs 0.60 TFLOP): XLA's CPU pipeline drops
-      the optimization barriers and runs every layer's recomputation at the start of the
-      backward pass. Not measured on GPU/TPU, which keep the barriers.
+      one extra forward of the transformer. On the CPU it saves no memory: XLA's CPU pipeline
+      drops the optimization barriers and runs every layer's recomputation at the start of the
+      backward pass (docs/benchmarks.md); GPU/TPU keep the barriers.
     scan_layers: run the encoder and the decoder layers as one `lax.scan` each over their
       parameters stacked at call time, so XLA compiles one layer body instead of `enc_layers`
       + `dec_layers` copies (compile time). The parameter tree is unchanged
       (`encoder_layers_{i}`, `decoder_layers_{i}`: checkpoints and the PyTorch conversion do
       not depend on it) and so are the outputs up to float rounding; `init` always builds the
-      layers one by one. Measured on a 2-core CPU (`benchmarks.train_step`), R50 batch 2 at
-      320x416: trace + compile 46.7 -> 41.3 s, step 4.42 -> 5.54 s (the while loops' copies
-      and lost cross-layer fusion); the tiny default-run model: 21.8 -> 25.1 s, 84 -> 105 ms.
-      So off on the CPU; not measured on GPU/TPU.
+      layers one by one. On the CPU it compiles faster but steps slower (the while loops'
+      copies and lost cross-layer fusion; docs/benchmarks.md), so it is off by default.
   """
   num_classes: int = 91
   d_model: int = 256

@@ -21,7 +21,6 @@ queries and Co-DETR's customized positive queries.
 `param_labels` tags every parameter for the optimiser: "frozen" (frozen BN, stem, layer1),
 "backbone" (lr 1e-5 in DINO), "linear_proj" (sampling offsets, lr x 0.1) or "default".
 """
-import functools
 from typing import Any, Dict, Optional, Sequence
 
 import flax.linen as nn
@@ -29,8 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from sized_detr_jax import box_ops
-from sized_detr_jax import criterion
-from sized_detr_jax import method as method_lib
 from sized_detr_jax.models import denoising
 from sized_detr_jax.models.deformable_transformer import (QUERY_SELECTION_RULES,
                                                           DeformableTransformer)
@@ -90,7 +87,8 @@ class InputProjection(nn.Module):
 
 
 class DINO(nn.Module):
-  """DINO detector. Field defaults are DINO-4scale R50 (design.md section 5).
+  """DINO detector. Field defaults are DINO-4scale R50 (IDEA-Research/DINO
+  config/DINO/DINO_4scale.py).
 
   Attributes:
     num_classes: C (91 for COCO category ids, 80 for contiguous COCO labels).
@@ -373,11 +371,6 @@ def postprocess(outputs, target_sizes, num_select=300):
           "boxes_xywh": box_ops.box_xyxy_to_xywh(xyxy)}
 
 
-def topk_postprocess(num_select):
-  """`Method.postprocess` of NMS-free DETR evaluation: `postprocess` at the original size."""
-  return lambda outputs, batch: postprocess(outputs, batch["orig_size"], num_select=num_select)
-
-
 def _label(path):
   keys = [getattr(k, "key", str(k)) for k in path]
   if keys[0] == "backbone":
@@ -398,21 +391,3 @@ def param_labels(params):
     offsets, DINO lr x 0.1) or "default".
   """
   return jax.tree_util.tree_map_with_path(lambda p, _: _label(p), params)
-
-
-def build(config) -> method_lib.Method:
-  """Plain DINO as a `method.Method` (`config.method = "dino"`).
-
-  Reads `config.model` (DINO's fields, `num_select`), `config.criterion` (resolved once into a
-  `criterion.CriterionConfig`) and `config.data.batch_size`.
-  """
-  model = build_dino(config.model)
-  criterion_fn = functools.partial(
-      criterion.dino_criterion,
-      config=criterion.CriterionConfig.from_config(config.get("criterion")))
-  loss = method_lib.detector_loss(model, criterion_fn)
-  postprocess_fn = topk_postprocess(int(config.model.get("num_select", 300)))
-  return method_lib.Method(
-      name="dino", model=model, param_labels=param_labels, loss_fn=lambda stage: loss,
-      stage_at=method_lib.single_stage, train_batches=method_lib.labeled_batches,
-      images_per_step=int(config.data.batch_size), postprocess=lambda stage: postprocess_fn)

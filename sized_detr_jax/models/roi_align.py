@@ -3,7 +3,7 @@
 Shared by Semi-DETR's cross-view consistency projector (RoIAlign 7x7 over the teacher's 4-level
 weak-view features, strides 8/16/32/64: Semi-DETR's detr_ssod/models/dino_detr_ssod.py builds an
 mmdet `SingleRoIExtractor` with `RoIAlign(output_size=7, sampling_ratio=0)`) and Co-DINO's RoI
-head (design.md section 8).
+head (docs/methods.md).
 
 Semantics follow torchvision.ops.roi_align / mmcv RoIAlign (torchvision
 csrc/ops/cpu/roi_align_kernel.cpp): with `aligned=True` a box edge at image pixel `x` sits at

@@ -1,4 +1,4 @@
-"""Semi-DETR (design.md section 9) with the Sized L1 loss: `build(config) -> method.Method`.
+"""Semi-DETR (docs/methods.md) with the Sized L1 loss: `build(config) -> method.Method`.
 
 Modules: config (SemiConfig), model (DINO student + consistency projector), pseudo_labels
 (teacher detections -> pseudo targets in the strong view), gmm (cost-based mining), consistency

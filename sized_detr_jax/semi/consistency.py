@@ -2,7 +2,7 @@
 queries' content, and the loss between student and teacher decoder embeddings.
 
 As Semi-DETR's detr_ssod/models/dino_detr_ssod.py (Projector, prepare_unsup_cdn, the
-`consis_loss.d{layer}` terms of unsup_loss), design.md section 9:
+`consis_loss.d{layer}` terms of unsup_loss):
   * content of each consistency query = Projector(RoIAlign 7x7 of the teacher's weak-view
     multi-level features (strides 8/16/32/64, no gradient into the teacher) at the weak-view
     pseudo box); the same content feeds the student's and the teacher's consistency queries;

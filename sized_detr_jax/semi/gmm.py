@@ -1,6 +1,6 @@
 """Semi-DETR's cost-based pseudo-label mining: a 2-component 1-D GMM over matching costs.
 
-As Semi-DETR's detr_ssod/models/dino_detr_ssod.py (unsup_loss, _fit_gmm), design.md section 9:
+As Semi-DETR's detr_ssod/models/dino_detr_ssod.py (unsup_loss, _fit_gmm):
 the student's last-layer strong-view predictions are Hungarian-matched to the initial
 (mean + std) pseudo boxes with DINO's cost (focal 2 / L1 5 / GIoU 2); the matched costs of the
 whole global batch are fitted every step by `sklearn.mixture.GaussianMixture(2,

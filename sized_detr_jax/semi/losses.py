@@ -105,7 +105,7 @@ def semi_losses(student_outputs_l, targets_l, student_outputs_u, pseudo_targets,
 
   Stage 1 uses `criterion.one_to_many_criterion` (task-aligned one-to-many assignment) in both
   branches, stage 2 `criterion.dino_criterion` (Hungarian); the switch covers every decoder
-  layer and the encoder proposals (design.md section 9), which are class-agnostic in both
+  layer and the encoder proposals, which are class-agnostic in both
   branches with `semi.agnostic_interm` (`branch_losses`). `stage` is static: compile one step
   per stage (the switch happens once) or select with `jax.lax.cond`.
 

@@ -10,9 +10,9 @@ import numpy as np
 
 from sized_detr_jax import box_ops
 from sized_detr_jax import criterion
+from sized_detr_jax import dino_method
 from sized_detr_jax import method as method_lib
 from sized_detr_jax.data import pipeline
-from sized_detr_jax.models import dino
 from sized_detr_jax.semi import config as semi_config
 from sized_detr_jax.semi import model as semi_model
 from sized_detr_jax.semi import pseudo_labels
@@ -136,7 +136,7 @@ def build(config) -> method_lib.Method:
   num_select = int(config.model.get("num_select", 300))
   postprocess = {1: functools.partial(nms_postprocess, num_select=num_select,
                                       iou_threshold=float(semi.nms_iou)),
-                 2: dino.topk_postprocess(num_select)}
+                 2: dino_method.topk_postprocess(num_select)}
   composition = build_composition(semi, config.data, int(config.get("seed", 0)))
   stage_at = semi.stage_at
   if composition is not None:

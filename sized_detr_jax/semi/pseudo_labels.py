@@ -3,7 +3,7 @@ student's strong view.
 
 As Semi-DETR's detr_ssod/models/dino_detr_ssod.py (extract_teacher_info, unsup_loss,
 compute_pseudo_label_loss) and detr_od/models/dense_heads/dino_detr_ssod_head.py
-(_get_bboxes_single), design.md section 9:
+(_get_bboxes_single):
 
 1. Detections from the teacher's last decoder layer on the weak view (`teacher_detections`):
    * "nms" (Semi-DETR: `for_pseudo_label=True` takes this path in both training stages):

@@ -8,7 +8,7 @@ and updates the EMA teacher (`state.ema_params` = EMA of `params["dino"]`) in th
 the batch axis. `stage` is static (1: one-to-many, 2: one-to-one after `semi.switch_step`): the
 trainer compiles one step per stage and switches once.
 
-Per step (design.md section 9, Semi-DETR's detr_ssod/models/dino_detr_ssod.py):
+Per step (Semi-DETR's detr_ssod/models/dino_detr_ssod.py):
 1. teacher (EMA params, no gradient): encode the weak view once, decode it -> pseudo-labels
    (`pseudo_labels.pseudo_targets`: class-wise NMS, the adaptive initial set, score >= 0.4,
    boxes mapped into the strong view);
