@@ -50,6 +50,10 @@ def test_resolve_config_applies_overrides_and_rejects_typos():
   assert tuple(config.optimizer.lr_drop_steps) == (1, 2)
   with pytest.raises(ValueError, match="bbox_los"):
     runner.resolve_config("experiments/synthetic.py:smoke", ["criterion.bbox_los=x"], seed=0)
+  # A packaged config by name, as run.py takes it.
+  by_name = runner.resolve_config("synthetic:smoke", ["criterion.bbox_loss=sized_l1",
+                                                      "optimizer.lr_drop_steps=(1,2)"], seed=3)
+  assert by_name.to_json() == config.to_json()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import time
 from absl import flags
 
 from sized_detr_jax import config_lib
+from sized_detr_jax import configs
 
 # Each run is `python -m sized_detr_jax.cli` (what run.py and `sized-detr` run), with this
 # package's parent first on PYTHONPATH so a checkout and an installed package both work.
@@ -77,7 +78,7 @@ def resolve_config(spec, overrides, seed):
   """The ConfigDict run.py builds from `--config=spec --config.seed=seed --config.<o>...`,
   finalised as run.py does (`config_lib.finalize`; what config.json records)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  argv = ["run.py", f"--config={spec}", f"--config.seed={seed}",
+  argv = ["run.py", f"--config={configs.resolve(spec)}", f"--config.seed={seed}",
           *[f"--config.{o}" for o in overrides]]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
