@@ -600,7 +600,7 @@ _BAD_FLAGS = [
      r"--config=experiments/nope.py: config file experiments/nope.py not found"),
     (["--config=experiments/synthetic.py:nonsense"],
      r"--config=experiments/synthetic.py:nonsense: ValueError: synthetic: unknown "
-     r"variant tokens \['nonsense'\]; known: \('smoke', 'sized_l1', 'plain'\)"),
+     r"variant tokens \['nonsense'\]; known: \('smoke', 'small', 'sized_l1', 'plain'\)"),
     (["--config=synthetic:nonsense"],
      r"--config=synthetic:nonsense: ValueError: synthetic: unknown variant tokens"),
     (["--mode=bogus"], r"flag --mode=bogus: value should be one of <train\|eval\|predict\|summary>"),
