@@ -38,6 +38,7 @@ Degenerate cases (all tested in tests/test_matching.py):
     a valid assignment and never raises or hangs; the non-finite loss itself surfaces in the
     criterion, where the trainer's finiteness check reports it.
 """
+import contextlib
 import functools
 import os
 import threading
@@ -310,16 +311,47 @@ def prunes(num_queries, num_gt):
   return 2 * num_gt < num_queries
 
 
+def host_problem(cost: jax.Array, prune: bool = False) -> tuple[jax.Array, ...]:
+  """What the host needs of a [..., Q, G] cost (on device): `(cost,)`, or with `prune` (when
+  `prunes`) each column's G cheapest queries `(values [..., G, G], indices [..., G, G])`."""
+  if prune and prunes(*cost.shape[-2:]):
+    return candidate_queries(cost, cost.shape[-1])
+  return (cost,)
+
+
+def solve_host_problem(problem, gt_valid) -> np.ndarray:
+  """Host solve of a `host_problem` (numpy arrays) and gt_valid [..., G] -> [..., G] int32
+  query index per column (-1 unmatched), as `hungarian_matching` returns."""
+  # Look the solvers up at call time (not trace time) so tests can wrap them to count host calls.
+  if len(problem) == 2:
+    return _solve_candidates_on_host(*problem, gt_valid)
+  return _solve_on_host(problem[0], gt_valid)
+
+
 def _host_matching(cost, gt_valid, prune=False):
   """One pure_callback for all leading dims of `cost` (pruned to candidates with `prune`)."""
   out_shape = jax.ShapeDtypeStruct(gt_valid.shape, jnp.int32)
-  # Look the solvers up at call time (not trace time) so tests can wrap them to count host calls.
-  if prune and prunes(*cost.shape[-2:]):
-    values, indices = candidate_queries(cost, cost.shape[-1])
-    return jax.pure_callback(lambda v, i, m: _solve_candidates_on_host(v, i, m), out_shape,
-                             values, indices, gt_valid, vmap_method="broadcast_all")
-  return jax.pure_callback(lambda c, v: _solve_on_host(c, v), out_shape, cost, gt_valid,
-                           vmap_method="broadcast_all")
+  problem = host_problem(cost, prune)
+  return jax.pure_callback(lambda *a: solve_host_problem(a[:-1], a[-1]), out_shape, *problem,
+                           gt_valid, vmap_method="broadcast_all")
+
+
+# The handler `deferred_matching` installs (None: the host callback).
+_deferred_handler = None
+
+
+@contextlib.contextmanager
+def deferred_matching(handler):
+  """While tracing inside it, `hungarian_matching` returns `handler(cost, gt_valid, prune)`
+  (stop-gradient cost [..., Q, G], gt_valid broadcast to [..., G]) instead of calling back to
+  the host: the split train step (`split_step.py`) solves the problems between two jitted
+  functions."""
+  global _deferred_handler
+  previous, _deferred_handler = _deferred_handler, handler
+  try:
+    yield
+  finally:
+    _deferred_handler = previous
 
 
 def _lay_out(x, mesh, spec):
@@ -374,6 +406,8 @@ def hungarian_matching(cost: jax.Array, gt_valid: jax.Array, *,
   chex.assert_axis_dimension(gt_valid, -1, cost.shape[-1])
   cost = jax.lax.stop_gradient(cost)
   gt_valid = jnp.broadcast_to(gt_valid, cost.shape[:-2] + cost.shape[-1:])
+  if _deferred_handler is not None:
+    return _deferred_handler(cost, gt_valid, prune)
   if mesh is None:
     mesh = sharding.context_mesh(data_axis)
   if mesh is None:

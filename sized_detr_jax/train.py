@@ -35,6 +35,7 @@ from sized_detr_jax import optim
 from sized_detr_jax import peer_watch
 from sized_detr_jax import preflight
 from sized_detr_jax import sharding
+from sized_detr_jax import split_step
 from sized_detr_jax import state as state_lib
 from sized_detr_jax import workdir_lock
 
@@ -68,14 +69,25 @@ def _grads_with_split(loss_fn, params, state, batch, rng, every):
   return grads, metrics
 
 
-def make_train_step(loss_fn, tx, schedule, mesh, state_shardings, *, ema_momentum=None,
-                    ema_subtree=lambda params: params, grad_split_every=0):
+def make_train_step(loss_fn, tx, schedule, mesh, state_shardings, **step_options):
   """Jitted `(state, batch) -> (state, metrics)`; batch sharded on `data`, state donated.
+
+  Args:
+    loss_fn, tx, schedule, step_options: as `train_step_fn`.
+    mesh, state_shardings: the mesh and the TrainState's shardings.
+  """
+  return jax.jit(train_step_fn(loss_fn, tx, schedule, **step_options),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def train_step_fn(loss_fn, tx, schedule, *, ema_momentum=None, ema_subtree=lambda params: params,
+                  grad_split_every=0):
+  """The pure train step `(state, batch) -> (state, metrics)` (not jitted).
 
   Args:
     loss_fn: `(params, state, batch, rng) -> (loss, metrics)` (a `Method.loss_fn(stage)`).
     tx: the optax optimiser; schedule: step -> lr (logged).
-    mesh, state_shardings: the mesh and the TrainState's shardings.
     ema_momentum: when set, `state.ema_params` (the teacher) follows `ema_subtree(params)` by
       `state.ema_update` after the optimiser step, inside the same jitted function.
     ema_subtree: the params the teacher tracks (`Method.ema_subtree`).
@@ -100,8 +112,7 @@ def make_train_step(loss_fn, tx, schedule, mesh, state_shardings, *, ema_momentu
                               ema_params=ema)
     return new_state, metrics
 
-  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  return step_fn
 
 
 def _describe_images(batch):
@@ -192,11 +203,16 @@ class _StepCache:
     method, stage = self._run.method, self._run.method.stage_at(step - 1)
     if stage not in self._jitted:
       config = self._config
-      self._jitted[stage] = make_train_step(
-          method.loss_fn(stage), self._run.tx, self._run.schedule, self._run.mesh,
-          self._run.shardings, ema_momentum=config.get("ema_momentum"),
-          ema_subtree=method.ema_subtree,
-          grad_split_every=config.log_every if config.get("log_grad_split") else 0)
+      options = dict(ema_momentum=config.get("ema_momentum"), ema_subtree=method.ema_subtree,
+                     grad_split_every=config.log_every if config.get("log_grad_split") else 0)
+      run, loss_fn = self._run, method.loss_fn(stage)
+      if config.get("split_step"):  # matching outside jit: two executables, no host callback
+        self._jitted[stage] = split_step.SplitStep(
+            loss_fn, lambda loss: train_step_fn(loss, run.tx, run.schedule, **options),
+            run.mesh, run.shardings)
+      else:
+        self._jitted[stage] = make_train_step(loss_fn, run.tx, run.schedule, run.mesh,
+                                              run.shardings, **options)
     layout = (stage, tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch)),
               jax.tree.structure(batch))
     if layout not in self._compiled:

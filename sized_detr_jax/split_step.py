@@ -1,0 +1,203 @@
+"""The train step split at the host matching: two jitted executables, no host callback.
+
+The one-executable step (`train.make_train_step`) solves the Hungarian matching with a
+`jax.pure_callback` inside the jitted step. JAX neither writes an executable with a host
+callback to the persistent compilation cache nor gives it its C++ dispatch path, so that step
+compiles on every start and checks its arguments in Python on every call. `SplitStep` (on with
+`config.split_step=True`) runs the same step as
+
+  1. `forward` (jitted): everything that does not depend on the matches (the model's forward
+     passes, the matching costs, the vjp residuals), returning the costs and the residuals;
+  2. the host solve of every matching problem (`matching.solve_host_problem`, outside jit);
+  3. `update` (jitted): the rest (criterion, backward pass, optimiser and EMA update) from the
+     residuals and the matches, returning the new state (donated) and the metrics.
+
+No method declares anything: a method matches with `matching.hungarian_matching`, and
+`SplitStep` finds those calls by tracing the method's loss with `matching.deferred_matching`
+(each call's matches become an input of the step), then splits the traced step by data
+dependence on those inputs (JAX's partial evaluation, as `jax.linearize` splits a function into
+its primal and tangent parts). The problems of one step must be independent: a matching cost
+that depends on another matching's result cannot be computed before the host solve, and is an
+error naming it. Randomness, losses and updates are those of the one-executable step.
+
+Single process only (the host solve reads the whole global cost arrays); several devices of one
+process work.
+"""
+from typing import Any, Callable
+
+import jax
+from jax._src import core as jax_core
+from jax._src.interpreters import partial_eval as pe
+import jax.numpy as jnp
+import numpy as np
+
+from sized_detr_jax import matching
+from sized_detr_jax import sharding
+
+# The metrics key that carries the matching problems out of the differentiated loss.
+_PROBLEMS = "__matching_problems__"
+
+
+def _problem_shapes(loss_fn, state, batch):
+  """The [..., G] int32 match arrays of every `hungarian_matching` call of one loss, in order."""
+  shapes = []
+
+  def handler(cost, gt_valid, prune):
+    del cost, prune
+    shapes.append(jax.ShapeDtypeStruct(gt_valid.shape, jnp.int32))
+    return jnp.full(gt_valid.shape, -1, jnp.int32)
+
+  with matching.deferred_matching(handler):
+    jax.eval_shape(lambda s, b: loss_fn(s.params, s, b, s.rng), state, batch)
+  return shapes
+
+
+class SplitStep:
+  """`train.make_train_step`'s step with the host matching between two jitted executables.
+
+  Used like a jitted step in the trainer: `SplitStep(...).lower(state, batch).compile()` gives
+  `(state, batch) -> (state, metrics)` (state donated).
+  """
+
+  def __init__(self, loss_fn: Callable[..., Any], make_step: Callable[[Any], Any],
+               mesh: jax.sharding.Mesh, state_shardings: Any):
+    """
+    Args:
+      loss_fn: `(params, state, batch, rng) -> (loss, metrics)` (a `Method.loss_fn(stage)`).
+      make_step: loss_fn -> the pure step `(state, batch) -> (state, metrics)`
+        (`train.train_step_fn` with the optimiser bound).
+      mesh, state_shardings: the mesh (batch sharded on `data`) and the TrainState's shardings.
+
+    Raises:
+      ValueError: more than one process.
+    """
+    if jax.process_count() > 1:
+      raise ValueError("config.split_step=True runs in one process only (the host solve reads "
+                       "the global matching costs); use split_step=False with several processes")
+    self._loss_fn, self._make_step = loss_fn, make_step
+    self._mesh, self._state_shardings = mesh, state_shardings
+
+  def _step_with_matches(self, state, batch, matches):
+    """The step with the given matches; also returns each matching problem (host arrays to
+    solve and gt_valid)."""
+    found = []
+
+    def handler(cost, gt_valid, prune):
+      if len(found) >= len(matches):
+        raise RuntimeError("split_step: the loss made more matching calls than when its problems "
+                           "were counted (a loss must trace the same way every time)")
+      match = matches[len(found)]
+      if match.shape != gt_valid.shape:
+        raise RuntimeError(f"split_step: matching call {len(found)} has shape {gt_valid.shape}, "
+                           f"counted {match.shape}")
+      found.append((matching.host_problem(cost, prune), gt_valid))
+      return match
+
+    def loss_fn(params, st, b, rng):
+      with matching.deferred_matching(handler):
+        loss, metrics = self._loss_fn(params, st, b, rng)
+      return loss, {**metrics, _PROBLEMS: tuple(found)}
+
+    new_state, metrics = self._make_step(loss_fn)(state, batch)
+    metrics = dict(metrics)
+    problems = metrics.pop(_PROBLEMS)
+    if len(problems) != len(matches):
+      raise RuntimeError(f"split_step: the loss made {len(problems)} matching calls, counted "
+                         f"{len(matches)}")
+    return problems, (new_state, metrics)
+
+  def lower(self, state, batch) -> "LoweredSplitStep":
+    """Traces the step for this (state, batch) layout and splits it at the matching."""
+    match_shapes = _problem_shapes(self._loss_fn, state, batch)
+    closed, out_shape = jax.make_jaxpr(self._step_with_matches, return_shape=True)(
+        state, batch, match_shapes)
+    num_known = len(jax.tree.leaves((state, batch)))
+    problems_shape, rest_shape = out_shape
+    num_problem_leaves = len(jax.tree.leaves(problems_shape))
+    num_rest = len(jax.tree.leaves(rest_shape))
+    unknowns = [False] * num_known + [True] * len(match_shapes)
+    known, unknown, out_unknowns, _, fwds = pe.partial_eval_jaxpr_nounits_fwd(
+        closed, unknowns, instantiate=[False] * num_problem_leaves + [True] * num_rest,
+        fwd=True)
+    if any(out_unknowns[:num_problem_leaves]):
+      raise ValueError("split_step: a matching cost depends on another matching's result; "
+                       "this loss needs split_step=False (the host callback inside the step)")
+    return LoweredSplitStep(self, state, batch, dict(
+        known=known, unknown=unknown, fwds=fwds, consts=closed.consts,
+        problems_tree=jax.tree.structure(problems_shape),
+        rest_tree=jax.tree.structure(rest_shape), num_problem_leaves=num_problem_leaves,
+        match_shapes=match_shapes))
+
+
+class LoweredSplitStep:
+  """The traced, split step; `compile()` compiles its two executables."""
+
+  def __init__(self, split, state, batch, parts):
+    self._split, self._state, self._batch, self._parts = split, state, batch, parts
+
+  def compile(self) -> "CompiledSplitStep":
+    split, parts = self._split, self._parts
+    mesh = split._mesh  # pylint: disable=protected-access
+    known_args = jax.tree.leaves((self._state, self._batch))
+    state_shardings = jax.tree.leaves(split._state_shardings)  # pylint: disable=protected-access
+    batch_shardings = [sharding.batch_sharding(mesh)] * len(jax.tree.leaves(self._batch))
+    known_shardings = state_shardings + batch_shardings
+    forward = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["known"])(*args),
+                      in_shardings=known_shardings).lower(*known_args).compile()
+
+    # The update's residual inputs: forward's outputs, or known inputs / constants passed on.
+    num_consts, num_state = len(parts["consts"]), len(state_shardings)
+    computed = iter(range(parts["num_problem_leaves"], len(forward.output_shardings)))
+    sources, donate, seen = [], [], set()
+    for i, f in enumerate(parts["fwds"]):
+      if f is None:  # not donated: no output has a residual's buffer to reuse
+        sources.append(("out", next(computed)))
+      elif f < num_consts:
+        sources.append(("const", f))
+      else:
+        sources.append(("in", f - num_consts))
+        if f - num_consts < num_state and f not in seen:  # the state is donated, the batch not
+          donate.append(i)
+        seen.add(f)
+
+    def residual_sharding(kind, index):
+      if kind == "out":
+        return forward.output_shardings[index]
+      if kind == "in":
+        return known_shardings[index]
+      return sharding.replicated(mesh)
+
+    res_avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=residual_sharding(*s))
+                 for a, s in zip(parts["unknown"].in_avals, sources)]
+    replicated = sharding.replicated(mesh)
+    match_avals = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
+                   for s in parts["match_shapes"]]
+    num_metrics = parts["rest_tree"].num_leaves - num_state
+    update = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["unknown"])(*args),
+                     out_shardings=state_shardings + [replicated] * num_metrics,
+                     donate_argnums=tuple(donate)).lower(*res_avals, *match_avals).compile()
+    return CompiledSplitStep(forward, update, sources, parts, replicated)
+
+
+class CompiledSplitStep:
+  """`(state, batch) -> (state, metrics)`: forward, host solve, update (state donated).
+
+  `forward` and `update` are the two `jax.stages.Compiled` executables.
+  """
+
+  def __init__(self, forward, update, sources, parts, replicated):
+    self.forward, self.update = forward, update
+    self._sources, self._parts, self._replicated = sources, parts, replicated
+
+  def __call__(self, state, batch):
+    parts = self._parts
+    known_args = jax.tree.leaves((state, batch))
+    outs = self.forward(*known_args)
+    problems = jax.tree.unflatten(parts["problems_tree"], outs[:parts["num_problem_leaves"]])
+    problems = jax.device_get(problems)
+    matches = [jax.device_put(matching.solve_host_problem(problem, gt_valid), self._replicated)
+               for problem, gt_valid in problems]
+    residuals = [outs[i] if kind == "out" else known_args[i] if kind == "in"
+                 else parts["consts"][i] for kind, i in self._sources]
+    rest = self.update(*residuals, *matches)
+    return jax.tree.unflatten(parts["rest_tree"], rest)
