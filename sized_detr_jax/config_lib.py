@@ -82,7 +82,10 @@ def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_e
   ema_momentum (None: no EMA params), eval_ema, log_grad_split (log the gradient norm of each
   loss kind and the share of clipped steps), init_from (a fresh run starts its detector from
   another run's newest checkpoint, e.g. a supervised burn-in), distributed
-  (jax.distributed.initialize args, incl. heartbeat_timeout_seconds).
+  (jax.distributed.initialize args, incl. heartbeat_timeout_seconds), split_step (the train
+  step as two jitted executables with the host matching between them, `split_step.SplitStep`:
+  no host callback, so the persistent compilation cache keeps it; one process, else the
+  one-executable step runs).
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
@@ -99,6 +102,7 @@ def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_e
   config.eval_ema = False
   config.log_grad_split = False
   config.init_from = ""
+  config.split_step = False
   config.distributed = ml_collections.ConfigDict(dict(
       enabled=False,
       coordinator_address=config_dict.placeholder(str),

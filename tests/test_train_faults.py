@@ -81,6 +81,33 @@ def test_sigterm_saves_the_current_step_and_resume_continues(chain):
 
 
 @pytest.mark.slow
+def test_split_step_sigterm_and_resume_give_the_callback_steps_params(chain, tmp_path):
+  """`split_step=True` (the matching between two executables): SIGTERM after step 1 saves it,
+  the resumed run trains step 2, and both checkpoints hold the chain's (one-executable step's)
+  params."""
+  workdir = str(tmp_path / "split")
+  real_write = metrics_log.MetricsLog.write
+
+  def write_then_sigterm(self, step, *args, **kwargs):
+    record = real_write(self, step, *args, **kwargs)
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return record
+
+  metrics_log.MetricsLog.write = write_then_sigterm
+  try:
+    with pytest.raises(train.Preempted, match="after step 1; checkpoint 1 saved"):
+      train.train_and_evaluate(_config(chain["data_root"], split_step=True), workdir)
+  finally:
+    metrics_log.MetricsLog.write = real_write
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
+  train.train_and_evaluate(_config(chain["data_root"], split_step=True), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+  for step, reference in ((1, chain["step1"]), (2, _params(chain["workdir"], 2))):
+    chex.assert_trees_all_close(_params(workdir, step), reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_finished_run_without_final_evaluation_evaluates_on_resume(chain):
   record = json.load(open(os.path.join(chain["workdir"], "eval_metrics.json")))
   assert record["step"] == 2 and chain["final_eval"]["AP"] == record["AP"]
