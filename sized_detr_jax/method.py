@@ -12,7 +12,11 @@ Conventions shared by every method:
     `state.TrainState` (its `model_state` and `ema_params` are read, never written), `batch` as
     produced by `train_batches` (global, sharded on the mesh's `data` axis) and `metrics` a
     flat dict of [] scalars including `loss`;
-  * `stage` is a static Python int: the trainer compiles one step per stage it meets.
+  * `stage` is a static Python int: the trainer compiles one step per stage it meets;
+  * one-to-one matching goes through `matching.hungarian_matching`: the split train step
+    (`split_step.py`, `config.split_step`) finds those calls when it traces the loss and
+    solves them between its two executables, so a method declares no matching problems. The
+    problems of one step must not depend on each other's results.
 """
 from typing import Any, Callable, Iterator, NamedTuple
 

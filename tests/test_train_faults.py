@@ -103,8 +103,11 @@ def test_split_step_sigterm_and_resume_give_the_callback_steps_params(chain, tmp
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
   train.train_and_evaluate(_config(chain["data_root"], split_step=True), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+  # AdamW moves a weight by ~lr (1e-3) whatever its gradient's size, so float rounding that
+  # differs between the two compiled forms (~1e-7 relative in the gradients) can move a weight
+  # whose gradient is near 0 by ~1e-6: 1e-5 is 1% of one step.
   for step, reference in ((1, chain["step1"]), (2, _params(chain["workdir"], 2))):
-    chex.assert_trees_all_close(_params(workdir, step), reference, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(_params(workdir, step), reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
