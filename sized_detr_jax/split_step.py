@@ -21,10 +21,12 @@ that depends on another matching's result cannot be computed before the host sol
 error naming it. Randomness, losses and updates are those of the one-executable step.
 
 Single process only (the host solve reads the whole global cost arrays); several devices of one
-process work.
+process work. With several processes, or problems that depend on each other, the trainer runs
+the one-executable step with the host callback instead (`SplitStep`'s `fallback`, the reason
+logged).
 """
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
@@ -64,22 +66,32 @@ class SplitStep:
   """
 
   def __init__(self, loss_fn: Callable[..., Any], make_step: Callable[[Any], Any],
-               mesh: jax.sharding.Mesh, state_shardings: Any):
+               mesh: jax.sharding.Mesh, state_shardings: Any,
+               fallback: Optional[Callable[[], Any]] = None):
     """
     Args:
       loss_fn: `(params, state, batch, rng) -> (loss, metrics)` (a `Method.loss_fn(stage)`).
       make_step: loss_fn -> the pure step `(state, batch) -> (state, metrics)`
         (`train.train_step_fn` with the optimiser bound).
       mesh, state_shardings: the mesh (batch sharded on `data`) and the TrainState's shardings.
-
-    Raises:
-      ValueError: more than one process.
+      fallback: () -> the one-executable jitted step (`train.make_train_step`), which `lower`
+        lowers instead, with the reason logged, where the split cannot run (several processes,
+        matching problems that depend on each other) or is not needed (no matching problem).
+        None: those cases raise.
     """
-    if jax.process_count() > 1:
-      raise ValueError("config.split_step=True runs in one process only (the host solve reads "
-                       "the global matching costs); use split_step=False with several processes")
-    self._loss_fn, self._make_step = loss_fn, make_step
+    self._loss_fn, self._make_step, self._fallback = loss_fn, make_step, fallback
     self._mesh, self._state_shardings = mesh, state_shardings
+
+  def _fall_back(self, reason, state, batch, *, error=True):
+    if self._fallback is None:
+      if not error:
+        return None
+      raise ValueError(f"split_step: {reason}; this step needs split_step=False (the host "
+                       "callback inside the step)")
+    (logging.warning if error else logging.info)(
+        "split_step: %s; using the one-executable step%s.", reason,
+        " (with the host callback)" if error else "")
+    return self._fallback().lower(state, batch)
 
   def _step_with_matches(self, state, batch, matches):
     """The step with the given matches; also returns each matching problem (host arrays to
@@ -111,9 +123,22 @@ class SplitStep:
     return problems, (new_state, metrics)
 
   def lower(self, state, batch) -> "LoweredSplitStep":
-    """Traces the step for this (state, batch) layout and splits it at the matching."""
+    """Traces the step for this (state, batch) layout and splits it at the matching (or
+    lowers the fallback step, see `__init__`).
+
+    Raises:
+      ValueError: without a fallback, where the split cannot run.
+    """
+    if jax.process_count() > 1:
+      return self._fall_back("several processes (the host solve reads the global matching "
+                             "costs, one process only)", state, batch)
     start = time.perf_counter()
     match_shapes = _problem_shapes(self._loss_fn, state, batch)
+    if not match_shapes:
+      lowered = self._fall_back("the loss makes no host matching call", state, batch,
+                                error=False)
+      if lowered is not None:
+        return lowered
     closed, out_shape = jax.make_jaxpr(self._step_with_matches, return_shape=True)(
         state, batch, match_shapes)
     traced = time.perf_counter()
@@ -126,8 +151,8 @@ class SplitStep:
         closed, unknowns, instantiate=[False] * num_problem_leaves + [True] * num_rest,
         fwd=True)
     if any(out_unknowns[:num_problem_leaves]):
-      raise ValueError("split_step: a matching cost depends on another matching's result; "
-                       "this loss needs split_step=False (the host callback inside the step)")
+      return self._fall_back("a matching cost depends on another matching's result", state,
+                             batch)
     logging.info("Split step: %d matching problem(s); traced in %.1f s, split in %.1f s.",
                  len(match_shapes), traced - start, time.perf_counter() - traced)
     return LoweredSplitStep(self, state, batch, dict(

@@ -206,13 +206,14 @@ class _StepCache:
       options = dict(ema_momentum=config.get("ema_momentum"), ema_subtree=method.ema_subtree,
                      grad_split_every=config.log_every if config.get("log_grad_split") else 0)
       run, loss_fn = self._run, method.loss_fn(stage)
+      one_executable = lambda: make_train_step(loss_fn, run.tx, run.schedule, run.mesh,
+                                               run.shardings, **options)
       if config.get("split_step"):  # matching outside jit: two executables, no host callback
         self._jitted[stage] = split_step.SplitStep(
             loss_fn, lambda loss: train_step_fn(loss, run.tx, run.schedule, **options),
-            run.mesh, run.shardings)
+            run.mesh, run.shardings, fallback=one_executable)
       else:
-        self._jitted[stage] = make_train_step(loss_fn, run.tx, run.schedule, run.mesh,
-                                              run.shardings, **options)
+        self._jitted[stage] = one_executable()
     layout = (stage, tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch)),
               jax.tree.structure(batch))
     if layout not in self._compiled:

@@ -9,6 +9,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+from absl.testing import absltest
 import ml_collections
 import numpy as np
 import optax
@@ -159,7 +160,10 @@ def test_trainer_split_step_matches_scipy_and_the_analytic_gradient(prune):
   _assert_no_callback(compiled)
 
 
-def test_a_matching_that_depends_on_another_is_one_clear_error():
+def test_dependent_matchings_fall_back_to_the_callback_step_or_are_one_clear_error():
+  """A cost computed from another matching's result cannot be solved between the executables:
+  with a fallback (the trainer's) the one-executable step runs, the reason logged; without,
+  one error."""
   def loss_fn(params, state, batch, rng):
     del state, rng
     cost = params["c"] * batch["x"]  # [B, Q, G]
@@ -173,11 +177,41 @@ def test_a_matching_that_depends_on_another_is_one_clear_error():
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
                                opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
-  split = split_step.SplitStep(loss_fn, lambda loss: train.train_step_fn(loss, tx, lambda s: 0.1),
-                               mesh, shardings)
+  make_step = lambda loss: train.train_step_fn(loss, tx, lambda s: 0.1)
   batch = {"x": jnp.ones((2, 3, 2)), "valid": jnp.ones((2, 2), bool)}
   with pytest.raises(ValueError, match="depends on another matching's result"):
-    split.lower(state, batch)
+    split_step.SplitStep(loss_fn, make_step, mesh, shardings).lower(state, batch)
+  fused = lambda: train.make_train_step(loss_fn, tx, lambda s: 0.1, mesh, shardings)
+  with absltest.mock.patch.object(split_step.logging, "warning") as warning:
+    compiled = split_step.SplitStep(loss_fn, make_step, mesh, shardings,
+                                    fallback=fused).lower(state, batch).compile()
+  assert "depends on another matching's result" in warning.call_args[0][1]
+  assert _CALLBACK_CALL.search(compiled.as_text())
+  new_state, metrics = compiled(state, batch)
+  np.testing.assert_allclose(float(metrics["loss"]), 6.0)  # its metric: sum(c), 3 x 2 ones
+  assert int(new_state.step) == 1
+
+
+def test_a_loss_without_matching_runs_as_one_executable_with_a_fallback_else_split():
+  loss_fn = lambda p, state, batch, rng: (jnp.sum((p["w"] - batch["x"])**2),
+                                          {"loss": jnp.sum((p["w"] - batch["x"])**2)})
+  mesh = sharding.make_mesh(1)
+  tx = optax.sgd(0.25)
+  params = {"w": jnp.zeros((2,))}
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
+                               opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+  make_step = lambda loss: train.train_step_fn(loss, tx, lambda s: 0.25)
+  fused = lambda: train.make_train_step(loss_fn, tx, lambda s: 0.25, mesh, shardings)
+  batch = {"x": jnp.array([[1.0, 2.0]])}
+  for fallback, kind in ((fused, jax.stages.Compiled), (None, split_step.CompiledSplitStep)):
+    compiled = split_step.SplitStep(loss_fn, make_step, mesh, shardings,
+                                    fallback=fallback).lower(state, batch).compile()
+    assert isinstance(compiled, kind)
+    new_state, metrics = compiled(jax.tree.map(jnp.copy, state), batch)
+    # w <- w - 0.25 * 2 (w - x) = x / 2 from w = 0; loss |x|^2 = 5.
+    np.testing.assert_allclose(np.asarray(new_state.params["w"]), [0.5, 1.0])
+    np.testing.assert_allclose(float(metrics["loss"]), 5.0)
 
 
 # ------------------------------------------------------------------- the methods' smoke configs
