@@ -34,8 +34,8 @@ FULL_SIZE, FULL_BATCH = "800x1333", 8
 TRAIN_TOKENS = ("coco91", "coco91,bf16", "coco91,pallas", "coco91,bf16,pallas")
 # Lines of a part's output that go into the markdown table.
 KEY_LINES = re.compile(r"(passed|failed|error|step_s|img_per_s|compile_s|memory:|flops:|"
-                       r"Q=\d+|max \||  +\d+ +(cost|pruned)|MSDA|ratio|median|skipped)",
-                       re.IGNORECASE)
+                       r"Q=\d+|max \||valid GT|  +\d+ +(full|pruned) |GIL|MSDA|ratio|median|"
+                       r"^(eval|train) +(jax|pytorch) |skipped)", re.IGNORECASE)
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ def plan(dry_run: bool, dino_src: str = "") -> list:
       argv.append("--compile_only")
     parts.append(Part("train_step_" + tokens.replace(",", "_"), argv,
                       DRY_SLICE_S if dry_run else 55, dict(platform_env)))
-  table = (["--layers=1", "--batch=2", "--queries=60", "--reps=1"] if dry_run else ["--reps=10"])
+  table = (["--layers=1", "--batch=2", "--queries=128", "--reps=1"] if dry_run else ["--reps=10"])
   parts.append(Part("matching_host", _module("matching", "--host_table", *table),
                     DRY_SLICE_S if dry_run else 40,
                     {"JAX_PLATFORMS": "cpu"}))
@@ -128,7 +128,7 @@ def run_part(part: Part, budget_left_s: float, tail_lines: int = 60) -> dict:
   return record
 
 
-def key_lines(record: dict, limit: int = 8) -> list:
+def key_lines(record: dict, limit: int = 10) -> list:
   """The lines of a part's output that the table shows (figures, pass/fail counts)."""
   if record["status"] == "skipped":
     return [record.get("reason", "")]
