@@ -26,6 +26,7 @@ the one-executable step with the host callback instead (`SplitStep`'s `fallback`
 logged).
 """
 import time
+import types
 from typing import Any, Callable, Optional
 
 from absl import logging
@@ -225,6 +226,23 @@ class CompiledSplitStep:
   def __init__(self, forward, update, sources, parts, replicated):
     self.forward, self.update = forward, update
     self._sources, self._parts, self._replicated = sources, parts, replicated
+
+  @property
+  def input_shardings(self):
+    """The forward's (the step's state and batch), as `Compiled.input_shardings`."""
+    return self.forward.input_shardings
+
+  def memory_analysis(self) -> types.SimpleNamespace:
+    """The step's footprint in the fields of `Compiled.memory_analysis()` that the memory
+    preflight reads (arguments + outputs - donated + temporaries): the forward's arguments and
+    outputs (the residuals live until the update ends), plus the larger of the forward's
+    temporaries and the update's outputs - donated + temporaries."""
+    f, u = self.forward.memory_analysis(), self.update.memory_analysis()
+    update_extra = u.output_size_in_bytes - u.alias_size_in_bytes + u.temp_size_in_bytes
+    return types.SimpleNamespace(
+        argument_size_in_bytes=f.argument_size_in_bytes,
+        output_size_in_bytes=f.output_size_in_bytes, alias_size_in_bytes=0,
+        temp_size_in_bytes=max(f.temp_size_in_bytes, update_extra))
 
   def __call__(self, state, batch):
     parts = self._parts

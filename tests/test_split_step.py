@@ -158,6 +158,14 @@ def test_trainer_split_step_matches_scipy_and_the_analytic_gradient(prune):
   compiled, = cache._compiled.values()  # pylint: disable=protected-access
   assert isinstance(compiled, split_step.CompiledSplitStep)
   _assert_no_callback(compiled)
+  # The memory preflight (run by the cache) reads both executables' footprint.
+  forward, update = compiled.forward.memory_analysis(), compiled.update.memory_analysis()
+  need = compiled.memory_analysis()
+  assert need.argument_size_in_bytes == forward.argument_size_in_bytes
+  assert need.output_size_in_bytes == forward.output_size_in_bytes
+  assert need.temp_size_in_bytes == max(
+      forward.temp_size_in_bytes, update.output_size_in_bytes - update.alias_size_in_bytes
+      + update.temp_size_in_bytes)
 
 
 def test_dependent_matchings_fall_back_to_the_callback_step_or_are_one_clear_error():
