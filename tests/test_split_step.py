@@ -33,7 +33,7 @@ def _setup(tmp_path_factory, config_spec, **overrides):
   base = tmp_path_factory.mktemp(name)
   config.data.root = str(base / "data")
   config.update(dict(num_devices=1, **overrides))
-  return state_lib.setup(config, str(base / "run"))
+  return state_lib.setup(config_lib.finalize(config), str(base / "run"))
 
 
 def _run_both(run, stage=None, steps=STEPS):
@@ -79,8 +79,14 @@ def _assert_same(fused, split):
   flat_b = jax.tree.leaves(split_state)
   assert len(flat_a) == len(flat_b)
   for (path, a), b in zip(flat_a, flat_b):
-    np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=1e-6,
-                               atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    name = jax.tree_util.keystr(path)
+    # The optimiser's moments are running sums of the gradients (and their squares): 1e-6. The
+    # params take AdamW steps of ~lr (1e-3) whatever the gradient's size, so a weight whose
+    # gradient is ~0 can move by ~1e-6 on float rounding that differs between the two compiled
+    # forms: 1e-5 (1% of one step) there and in their EMA.
+    tol = 1e-5 if name.startswith((".params", ".ema_params")) else 1e-6
+    np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64), rtol=tol,
+                               atol=tol, err_msg=name)
 
 
 # A host callback in HLO text: a custom call to JAX's Python callback handler (the word alone
