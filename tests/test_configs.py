@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from sized_detr_jax import checkpointing
 from sized_detr_jax import config_lib
 from sized_detr_jax import configs
 
@@ -138,14 +139,7 @@ def test_list_configs_prints_every_config_and_token_meaning():
       assert " ".join(f"{token} {configs.TOKEN_MEANINGS[token]}".split()) in flat, token
 
 
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+_flat = checkpointing._flat_config  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("name, base", [("synthetic", None), ("synthetic", "smoke"),
