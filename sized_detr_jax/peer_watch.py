@@ -162,5 +162,15 @@ class PeerWatch:
   def __exit__(self, exc_type, exc, tb) -> None:
     if exc is None or isinstance(exc, self._expected):
       self.finish()
-    else:
-      self.fail(exc)
+      return
+    if _lost_peer_in_collective(exc) and self._thread is not None:
+      # A collective broke because a peer went away (kill -9 mid-step): the heartbeat watcher
+      # names the lost process and exits EXIT_LOST within the timeout; wait for it.
+      self._thread.join(timeout=self.timeout_s + 2 * self.interval_s + 5)
+    self.fail(exc)
+
+
+def _lost_peer_in_collective(error: BaseException) -> bool:
+  """Whether `error` is a cross-process collective failing because its peer disconnected."""
+  text = str(error)
+  return "Connection closed by peer" in text or "Connection reset by peer" in text
