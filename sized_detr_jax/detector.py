@@ -36,8 +36,6 @@ from sized_detr_jax.data import pipeline
 from sized_detr_jax.data import transforms
 from sized_detr_jax.models import dino
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
 
 @dataclasses.dataclass(frozen=True)
 class Detections:
@@ -116,7 +114,7 @@ def expand_images(images) -> list:
       continue
     path = os.fspath(item)
     if os.path.isdir(path):
-      names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+      names = image_files.images_in(path)
       inputs += [_Input(os.path.join(path, n), os.path.join(path, n)) for n in names]
     elif os.path.exists(path):
       inputs.append(_Input(path, path))

@@ -1,8 +1,18 @@
 """Sources over plain images without annotations (files, or decoded arrays), for prediction."""
+import os
+
 import numpy as np
 from PIL import Image
 
 from sized_detr_jax.data import coco
+
+# File name endings taken as images when a folder is listed (case-insensitive).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def images_in(folder: str) -> list[str]:
+  """Names of the image files in `folder` (by `IMAGE_SUFFIXES`; not recursive), sorted."""
+  return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
 
 
 class ImageFilesSource:

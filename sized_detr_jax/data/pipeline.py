@@ -320,19 +320,15 @@ def _coco_source(ann_file, image_dir, require_annotations):
   return _coco_source_at(ann_file, stamp, image_dir, require_annotations)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
 @functools.lru_cache(maxsize=16)
 def _image_folder_source(folder):
   """An unannotated source of every image file in `folder` (sorted by name; not recursive)."""
   if not os.path.isdir(folder):
     raise ValueError(f"config.data.unlabeled_images={folder}: not a folder")
-  paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                 if f.lower().endswith(IMAGE_SUFFIXES))
+  paths = [os.path.join(folder, f) for f in image_files.images_in(folder)]
   if not paths:
     raise ValueError(f"config.data.unlabeled_images={folder}: no image files "
-                     f"({', '.join(IMAGE_SUFFIXES)}) in it, and config.data.unlabeled_ann is "
+                     f"({', '.join(image_files.IMAGE_SUFFIXES)}) in it, and config.data.unlabeled_ann is "
                      "empty")
   return image_files.ImageFilesSource(paths)
 
