@@ -62,11 +62,15 @@ TOKEN_MEANINGS = {
 }
 
 
-def module(name: str):
-  """The config module `name` (one of `NAMES`)."""
+def _known(name: str) -> str:
   if name not in NAMES:
     raise ValueError(f"unknown config {name!r}; known: {', '.join(NAMES)}")
-  return importlib.import_module(f"{__name__}.{name}")
+  return name
+
+
+def module(name: str):
+  """The config module `name` (one of `NAMES`)."""
+  return importlib.import_module(f"{__name__}.{_known(name)}")
 
 
 def get(name: str, arg: str | None = None) -> Any:
@@ -76,9 +80,7 @@ def get(name: str, arg: str | None = None) -> Any:
 
 def path(name: str) -> str:
   """The file of the config `name`."""
-  if name not in NAMES:
-    raise ValueError(f"unknown config {name!r}; known: {', '.join(NAMES)}")
-  return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{_known(name)}.py")
 
 
 def resolve(spec: str) -> str:
