@@ -151,3 +151,21 @@ def test_small_token_changes_only_the_dataset(name, base):
   changed = {k for k in plain.keys() | small.keys() if plain.get(k) != small.get(k)}
   assert changed == {"data.root", "data.synthetic_size_mix", "name"}, changed
   assert small["data.root"] == plain["data.root"] + "_small"
+
+
+# IDEA-Research/DINO config/DINO/DINO_4scale.py, written down by hand (the configs derive theirs
+# from models.dino.DINO's field defaults): the model settings the paper's detector trains with.
+DINO_4SCALE = dict(hidden_dim=256, nheads=8, dim_feedforward=2048, enc_layers=6, dec_layers=6,
+                   num_queries=900, num_feature_levels=4, enc_n_points=4, dec_n_points=4,
+                   backbone_blocks=(3, 4, 6, 3), pe_temperature=20.0, dn_number=100,
+                   dn_box_noise_scale=0.4, dn_label_noise_ratio=0.5, num_select=300,
+                   share_decoder_heads=True, num_backbone_levels=3)
+
+
+def test_dino_r50_model_is_dino_4scale_with_contiguous_labels():
+  model = configs.get("dino_r50").model
+  assert {k: model[k] for k in DINO_4SCALE} == DINO_4SCALE
+  # The pipeline's contiguous labels 0..79; `coco91` restores DINO's 91 category-id rows.
+  assert (model.num_classes, model.dn_labelbook_size) == (80, 80)
+  coco91 = configs.get("dino_r50", "coco91").model
+  assert (coco91.num_classes, coco91.dn_labelbook_size) == (91, 91)

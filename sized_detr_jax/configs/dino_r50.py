@@ -27,46 +27,17 @@ from sized_detr_jax import config_lib
 from sized_detr_jax import configs
 from sized_detr_jax import criterion
 from sized_detr_jax.data import pipeline
+from sized_detr_jax.models import dino
 
 
 def _model_config():
-  """The detector (sized_detr_jax.models.dino.DINO fields) with DINO-4scale R50 values."""
-  return ml_collections.ConfigDict(dict(
-      # Contiguous labels 0..79 as the data pipeline gives them (DINO itself indexes COCO
-      # category ids, 91 rows: the `coco91` token, for its parameter count and checkpoints).
-      num_classes=80,
-      hidden_dim=256,
-      nheads=8,
-      dim_feedforward=2048,
-      enc_layers=6,
-      dec_layers=6,
-      num_queries=900,
-      num_feature_levels=4,
-      enc_n_points=4,
-      dec_n_points=4,
-      backbone_blocks=(3, 4, 6, 3),  # ResNet-50
-      backbone_width=64,
-      backbone_norm="frozen_bn",  # "group_norm" trains the whole backbone from scratch
-      pe_temperature=20.0,
-      gn_groups=32,
-      dn_number=100,
-      dn_box_noise_scale=0.4,
-      dn_label_noise_ratio=0.5,
-      dn_labelbook_size=80,
-      dn_groups=0,  # 0: dn_number // (boxes in the image) groups, as DINO
-      padding_invariant=False,
-      query_selection="dino",  # DINO's top-k over all tokens; "valid_only": usable ones only
-      dtype="float32",
-      msda_implementation="gather",  # "pallas": models/msda_pallas.py (GPU kernel)
-      remat=False,  # True: recompute transformer layers in backward (GPU/TPU; no gain on CPU)
-      scan_layers=False,  # True: one lax.scan per layer stack (slower steps on the CPU)
-      # Not module fields (build_dino skips them):
-      num_select=300,  # detections kept by postprocess
-      # Converted weights (python -m sized_detr_jax.convert_torch): an .npz of a torchvision
-      # ImageNet ResNet-50 for the backbone, or of a full PyTorch DINO checkpoint.
-      pretrained_backbone="",
-      pretrained="",
-  ))
+  """The detector: `models.dino.default_model_config()` (DINO-4scale R50 values) and what differs."""
+  model = ml_collections.ConfigDict(dino.default_model_config())
+  # Contiguous labels 0..79 as the data pipeline gives them (DINO itself indexes COCO category
+  # ids, 91 rows: the `coco91` token, for its parameter count and checkpoints).
+  model.num_classes = 80
+  model.dn_labelbook_size = 80
+  return model
 
 
 # COCO train2017 has 118,287 images: 7,393 steps per epoch at batch 16 (8 GPUs x 2).

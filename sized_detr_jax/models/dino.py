@@ -21,6 +21,7 @@ queries and Co-DETR's customized positive queries.
 `param_labels` tags every parameter for the optimiser: "frozen" (frozen BN, stem, layer1),
 "backbone" (lr 1e-5 in DINO), "linear_proj" (sampling offsets, lr x 0.1) or "default".
 """
+import dataclasses
 from typing import Any, Dict, Optional, Sequence
 
 import flax.linen as nn
@@ -328,6 +329,21 @@ def _disjoint_groups(group):
 
 # config.model keys that configure loading/postprocessing, not the module.
 NON_MODULE_FIELDS = ("num_select", "soft_nms_iou", "pretrained_backbone", "pretrained")
+
+
+def default_model_config() -> Dict[str, Any]:
+  """`config.model` defaults: every `DINO` field at its DINO-4scale R50 default, plus
+
+  num_select: detections kept by `postprocess` (DINO's 300);
+  pretrained_backbone / pretrained: converted weights (python -m sized_detr_jax.convert_torch),
+    an .npz of a torchvision ImageNet ResNet-50 for the backbone or of a full PyTorch DINO
+    checkpoint ("" = none).
+  (`soft_nms_iou` exists only where a config sets it: Co-DINO's test-time soft-NMS.)
+  Configs state only the fields that differ.
+  """
+  fields = {f.name: f.default for f in dataclasses.fields(DINO)
+            if f.name not in ("parent", "name")}
+  return dict(fields, num_select=300, pretrained_backbone="", pretrained="")
 
 
 def build_dino(model_config) -> DINO:
