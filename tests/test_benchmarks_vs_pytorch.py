@@ -49,6 +49,7 @@ def test_bad_arguments_name_the_flag(tmp_path):
     vs_pytorch.main(["--jax_only", "--modes=fit"])
 
 
+@pytest.mark.slow
 def test_worker_failure_shows_its_log(tmp_path):
   with pytest.raises(RuntimeError,
                      match=r"(?s)worker jax_eval exited with [1-9].*variant tokens.*nonsense"):
@@ -76,6 +77,7 @@ def test_injected_selection_forces_the_given_tokens_in_order():
       np.max(np.asarray(logits), -1))
 
 
+@pytest.mark.slow
 def test_injected_denoising_replaces_the_first_slots_only():
   boxes = jnp.asarray([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]]] * 2, jnp.float32)
   labels = jnp.asarray([[1, 2], [3, 4]], jnp.int32)

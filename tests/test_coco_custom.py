@@ -222,6 +222,7 @@ def test_semi_detr_trains_with_a_folder_of_unlabeled_images(dataset, tmp_path):
   assert len(source) == 5 and len(source[0]["boxes"]) == 0  # the images only, unannotated
 
 
+@pytest.mark.slow
 def test_empty_unlabeled_folder_is_a_one_line_error(dataset, tmp_path):
   (tmp_path / "empty").mkdir()
   workdir = str(tmp_path / "wd")

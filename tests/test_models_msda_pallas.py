@@ -102,6 +102,7 @@ def test_forward_matches_float64_reference_and_gather(results):
   np.testing.assert_allclose(np.asarray(out), np.asarray(results["gather"][0]), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index,name", [(0, "value"), (1, "locations"), (2, "weights")])
 def test_gradients_match_float64_reference_and_gather(results, index, name):
   got = np.asarray(results["pallas"][1][index])
@@ -114,6 +115,7 @@ def test_gradients_match_float64_reference_and_gather(results, index, name):
                              err_msg=name)
 
 
+@pytest.mark.slow
 def test_points_outside_give_zero_output_and_gradient(results):
   _, (_, g_loc, _) = results["pallas"]
   # The fully outside point and the far-away point have zero location gradients.

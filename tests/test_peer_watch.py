@@ -53,6 +53,7 @@ def _last_line(stderr):
   return [line for line in stderr.splitlines() if line.startswith("job.py: ")][-1]
 
 
+@pytest.mark.slow
 def test_killed_process_is_named_within_the_timeout(tmp_path):
   jobs, outs, _ = _job(tmp_path, "kill")
   assert jobs[1].returncode == -9
@@ -71,6 +72,7 @@ def test_failed_process_stops_the_others_with_its_reason(tmp_path):
   assert jobs[1].returncode != 0 and "images/x.jpg is missing" in outs[1][1]
 
 
+@pytest.mark.slow
 def test_healthy_processes_finish(tmp_path):
   jobs, outs, _ = _job(tmp_path, "ok")
   for p, (out, err) in zip(jobs, outs):
