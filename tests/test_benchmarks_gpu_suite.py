@@ -13,13 +13,15 @@ def test_full_plan_runs_the_issue_s_parts_at_coco_size_on_the_gpu():
   parts = {p.name: p for p in gpu_suite.plan(dry_run=False, dino_src="DINO")}
   assert set(parts) == {"kernel_tests", "msda_float32", "msda_bfloat16", "train_step_coco91",
                         "train_step_coco91_bf16", "train_step_coco91_pallas",
-                        "train_step_coco91_bf16_pallas", "matching_host", "vs_pytorch"}
+                        "train_step_coco91_bf16_pallas", "matching_host", "vs_pytorch",
+                        "scale"}
   for tokens in gpu_suite.TRAIN_TOKENS:
     argv = parts["train_step_" + tokens.replace(",", "_")].argv
     assert f"--config_arg={tokens}" in argv and "--size=800x1333" in argv and "--batch=8" in argv
   assert parts["kernel_tests"].env["JAX_PLATFORMS"] == "cuda,cpu"
   assert "--device=gpu" in parts["vs_pytorch"].argv and not parts["vs_pytorch"].skip
-  assert sum(p.slice_s for p in parts.values()) <= 480
+  assert sum(p.slice_s for p in parts.values() if p.skip != gpu_suite.OPT_IN) <= 480
+  assert parts["scale"].skip == gpu_suite.OPT_IN  # its compiles run on their own
   no_dino = {p.name: p for p in gpu_suite.plan(dry_run=False)}
   assert "dino_src" in no_dino["vs_pytorch"].skip
 
@@ -66,6 +68,17 @@ def test_main_writes_json_and_markdown_and_fails_on_a_failed_part(tmp_path, monk
                        "| torch | skipped | 0 | no --dino_src |"]
   monkeypatch.setattr(gpu_suite, "plan", lambda dry_run, dino_src="": parts[:1])
   assert gpu_suite.main(["--dry_run", f"--out={tmp_path}"]) == 0
+
+
+def test_opt_in_part_runs_when_named(tmp_path, monkeypatch):
+  parts = [_part("extra", "print('flops: 1')", skip=gpu_suite.OPT_IN), _part("good", "print(1)")]
+  monkeypatch.setattr(gpu_suite, "plan", lambda dry_run, dino_src="": parts)
+  assert gpu_suite.main(["--dry_run", f"--out={tmp_path}"]) == 0
+  record = json.load(open(tmp_path / "gpu_suite.json"))
+  assert [p["status"] for p in record["parts"]] == ["skipped", "ok"]
+  assert gpu_suite.main(["--dry_run", f"--out={tmp_path}", "--parts=extra"]) == 0
+  record = json.load(open(tmp_path / "gpu_suite.json"))
+  assert [(p["name"], p["status"]) for p in record["parts"]] == [("extra", "ok")]
 
 
 def test_unknown_part_is_one_clear_error(tmp_path):

@@ -12,7 +12,11 @@ Parts, each one subprocess of an existing benchmark (their docstrings say what t
   matching_host      benchmarks.matching --host_table (the host Hungarian solve per step);
   vs_pytorch         benchmarks.vs_pytorch --device=gpu against the official DINO in --dino_src
                      (skipped without it); its output says which MSDA PyTorch ran (DINO's CUDA op,
-                     or its pure-PyTorch `ms_deform_attn_core_pytorch` when the op is not built).
+                     or its pure-PyTorch `ms_deform_attn_core_pytorch` when the op is not built);
+  scale              (opt-in: only with --parts naming it; its compiles do not fit the budget)
+                     benchmarks.scale: FLOPs per image of the paper rows' train steps and the
+                     device's memory analysis of DINO's step at batch 2 / 4 / 8, with and
+                     without remat (docs/scale.md, whose memory table is a CPU's until this runs).
 Each part gets at most its own time slice and what is left of the budget; a part that fails or
 runs out of time is recorded as such and the suite goes on. Written to --out: gpu_suite.json
 (every part's command, status, seconds and output tail) and gpu_suite.md (one table, with each
@@ -98,7 +102,15 @@ def plan(dry_run: bool, dino_src: str = "") -> list:
                                             "--device=gpu", f"--batch={FULL_BATCH}",
                                             f"--sizes={FULL_SIZE},800x1200", "--reps=3"),
                       100, dict(platform_env), skip=skip))
+  scale = (["--dry_run", "--rows=dino", "--memory_batches=1"] if dry_run else
+           ["--memory_batches=2,4,8"])
+  parts.append(Part("scale", _module("scale", *scale), DRY_SLICE_S if dry_run else 600,
+                    dict(platform_env), skip=OPT_IN))
   return parts
+
+
+# The skip reason of parts that run only when --parts names them.
+OPT_IN = "opt-in: name it in --parts"
 
 
 def run_part(part: Part, budget_left_s: float, tail_lines: int = 60) -> dict:
@@ -163,7 +175,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(wanted) - {p.name for p in parts})
     if unknown:
       parser.error(f"--parts: unknown {unknown}; known: {[p.name for p in parts]}")
-    parts = [p for p in parts if p.name in wanted]
+    parts = [dataclasses.replace(p, skip="") if p.skip == OPT_IN else p
+             for p in parts if p.name in wanted]
   os.makedirs(args.out, exist_ok=True)
   start, records = time.perf_counter(), []
   for part in parts:

@@ -194,6 +194,42 @@ def random_batch(batch, height, width, max_boxes, num_boxes, seed=0):
           "image_id": np.arange(batch, dtype=np.int32), "orig_size": hw, "size": hw}
 
 
+def build_state(config, mesh, abstract=False):
+  """The method, optimiser and TrainState of a finalised config, as training builds them.
+
+  Returns:
+    (method, tx, schedule, state, state shardings). The state is initialised on `mesh`
+    (`state.init_state`), or with `abstract` only its shapes (`jax.ShapeDtypeStruct`s: nothing
+    is computed; enough to lower or compile a step).
+  """
+  method = methods.build(config)
+  model, param_labels = method.model, method.param_labels
+  # Params do not depend on the image size: initialise at a small one (cheaper to compile)
+  # that still has num_queries encoder tokens for the top-Q selection (strides 8 to 64).
+  side = 64
+  while sum((-(-side // 2 ** k)) ** 2 for k in range(3, 7)) < config.model.num_queries:
+    side += 64
+  example = {"image": jnp.zeros((1, side, side, 3), jnp.float32),
+             "pixel_mask": jnp.ones((1, side, side), bool)}
+  shapes = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0),
+       "dn": jax.random.PRNGKey(0)}, example["image"], example["pixel_mask"], train=False))
+  tx, schedule = optim.make_optimizer(shapes["params"], param_labels(shapes["params"]),
+                                      config.optimizer)
+  if not abstract:
+    state, shardings = state_lib.init_state(method, tx, config, example, mesh)
+    return method, tx, schedule, state, shardings
+  shardings = []  # init_state's second result, kept aside: eval_shape returns arrays only
+
+  def init():
+    state, state_shardings = state_lib.init_state(method, tx, config, example, mesh)
+    shardings.append(state_shardings)
+    return state
+
+  state = jax.eval_shape(init)
+  return method, tx, schedule, state, shardings[0]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="synthetic")
@@ -248,22 +284,8 @@ def main(argv=None):
     raise ValueError(f"--batch {b} is not divisible by --devices {args.devices}")
 
   mesh = sharding.make_mesh(args.devices)
-  method = methods.build(config)
-  model, param_labels = method.model, method.param_labels
-  # Params do not depend on the image size: initialise at a small one (cheaper to compile)
-  # that still has num_queries encoder tokens for the top-Q selection (strides 8 to 64).
-  side = 64
-  while sum((-(-side // 2 ** k)) ** 2 for k in range(3, 7)) < config.model.num_queries:
-    side += 64
-  example = {"image": jnp.zeros((1, side, side, 3), jnp.float32),
-             "pixel_mask": jnp.ones((1, side, side), bool)}
   start = time.perf_counter()
-  abstract = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0),
-       "dn": jax.random.PRNGKey(0)}, example["image"], example["pixel_mask"], train=False))
-  tx, schedule = optim.make_optimizer(abstract["params"], param_labels(abstract["params"]),
-                                      config.optimizer)
-  state, shardings = state_lib.init_state(method, tx, config, example, mesh)
+  method, tx, schedule, state, shardings = build_state(config, mesh)
   init_s = time.perf_counter() - start
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
