@@ -2,7 +2,7 @@
 
 JAX's persistent compilation cache keys an executable by its lowered module, so a warm start
 still traces and lowers the function to find the key. The split train step (`split_step.py`)
-keeps its two executables here as well, keyed by what determines them and is known before any
+and the state's init (`state.init_state`) keep their executables here as well, keyed by what determines them and is known before any
 tracing: the caller's description of the step (the trainer's: the finalised config, the data
 info and the stage), the arguments' shapes, dtypes, shardings and tree structure, this package's
 source, the versions of jax, jaxlib and the libraries the step is built from, the backend and its
@@ -166,3 +166,28 @@ def discard(path: str) -> None:
   except OSError:
     pass
   logging.debug("executable_cache: removed %s", path)
+
+
+def compiled(name: str, key_parts: Any, jitted, *args) -> Any:
+  """`jitted.lower(*args).compile()`, kept in this cache under `key_parts` + the arguments'
+  layout (+ `environment()`); loaded without tracing when there. The cache off (no JAX cache
+  folder) or `key_parts` None: compiled as usual. `key_parts` must determine `jitted`."""
+  path = None
+  if key_parts is not None and folder() is not None:
+    path = path_for(name, key(name, key_parts, arguments_layout(args)))
+    try:
+      loaded = load(path)
+      if loaded is not None:
+        return loaded
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("executable_cache: cached %s in %s not used (%s: %s); compiling.", name,
+                      path, type(e).__name__, e)
+      discard(path)
+  result = jitted.lower(*args).compile()
+  if path is not None:
+    try:
+      save(path, result)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("executable_cache: %s not kept in the cache (%s: %s).", name,
+                      type(e).__name__, e)
+  return result

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from sized_detr_jax import checkpointing
 from sized_detr_jax import config_lib
 from sized_detr_jax import convert_torch
+from sized_detr_jax import executable_cache
 from sized_detr_jax import fs
 from sized_detr_jax import method as method_lib
 from sized_detr_jax import methods
@@ -45,8 +46,11 @@ def ema_update(ema_params, params, step, momentum):
   return jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema_params, params)
 
 
-def init_state(method, tx, config, example_batch, mesh):
+def init_state(method, tx, config, example_batch, mesh, *, cache_init=False):
   """Initialise the TrainState directly with replicated shardings (never on one device first).
+
+  cache_init: `method` and `tx` are built from `config` alone (as `setup` builds them), so the
+  compiled init may be kept in `executable_cache` under the config.
 
   Returns:
     (state, state shardings pytree).
@@ -63,9 +67,18 @@ def init_state(method, tx, config, example_batch, mesh):
                       opt_state=tx.init(params), rng=state_rng, ema_params=ema)
 
   rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init_fn, rng)
-  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  return jax.jit(init_fn, out_shardings=shardings)(rng), shardings
+  replicated = sharding.replicated(mesh)
+  # One sharding for every output (traced once); kept in the executable cache under the
+  # config (the method, optimiser and model are built from it alone), so a warm start loads
+  # it without tracing.
+  key = None
+  if cache_init:
+    key = (config.to_json_best_effort(sort_keys=True), repr(mesh), mesh.device_ids.tolist(),
+           executable_cache.arguments_layout(example_batch))
+  init = executable_cache.compiled("init_state", key, jax.jit(init_fn, out_shardings=replicated),
+                                   rng)
+  state = init(rng)
+  return state, jax.tree.map(lambda _: replicated, state)
 
 
 def _teacher_copy(state, params, ema_subtree):
@@ -176,7 +189,7 @@ def setup(config, workdir, *, on_mismatch="error") -> RunSetup:
   tx, schedule = optim.make_optimizer(abstract_vars["params"],
                                       method.param_labels(abstract_vars["params"]),
                                       config.optimizer)
-  state, shardings = init_state(method, tx, config, example, mesh)
+  state, shardings = init_state(method, tx, config, example, mesh, cache_init=True)
   ckpt = checkpointing.Checkpointer(workdir, every=config.checkpoint_every,
                                     keep=config.get("keep_checkpoints", 3))
   restored = ckpt.restore(checkpointing.abstract_like(state), on_mismatch=on_mismatch,
