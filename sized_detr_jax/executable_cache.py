@@ -10,7 +10,8 @@ devices, `XLA_FLAGS` and JAX's configuration. A warm start then skips tracing, s
 lowering and only loads the executables.
 
 The entries live in a folder beside JAX's cache (`jax_compilation_cache_dir`), so the cache is on
-where, and only where, JAX's is. An entry that cannot be read, is corrupt (its checksum is stored
+where, and only where, JAX's is (one process only; with several, JAX's cache alone). Entries
+are never evicted: deleting the folder at any time only costs the next start a compile. An entry that cannot be read, is corrupt (its checksum is stored
 with it) or does not fit the arguments is never used: the caller compiles as if there were none,
 with one line in the log. Like JAX's own cache, an entry is a pickle: the folder must be as
 trusted as the code.
@@ -87,9 +88,12 @@ def arguments_layout(args) -> tuple:
 
 
 def folder() -> Optional[str]:
-  """This cache's folder, or None when JAX's persistent cache is off."""
+  """This cache's folder, or None when JAX's persistent cache is off or there are several
+  processes (where JAX's own cache still works)."""
   base = jax.config.jax_compilation_cache_dir
-  return os.path.join(base, FOLDER) if base else None
+  if not base or jax.process_count() > 1:
+    return None
+  return os.path.join(base, FOLDER)
 
 
 def key(*parts: Any) -> str:
