@@ -15,7 +15,14 @@ are never evicted: deleting the folder at any time only costs the next start a c
 with it) or does not fit the arguments is never used: the caller compiles as if there were none,
 with one line in the log. Like JAX's own cache, an entry is a pickle: the folder must be as
 trusted as the code.
+
+Only freshly compiled executables are kept: one that JAX loaded from its own persistent cache
+is not, because XLA:CPU (jaxlib 0.10) serializes a deserialized executable without some of its
+kernels (loading that entry fails at run time: "Function ... not found"). Where JAX's cache
+served the compile (the code changed but not the program), the start is as fast as before
+this cache, and stays so until a fresh compile fills it.
 """
+import contextlib
 import functools
 import hashlib
 import io
@@ -172,6 +179,39 @@ def discard(path: str) -> None:
   logging.debug("executable_cache: removed %s", path)
 
 
+@contextlib.contextmanager
+def jax_cache_hits():
+  """Yields a list that gets one entry per JAX persistent-cache hit while the block runs."""
+  hits = []
+
+  def listener(event, **kwargs):
+    del kwargs
+    if event == "/jax/compilation_cache/cache_hits":
+      hits.append(event)
+
+  jax.monitoring.register_event_listener(listener)
+  try:
+    yield hits
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+
+
+def keep_if_fresh(path: str, payload: Any, hits: list, name: str) -> bool:
+  """Saves `payload` unless JAX's cache served part of it (`hits`, see the module doc); a
+  failure to save is one warning. Returns whether it was saved."""
+  if hits:
+    logging.info("executable_cache: %s not kept (loaded from JAX's compilation cache, which "
+                 "XLA:CPU cannot re-serialize whole).", name)
+    return False
+  try:
+    save(path, payload)
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("executable_cache: %s not kept in the cache (%s: %s).", name,
+                    type(e).__name__, e)
+    return False
+
+
 def compiled(name: str, key_parts: Any, jitted, *args) -> Any:
   """`jitted.lower(*args).compile()`, kept in this cache under `key_parts` + the arguments'
   layout (+ `environment()`); loaded without tracing when there. The cache off (no JAX cache
@@ -187,11 +227,8 @@ def compiled(name: str, key_parts: Any, jitted, *args) -> Any:
       logging.warning("executable_cache: cached %s in %s not used (%s: %s); compiling.", name,
                       path, type(e).__name__, e)
       discard(path)
-  result = jitted.lower(*args).compile()
+  with jax_cache_hits() as hits:
+    result = jitted.lower(*args).compile()
   if path is not None:
-    try:
-      save(path, result)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("executable_cache: %s not kept in the cache (%s: %s).", name,
-                      type(e).__name__, e)
+    keep_if_fresh(path, result, hits, name)
   return result

@@ -234,8 +234,9 @@ class LoweredSplitStep:
     batch_shardings = [sharding.batch_sharding(mesh)] * len(jax.tree.leaves(self._batch))
     known_shardings = state_shardings + batch_shardings
     start = time.perf_counter()
-    forward = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["known"])(*args),
-                      in_shardings=known_shardings).lower(*known_args).compile()
+    with executable_cache.jax_cache_hits() as hits:
+      forward = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["known"])(*args),
+                        in_shardings=known_shardings).lower(*known_args).compile()
 
     # The update's residual inputs: forward's outputs, or known inputs / constants passed on.
     num_consts, num_state = len(parts["consts"]), len(state_shardings)
@@ -265,9 +266,11 @@ class LoweredSplitStep:
     match_avals = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
                    for s in parts["match_shapes"]]
     num_metrics = parts["rest_tree"].num_leaves - num_state
-    update = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["unknown"])(*args),
-                     out_shardings=state_shardings + [replicated] * num_metrics,
-                     donate_argnums=tuple(donate)).lower(*res_avals, *match_avals).compile()
+    with executable_cache.jax_cache_hits() as update_hits:
+      update = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["unknown"])(*args),
+                       out_shardings=state_shardings + [replicated] * num_metrics,
+                       donate_argnums=tuple(donate)).lower(*res_avals, *match_avals).compile()
+    hits += update_hits
     logging.info("Split step: forward and update lowered and compiled (or loaded from the "
                  "compilation cache) in %.1f s; %d residual arrays pass between them.",
                  time.perf_counter() - start, len(sources))
@@ -277,13 +280,10 @@ class LoweredSplitStep:
         consts=parts["consts"], replicated=replicated)
     if self._cache_path is not None:
       start = time.perf_counter()
-      try:
-        executable_cache.save(self._cache_path, compiled.cache_entry())
+      if executable_cache.keep_if_fresh(self._cache_path, compiled.cache_entry(), hits,
+                                        "the split step"):
         logging.info("Split step: executables kept in the cache in %.1f s.",
                      time.perf_counter() - start)
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("split_step: executables not kept in the cache (%s: %s).",
-                        type(e).__name__, e)
     return compiled
 
 
