@@ -46,8 +46,9 @@ flags.DEFINE_string(
     "JAX persistent compilation cache folder ('' turns it off; $JAX_COMPILATION_CACHE_DIR, "
     "when set, wins). Re-runs load the compiled init, evaluation and prediction functions; "
     "the train step too with --config.split_step=True (the host Hungarian matching between "
-    "two executables), else it compiles every run, as JAX never caches an executable that "
-    "calls back into Python.")
+    "two executables; it and the init are also kept under FOLDER/sized_detr_jax_executables, "
+    "keyed by the config and the code, so a re-run loads them without tracing), else it "
+    "compiles every run, as JAX never caches an executable that calls back into Python.")
 flags.DEFINE_string("images", None, "--mode=predict: an image folder, glob or file to run the "
                     "trained detector of --workdir on (only its config.json, inference.json and "
                     "checkpoints are read; --config is not used).")

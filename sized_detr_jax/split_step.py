@@ -20,11 +20,18 @@ its primal and tangent parts). The problems of one step must be independent: a m
 that depends on another matching's result cannot be computed before the host solve, and is an
 error naming it. Randomness, losses and updates are those of the one-executable step.
 
+With `cache_key` given and JAX's persistent compilation cache on, the two executables and what
+the step needs besides them are also kept in `executable_cache` under a key computed without
+tracing (the caller's `cache_key`, the arguments' layout, the package source, library versions,
+backend, flags): a warm start loads them without tracing, splitting or lowering the step. An
+entry that cannot be used is skipped with one line in the log, and the step compiled.
+
 Single process only (the host solve reads the whole global cost arrays); several devices of one
 process work. With several processes, or problems that depend on each other, the trainer runs
 the one-executable step with the host callback instead (`SplitStep`'s `fallback`, the reason
 logged).
 """
+import os
 import time
 import types
 from typing import Any, Callable, Optional
@@ -38,6 +45,7 @@ from jax._src.interpreters import partial_eval as pe
 import jax.numpy as jnp
 import numpy as np
 
+from sized_detr_jax import executable_cache
 from sized_detr_jax import matching
 from sized_detr_jax import sharding
 
@@ -68,7 +76,7 @@ class SplitStep:
 
   def __init__(self, loss_fn: Callable[..., Any], make_step: Callable[[Any], Any],
                mesh: jax.sharding.Mesh, state_shardings: Any,
-               fallback: Optional[Callable[[], Any]] = None):
+               fallback: Optional[Callable[[], Any]] = None, cache_key: Any = None):
     """
     Args:
       loss_fn: `(params, state, batch, rng) -> (loss, metrics)` (a `Method.loss_fn(stage)`).
@@ -79,9 +87,41 @@ class SplitStep:
         lowers instead, with the reason logged, where the split cannot run (several processes,
         matching problems that depend on each other) or is not needed (no matching problem).
         None: those cases raise.
+      cache_key: None, or what determines `loss_fn` and `make_step` (a repr-able value: the
+        trainer gives the finalised config, the data info, the stage and the step options),
+        which turns on the executable cache (see the module doc). It must change whenever
+        the traced step would; the arguments' layout and the code are added to it here.
     """
     self._loss_fn, self._make_step, self._fallback = loss_fn, make_step, fallback
     self._mesh, self._state_shardings = mesh, state_shardings
+    self._cache_key = cache_key
+
+  def _cache_path(self, state, batch):
+    if self._cache_key is None or executable_cache.folder() is None:
+      return None
+    return executable_cache.path_for("split_step", executable_cache.key(
+        "split_step", self._cache_key, executable_cache.arguments_layout((state, batch)),
+        repr(self._mesh), self._mesh.device_ids.tolist(),
+        [repr(s) for s in jax.tree.leaves(self._state_shardings)]))
+
+  def _load(self, path, state, batch):
+    """The cached `CompiledSplitStep` for these arguments, or None (not there, or not usable:
+    one line logged, the entry removed)."""
+    start = time.perf_counter()
+    try:
+      entry = executable_cache.load(path)
+      if entry is None:
+        return None
+      compiled = CompiledSplitStep(**entry, replicated=sharding.replicated(self._mesh))
+      compiled.check_arguments(state, batch)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("split_step: cached executables in %s not used (%s: %s); compiling.",
+                      path, type(e).__name__, e)
+      executable_cache.discard(path)
+      return None
+    logging.info("Split step: forward and update loaded from %s in %.1f s (no tracing).",
+                 os.path.basename(path), time.perf_counter() - start)
+    return compiled
 
   def _fall_back(self, reason, state, batch, *, error=True):
     if self._fallback is None:
@@ -133,6 +173,11 @@ class SplitStep:
     if jax.process_count() > 1:
       return self._fall_back("several processes (the host solve reads the global matching "
                              "costs, one process only)", state, batch)
+    cache_path = self._cache_path(state, batch)
+    if cache_path is not None:
+      compiled = self._load(cache_path, state, batch)
+      if compiled is not None:
+        return _Loaded(compiled)
     start = time.perf_counter()
     match_shapes = _problem_shapes(self._loss_fn, state, batch)
     if not match_shapes:
@@ -160,14 +205,26 @@ class SplitStep:
         known=known, unknown=unknown, fwds=fwds, consts=closed.consts,
         problems_tree=jax.tree.structure(problems_shape),
         rest_tree=jax.tree.structure(rest_shape), num_problem_leaves=num_problem_leaves,
-        match_shapes=match_shapes))
+        match_shapes=match_shapes), cache_path=cache_path)
+
+
+class _Loaded:
+  """`lower()`'s result where the executables came from the cache: `compile()` returns them."""
+
+  def __init__(self, compiled):
+    self._compiled = compiled
+
+  def compile(self) -> "CompiledSplitStep":
+    return self._compiled
 
 
 class LoweredSplitStep:
-  """The traced, split step; `compile()` compiles its two executables."""
+  """The traced, split step; `compile()` compiles its two executables (and keeps them in the
+  executable cache when `cache_path` is given)."""
 
-  def __init__(self, split, state, batch, parts):
+  def __init__(self, split, state, batch, parts, cache_path=None):
     self._split, self._state, self._batch, self._parts = split, state, batch, parts
+    self._cache_path = cache_path
 
   def compile(self) -> "CompiledSplitStep":
     split, parts = self._split, self._parts
@@ -177,8 +234,9 @@ class LoweredSplitStep:
     batch_shardings = [sharding.batch_sharding(mesh)] * len(jax.tree.leaves(self._batch))
     known_shardings = state_shardings + batch_shardings
     start = time.perf_counter()
-    forward = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["known"])(*args),
-                      in_shardings=known_shardings).lower(*known_args).compile()
+    with executable_cache.jax_cache_hits() as hits:
+      forward = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["known"])(*args),
+                        in_shardings=known_shardings).lower(*known_args).compile()
 
     # The update's residual inputs: forward's outputs, or known inputs / constants passed on.
     num_consts, num_state = len(parts["consts"]), len(state_shardings)
@@ -208,13 +266,25 @@ class LoweredSplitStep:
     match_avals = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
                    for s in parts["match_shapes"]]
     num_metrics = parts["rest_tree"].num_leaves - num_state
-    update = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["unknown"])(*args),
-                     out_shardings=state_shardings + [replicated] * num_metrics,
-                     donate_argnums=tuple(donate)).lower(*res_avals, *match_avals).compile()
+    with executable_cache.jax_cache_hits() as update_hits:
+      update = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["unknown"])(*args),
+                       out_shardings=state_shardings + [replicated] * num_metrics,
+                       donate_argnums=tuple(donate)).lower(*res_avals, *match_avals).compile()
+    hits += update_hits
     logging.info("Split step: forward and update lowered and compiled (or loaded from the "
                  "compilation cache) in %.1f s; %d residual arrays pass between them.",
                  time.perf_counter() - start, len(sources))
-    return CompiledSplitStep(forward, update, sources, parts, replicated)
+    compiled = CompiledSplitStep(
+        forward, update, sources, problems_tree=parts["problems_tree"],
+        rest_tree=parts["rest_tree"], num_problem_leaves=parts["num_problem_leaves"],
+        consts=parts["consts"], replicated=replicated)
+    if self._cache_path is not None:
+      start = time.perf_counter()
+      if executable_cache.keep_if_fresh(self._cache_path, compiled.cache_entry(), hits,
+                                        "the split step"):
+        logging.info("Split step: executables kept in the cache in %.1f s.",
+                     time.perf_counter() - start)
+    return compiled
 
 
 class CompiledSplitStep:
@@ -223,9 +293,30 @@ class CompiledSplitStep:
   `forward` and `update` are the two `jax.stages.Compiled` executables.
   """
 
-  def __init__(self, forward, update, sources, parts, replicated):
+  def __init__(self, forward, update, sources, *, problems_tree, rest_tree, num_problem_leaves,
+               consts, replicated):
     self.forward, self.update = forward, update
-    self._sources, self._parts, self._replicated = sources, parts, replicated
+    self._sources, self._replicated = sources, replicated
+    self._parts = dict(problems_tree=problems_tree, rest_tree=rest_tree,
+                       num_problem_leaves=num_problem_leaves,
+                       consts=[jax.device_put(c, replicated) for c in consts])
+
+  def cache_entry(self) -> dict:
+    """The constructor's arguments, the constants as numpy arrays (for `executable_cache`)."""
+    return dict(forward=self.forward, update=self.update, sources=self._sources,
+                **{**self._parts, "consts": [np.asarray(c) for c in self._parts["consts"]]})
+
+  def check_arguments(self, state, batch):
+    """Raises ValueError unless (state, batch) has the forward's input shapes and dtypes."""
+    args = jax.tree.leaves((state, batch))
+    expected = jax.tree.leaves(self.forward.args_info)
+    if len(args) != len(expected):
+      raise ValueError(f"{len(args)} arguments, the executable takes {len(expected)}")
+    for i, (x, info) in enumerate(zip(args, expected)):
+      aval = info._aval  # pylint: disable=protected-access
+      if tuple(x.shape) != tuple(aval.shape) or x.dtype != aval.dtype:
+        raise ValueError(f"argument {i} is {x.dtype}{list(x.shape)}, the executable takes "
+                         f"{aval.dtype}{list(aval.shape)}")
 
   @property
   def input_shardings(self):

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from sized_detr_jax import checkpointing
 from sized_detr_jax import config_lib
 from sized_detr_jax import convert_torch
+from sized_detr_jax import executable_cache
 from sized_detr_jax import fs
 from sized_detr_jax import method as method_lib
 from sized_detr_jax import methods
@@ -51,6 +52,20 @@ def init_state(method, tx, config, example_batch, mesh):
   Returns:
     (state, state shardings pytree).
   """
+  state, shardings, _ = _init_state(method, lambda: tx, config, example_batch, mesh, None)
+  return state, shardings
+
+
+def _init_state(method, make_tx, config, example_batch, mesh, cache_key):
+  """`init_state` with the optimiser built by `make_tx()` only where the init is traced, and the
+  compiled init kept in `executable_cache` under `cache_key` (None: not kept).
+
+  Returns:
+    (state, state shardings pytree, the optimiser `make_tx()` gave, or None when the init was
+    loaded from the cache without calling it).
+  """
+  built = []
+
   def init_fn(rng):
     init_rng, state_rng = jax.random.split(rng)
     variables = method.model.init({"params": init_rng, "dropout": init_rng, "dn": init_rng},
@@ -59,13 +74,18 @@ def init_state(method, tx, config, example_batch, mesh):
     variables = flax.core.unfreeze(variables)
     params = variables.pop("params")
     ema = method.ema_subtree(params) if config.get("ema_momentum") else None
+    if not built:
+      built.append(make_tx())
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                      opt_state=tx.init(params), rng=state_rng, ema_params=ema)
+                      opt_state=built[0].init(params), rng=state_rng, ema_params=ema)
 
   rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init_fn, rng)
-  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  return jax.jit(init_fn, out_shardings=shardings)(rng), shardings
+  replicated = sharding.replicated(mesh)
+  # One sharding for every output: traced once.
+  init = executable_cache.compiled("init_state", cache_key,
+                                   jax.jit(init_fn, out_shardings=replicated), rng)
+  state = init(rng)
+  return state, jax.tree.map(lambda _: replicated, state), (built[0] if built else None)
 
 
 def _teacher_copy(state, params, ema_subtree):
@@ -169,14 +189,29 @@ def setup(config, workdir, *, on_mismatch="error") -> RunSetup:
   height, width = data_info["buckets"][0]
   example = {"image": jnp.zeros((1, height, width, 3), jnp.float32),
              "pixel_mask": jnp.ones((1, height, width), bool)}
-  abstract_vars = jax.eval_shape(
-      lambda: method.model.init({"params": jax.random.PRNGKey(0),
-                                 "dropout": jax.random.PRNGKey(0), "dn": jax.random.PRNGKey(0)},
-                                example["image"], example["pixel_mask"], train=False))
-  tx, schedule = optim.make_optimizer(abstract_vars["params"],
-                                      method.param_labels(abstract_vars["params"]),
-                                      config.optimizer)
-  state, shardings = init_state(method, tx, config, example, mesh)
+  optimizer = []
+
+  def make_tx(params=None):
+    """The optimiser and schedule from the params' structure (only the structure is read)."""
+    if params is None:
+      params = jax.eval_shape(
+          lambda: method.model.init({"params": jax.random.PRNGKey(0),
+                                     "dropout": jax.random.PRNGKey(0),
+                                     "dn": jax.random.PRNGKey(0)},
+                                    example["image"], example["pixel_mask"], train=False)
+      )["params"]
+    optimizer.append(optim.make_optimizer(params, method.param_labels(params), config.optimizer))
+    return optimizer[-1][0]
+
+  # The compiled init is kept in the executable cache under the config (the method, model and
+  # optimiser are built from it alone): a warm start loads it without tracing the model, and
+  # builds the optimiser from the initialised params.
+  init_key = (config.to_json_best_effort(sort_keys=True), repr(mesh), mesh.device_ids.tolist(),
+              executable_cache.arguments_layout(example))
+  state, shardings, _ = _init_state(method, make_tx, config, example, mesh, init_key)
+  if not optimizer:
+    make_tx(state.params)
+  tx, schedule = optimizer[0]
   ckpt = checkpointing.Checkpointer(workdir, every=config.checkpoint_every,
                                     keep=config.get("keep_checkpoints", 3))
   restored = ckpt.restore(checkpointing.abstract_like(state), on_mismatch=on_mismatch,

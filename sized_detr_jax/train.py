@@ -209,9 +209,17 @@ class _StepCache:
       one_executable = lambda: make_train_step(loss_fn, run.tx, run.schedule, run.mesh,
                                                run.shardings, **options)
       if config.get("split_step"):  # matching outside jit: two executables, no host callback
+        # The executables are also kept under a key computed without tracing (what the
+        # traced step depends on besides the arguments' layout and the code): a warm start
+        # loads them without tracing and lowering the step. Only for a `state.setup` run,
+        # whose method, optimiser and schedule are built from the config alone.
+        cache_key = None
+        if isinstance(run, state_lib.RunSetup):
+          cache_key = (config.to_json_best_effort(sort_keys=True), repr(run.data_info), stage,
+                       {k: repr(v) for k, v in options.items() if k != "ema_subtree"})
         self._jitted[stage] = split_step.SplitStep(
             loss_fn, lambda loss: train_step_fn(loss, run.tx, run.schedule, **options),
-            run.mesh, run.shardings, fallback=one_executable)
+            run.mesh, run.shardings, fallback=one_executable, cache_key=cache_key)
       else:
         self._jitted[stage] = one_executable()
     layout = (stage, tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch)),

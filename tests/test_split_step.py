@@ -3,6 +3,7 @@ step with the host callback: same losses, metrics and updated state after a few 
 DINO, Co-DINO and Semi-DETR (both stages) on their smoke configs, and neither executable calls
 back to the host.
 """
+import json
 import os
 import re
 import types
@@ -17,6 +18,7 @@ import pytest
 from scipy import optimize
 
 from sized_detr_jax import config_lib
+from sized_detr_jax import executable_cache
 from sized_detr_jax import matching
 from sized_detr_jax import sharding
 from sized_detr_jax import split_step
@@ -286,3 +288,176 @@ def test_semi_detr_stage2_split_step_equals_the_callback_step(semi_run):
   fused, split, compiled = _run_both(semi_run, stage)
   _assert_same(fused, split)
   _assert_no_callback(compiled)
+
+
+# ------------------------------------------------------------------ the executable cache
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """JAX's persistent cache (and so the executable cache beside it) on in a fresh folder."""
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+  yield tmp_path / "xla" / executable_cache.FOLDER
+  jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def _toy_split(prune, cache_key, mesh, tx, state):
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+  return split_step.SplitStep(_toy_loss(prune),
+                              lambda loss: train.train_step_fn(loss, tx, lambda s: _LR),
+                              mesh, shardings, cache_key=cache_key)
+
+
+def _toy_steps(compiled, state, batch, steps=2):
+  losses = []
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses, np.asarray(state.params["boxes"])
+
+
+def test_the_executable_cache_loads_a_warm_step_without_tracing_and_misses_a_changed_key(
+    compilation_cache):
+  """A second build with the same key loads both executables from the cache (the loss is never
+  traced) and gives scipy's losses and updates; another key (as a changed config gives) or
+  another batch layout compiles anew; a corrupt entry is skipped with one warning."""
+  rng = np.random.default_rng(1)
+  gt = rng.uniform(0, 1, (4, 3, 2)).astype(np.float32)
+  valid = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 0], [1, 1, 0]], bool)
+  boxes = rng.uniform(0, 1, (_Q, 2))
+  mesh, tx = sharding.make_mesh(1), optax.sgd(_LR)
+  batch = {"gt": jnp.asarray(gt), "valid": jnp.asarray(valid)}
+  # Reference: scipy's matching and the analytic gradient, two SGD steps.
+  ref_losses, ref_boxes = [], boxes
+  for _ in range(2):
+    loss, grad = _toy_reference(ref_boxes, gt, valid)
+    ref_losses.append(loss)
+    ref_boxes = ref_boxes - _LR * grad
+
+  def build(key, prune=False, b=batch):
+    state = _toy_state(tx, boxes)
+    return _toy_split(prune, key, mesh, tx, state).lower(state, b), state
+
+  lowered, state = build("config A")
+  assert isinstance(lowered, split_step.LoweredSplitStep)  # cold: traced
+  cold = _toy_steps(lowered.compile(), state, batch)
+  entries = sorted(compilation_cache.iterdir())
+  assert len(entries) == 1
+  np.testing.assert_allclose(cold[0], ref_losses, rtol=1e-5)
+  np.testing.assert_allclose(cold[1], ref_boxes, rtol=1e-5, atol=1e-6)
+
+  # Warm: loaded, the loss never traced (a tracing loss would raise).
+  with absltest.mock.patch.object(split_step, "_problem_shapes",
+                                  side_effect=AssertionError("traced")):
+    lowered, state = build("config A")
+    assert isinstance(lowered, split_step._Loaded)  # pylint: disable=protected-access
+    warm_compiled = lowered.compile()
+    warm = _toy_steps(warm_compiled, state, batch)
+  assert warm[0] == cold[0]
+  np.testing.assert_array_equal(warm[1], cold[1])
+  _assert_no_callback(warm_compiled)
+
+  # A changed key (here: the pruned matching, as another config) misses and compiles.
+  lowered, state = build("config B", prune=True)
+  assert isinstance(lowered, split_step.LoweredSplitStep)
+  pruned = _toy_steps(lowered.compile(), state, batch)
+  np.testing.assert_allclose(pruned[0], ref_losses, rtol=1e-5)
+  # Another batch layout misses too.
+  half = {k: v[:2] for k, v in batch.items()}
+  lowered, state = build("config A", b=half)
+  assert isinstance(lowered, split_step.LoweredSplitStep)
+  lowered.compile()
+  assert len(list(compilation_cache.iterdir())) == 3
+
+  # A corrupt entry: one warning, compiled again (and the entry rewritten), same results.
+  entries[0].write_bytes(entries[0].read_bytes()[:-100] + b"x" * 100)
+  with absltest.mock.patch.object(split_step.logging, "warning") as warning:
+    lowered, state = build("config A")
+  assert warning.call_count == 1 and "not used" in warning.call_args[0][0]
+  assert isinstance(lowered, split_step.LoweredSplitStep)
+  again = _toy_steps(lowered.compile(), state, batch)
+  assert again[0] == cold[0]
+  lowered, state = build("config A")
+  assert isinstance(lowered, split_step._Loaded)  # pylint: disable=protected-access
+
+
+def test_an_executable_that_jax_loaded_from_its_own_cache_is_not_kept(compilation_cache):
+  """XLA:CPU re-serializes a deserialized executable without some kernels: only a fresh
+  compile is kept; the kept one loads and computes numpy's result."""
+  previous = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  try:
+    f = lambda x, y: jnp.sum(jnp.broadcast_to(y[:, None], x.shape) * x + jnp.tanh(x), 0)
+    x = np.linspace(-1, 1, 128 * 96, dtype=np.float32).reshape(128, 96)
+    y = np.arange(128, dtype=np.float32)
+    reference = np.sum(y[:, None] * x + np.tanh(x), 0)
+    fresh = executable_cache.compiled("f", "key 1", jax.jit(f), x, y)
+    assert len(list(compilation_cache.glob("f-*"))) == 1
+    jax.clear_caches()
+    from_jax_cache = executable_cache.compiled("f", "key 2", jax.jit(f), x, y)
+    assert len(list(compilation_cache.glob("f-*"))) == 1  # not kept
+    loaded = executable_cache.compiled("f", "key 1", jax.jit(lambda x, y: 1 / 0), x, y)
+    for c in (fresh, from_jax_cache, loaded):
+      np.testing.assert_allclose(np.asarray(c(x, y)), reference, rtol=1e-5, atol=1e-4)
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+
+
+def test_the_executable_cache_key_covers_code_versions_and_arguments(compilation_cache):
+  """The key changes with the package source, a library version, XLA_FLAGS, the arguments'
+  shapes, dtypes and shardings; it does not need tracing."""
+  del compilation_cache
+  args = {"a": jnp.zeros((2, 3)), "b": jnp.zeros((4,), jnp.int32)}
+  base = executable_cache.key("x", executable_cache.arguments_layout(args))
+  assert base == executable_cache.key("x", executable_cache.arguments_layout(args))
+  assert base != executable_cache.key("y", executable_cache.arguments_layout(args))
+  for changed in ({"a": jnp.zeros((2, 4)), "b": args["b"]},
+                  {"a": args["a"], "b": jnp.zeros((4,), jnp.int16)},
+                  {"a": args["a"]}):
+    assert base != executable_cache.key("x", executable_cache.arguments_layout(changed))
+  with absltest.mock.patch.object(executable_cache, "package_source_hash", lambda: "other"):
+    assert base != executable_cache.key("x", executable_cache.arguments_layout(args))
+  with absltest.mock.patch.object(executable_cache, "_library_versions",
+                                  lambda: {"jaxlib": "0.0"}):
+    assert base != executable_cache.key("x", executable_cache.arguments_layout(args))
+  with absltest.mock.patch.dict(os.environ, {"XLA_FLAGS": "--xla_cpu_foo=1"}):
+    assert base != executable_cache.key("x", executable_cache.arguments_layout(args))
+
+
+def _trained_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_a_second_training_start_loads_the_split_step_and_a_changed_config_does_not(
+    tmp_path, compilation_cache):
+  """train_and_evaluate on the smoke config, twice with the same config (fresh workdirs): the
+  second start loads the step (never traces the loss) and logs the first start's losses; a
+  changed criterion weight misses the cache, compiles, and trains to other losses."""
+  def config(**criterion):
+    c = config_lib.load_config(os.path.join(ROOT, "experiments", "synthetic.py"), "smoke")
+    c.data.root = str(tmp_path / "data")
+    c.update(dict(total_steps=2, log_every=1, checkpoint_every=0, eval_at_end=False,
+                  num_devices=1, split_step=True))
+    c.criterion.update(criterion)
+    return config_lib.finalize(c)
+
+  train.train_and_evaluate(config(), str(tmp_path / "cold"))
+  assert len(list(compilation_cache.glob("split_step-*"))) == 1
+  traced = absltest.mock.patch.object(split_step, "_problem_shapes",
+                                      side_effect=AssertionError("the warm start traced"))
+  with traced:
+    train.train_and_evaluate(config(), str(tmp_path / "warm"))
+  cold, warm = _trained_losses(str(tmp_path / "cold")), _trained_losses(str(tmp_path / "warm"))
+  assert len(cold) == 2 and np.all(np.isfinite(cold))
+  assert warm == cold
+  changed = config(bbox_loss_coef=2 * config().criterion.bbox_loss_coef)
+  with traced, pytest.raises(AssertionError, match="the warm start traced"):
+    train.train_and_evaluate(changed, str(tmp_path / "changed_traced"))
+  train.train_and_evaluate(changed, str(tmp_path / "changed"))
+  changed_losses = _trained_losses(str(tmp_path / "changed"))
+  assert changed_losses[0] != cold[0]
+  # Its compile may be served by JAX's own cache (the forward is the same program), which is
+  # then not kept (XLA:CPU cannot re-serialize it whole): a further start runs all the same.
+  train.train_and_evaluate(changed, str(tmp_path / "changed_again"))
+  assert _trained_losses(str(tmp_path / "changed_again")) == changed_losses

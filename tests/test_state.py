@@ -61,3 +61,34 @@ def test_init_from_errors_name_the_path_and_the_param(tmp_path):
     state_lib.load_init_from(state, shardings, str(tmp_path / "sup"), lambda p: p)
   with pytest.raises(FileNotFoundError, match="no checkpoint step folder"):
     state_lib.load_init_from(state, shardings, str(tmp_path / "empty"), lambda p: p)
+
+
+def test_setup_loads_the_init_from_the_executable_cache_without_tracing_the_model(tmp_path):
+  """state.setup twice with JAX's cache folder set: the first compiles the init as usual (the
+  reference), the second loads it (the model is never traced) and gives the first's state, an
+  optimiser of the same structure and the same schedule."""
+  import os  # pylint: disable=import-outside-toplevel
+  from absl.testing import absltest  # pylint: disable=import-outside-toplevel
+  from sized_detr_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from sized_detr_jax import executable_cache  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_lib.load_config(os.path.join(root, "experiments", "synthetic.py"), "smoke")
+  config.data.root = str(tmp_path / "data")
+  config.update(dict(num_devices=1))
+  config = config_lib.finalize(config)
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+  try:
+    reference = state_lib.setup(config, str(tmp_path / "cold"))
+    assert len(list((tmp_path / "xla" / executable_cache.FOLDER).glob("init_state-*"))) == 1
+    model_cls = type(reference.method.model)
+    with absltest.mock.patch.object(model_cls, "init",
+                                    side_effect=AssertionError("the model was traced")):
+      warm = state_lib.setup(config, str(tmp_path / "warm"))
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
+  chex.assert_trees_all_equal(jax.device_get(warm.state), jax.device_get(reference.state))
+  assert (jax.tree.structure(warm.tx.init(warm.state.params))
+          == jax.tree.structure(reference.state.opt_state))
+  assert [float(warm.schedule(s)) for s in (0, 1, 100)] == [
+      float(reference.schedule(s)) for s in (0, 1, 100)]
