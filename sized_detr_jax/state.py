@@ -56,15 +56,9 @@ def init_state(method, tx, config, example_batch, mesh):
   return state, shardings
 
 
-def _init_state(method, make_tx, config, example_batch, mesh, cache_key):
-  """`init_state` with the optimiser built by `make_tx()` only where the init is traced, and the
-  compiled init kept in `executable_cache` under `cache_key` (None: not kept).
-
-  Returns:
-    (state, state shardings pytree, the optimiser `make_tx()` gave, or None when the init was
-    loaded from the cache without calling it).
-  """
-  built = []
+def _make_init_fn(method, make_tx, config, example_batch, built):
+  """rng -> TrainState at step 0; the optimiser is `make_tx()`, built (into `built`) on the first
+  trace only."""
 
   def init_fn(rng):
     init_rng, state_rng = jax.random.split(rng)
@@ -79,6 +73,33 @@ def _init_state(method, make_tx, config, example_batch, mesh, cache_key):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
                       opt_state=built[0].init(params), rng=state_rng, ema_params=ema)
 
+  return init_fn
+
+
+def abstract_state(method, tx, config, example_batch, mesh):
+  """`init_state` in shapes only: nothing is computed or compiled.
+
+  Returns:
+    (state with `jax.ShapeDtypeStruct` leaves carrying their replicated sharding, shardings).
+  """
+  replicated = sharding.replicated(mesh)
+  shapes = jax.eval_shape(_make_init_fn(method, lambda: tx, config, example_batch, []),
+                          jax.random.PRNGKey(config.seed))
+  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                       shapes)
+  return state, jax.tree.map(lambda _: replicated, state)
+
+
+def _init_state(method, make_tx, config, example_batch, mesh, cache_key):
+  """`init_state` with the optimiser built by `make_tx()` only where the init is traced, and the
+  compiled init kept in `executable_cache` under `cache_key` (None: not kept).
+
+  Returns:
+    (state, state shardings pytree, the optimiser `make_tx()` gave, or None when the init was
+    loaded from the cache without calling it).
+  """
+  built = []
+  init_fn = _make_init_fn(method, make_tx, config, example_batch, built)
   rng = jax.random.PRNGKey(config.seed)
   replicated = sharding.replicated(mesh)
   # One sharding for every output: traced once.

@@ -219,15 +219,8 @@ def build_state(config, mesh, abstract=False):
   if not abstract:
     state, shardings = state_lib.init_state(method, tx, config, example, mesh)
     return method, tx, schedule, state, shardings
-  shardings = []  # init_state's second result, kept aside: eval_shape returns arrays only
-
-  def init():
-    state, state_shardings = state_lib.init_state(method, tx, config, example, mesh)
-    shardings.append(state_shardings)
-    return state
-
-  state = jax.eval_shape(init)
-  return method, tx, schedule, state, shardings[0]
+  state, shardings = state_lib.abstract_state(method, tx, config, example, mesh)
+  return method, tx, schedule, state, shardings
 
 
 def main(argv=None):
