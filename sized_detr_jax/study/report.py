@@ -102,7 +102,7 @@ def format_markdown(study):
                  f"{_fmt(m.get('APs'))} | {_fmt(r.get('wall_s'), 1)} | {r.get('attempts', 0)} | "
                  f"{' '.join(map(str, load)) if load else '-'} |")
   if study["failed"]:
-    lines += ["", "## Failed runs", ""]
+    lines += ["", "## Failed or unfinished runs", ""]
     for f in study["failed"]:
       lines.append(f"* {f['variant']}/seed{f['seed']}: {f['error']} (log: {f['log'] or '-'})")
   lines += ["", f"Plots: `{study['report_name']}_ap_by_size.png`, "
@@ -200,7 +200,8 @@ def build_report(study_dir, spec, variants, seeds, baseline, jobs, results, comm
                      "error": res.get("error", "not finished"),
                      "log": os.path.relpath(res["log"], study_dir) if res.get("log") else None,
                      "tail": res.get("tail", [])})
-      run["status"] = "failed"
+      # A run that stopped with an error, or one not run (to the end) yet.
+      run["status"] = "failed" if res["status"] == "failed" else "not finished"
     else:
       data_key = json.dumps(job.config_json["data"], sort_keys=True)
       if data_key not in gt_paths:
