@@ -1,20 +1,21 @@
 """Compiled executables kept on disk under a key computed without tracing.
 
 JAX's persistent compilation cache keys an executable by its lowered module, so a warm start
-still traces and lowers the function to find the key. The split train step (`split_step.py`)
-and the state's init (`state.init_state`) keep their executables here as well, keyed by what determines them and is known before any
-tracing: the caller's description of the step (the trainer's: the finalised config, the data
-info and the stage), the arguments' shapes, dtypes, shardings and tree structure, this package's
-source, the versions of jax, jaxlib and the libraries the step is built from, the backend and its
-devices, `XLA_FLAGS` and JAX's configuration. A warm start then skips tracing, splitting and
-lowering and only loads the executables.
+still traces and lowers the function to find the key. The split train step (`split_step.py`) and
+the state's init (`state.init_state`) keep their executables here as well, keyed by what
+determines them and is known before any tracing: the caller's description of the step (the
+trainer's: the finalised config, the data info and the stage), the arguments' shapes, dtypes,
+shardings and tree structure, this package's source, the versions of jax, jaxlib and the
+libraries the step is built from, the backend and its devices, `XLA_FLAGS` and JAX's
+configuration. A warm start then skips tracing, splitting and lowering and only loads the
+executables.
 
-The entries live in a folder beside JAX's cache (`jax_compilation_cache_dir`), so the cache is on
-where, and only where, JAX's is (one process only; with several, JAX's cache alone). Entries
-are never evicted: deleting the folder at any time only costs the next start a compile. An entry that cannot be read, is corrupt (its checksum is stored
-with it) or does not fit the arguments is never used: the caller compiles as if there were none,
-with one line in the log. Like JAX's own cache, an entry is a pickle: the folder must be as
-trusted as the code.
+The entries live in a folder beside JAX's cache (`jax_compilation_cache_dir`), so the cache is
+on where, and only where, JAX's is (one process only; with several, JAX's cache alone). Entries
+are never evicted: deleting the folder at any time only costs the next start a compile. An entry
+that cannot be read, is corrupt (its checksum is stored with it) or does not fit the arguments
+is never used: the caller compiles as if there were none, with one line in the log. Like JAX's
+own cache, an entry is a pickle: the folder must be as trusted as the code.
 
 Only freshly compiled executables are kept: one that JAX loaded from its own persistent cache
 is not, because XLA:CPU (jaxlib 0.10) serializes a deserialized executable without some of its
@@ -31,7 +32,7 @@ import pickle
 import platform
 import sys
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
@@ -212,6 +213,21 @@ def keep_if_fresh(path: str, payload: Any, hits: list, name: str) -> bool:
     return False
 
 
+def load_usable(path: str, name: str, check: Callable[[Any], Any] = lambda payload: payload
+                ) -> Any:
+  """`check(load(path))`, or None where there is no entry or it cannot be used (unreadable,
+  corrupt, or `check` raises): then one warning naming `name` and the file, and the entry is
+  removed so that the caller's fresh compile replaces it."""
+  try:
+    payload = load(path)
+    return None if payload is None else check(payload)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("executable_cache: cached %s in %s not used (%s: %s); compiling.", name,
+                    path, type(e).__name__, e)
+    discard(path)
+    return None
+
+
 def compiled(name: str, key_parts: Any, jitted, *args) -> Any:
   """`jitted.lower(*args).compile()`, kept in this cache under `key_parts` + the arguments'
   layout (+ `environment()`); loaded without tracing when there. The cache off (no JAX cache
@@ -219,14 +235,9 @@ def compiled(name: str, key_parts: Any, jitted, *args) -> Any:
   path = None
   if key_parts is not None and folder() is not None:
     path = path_for(name, key(name, key_parts, arguments_layout(args)))
-    try:
-      loaded = load(path)
-      if loaded is not None:
-        return loaded
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("executable_cache: cached %s in %s not used (%s: %s); compiling.", name,
-                      path, type(e).__name__, e)
-      discard(path)
+    loaded = load_usable(path, name)
+    if loaded is not None:
+      return loaded
   with jax_cache_hits() as hits:
     result = jitted.lower(*args).compile()
   if path is not None:

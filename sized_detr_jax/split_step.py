@@ -108,19 +108,16 @@ class SplitStep:
     """The cached `CompiledSplitStep` for these arguments, or None (not there, or not usable:
     one line logged, the entry removed)."""
     start = time.perf_counter()
-    try:
-      entry = executable_cache.load(path)
-      if entry is None:
-        return None
+
+    def check(entry):
       compiled = CompiledSplitStep(**entry, replicated=sharding.replicated(self._mesh))
       compiled.check_arguments(state, batch)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("split_step: cached executables in %s not used (%s: %s); compiling.",
-                      path, type(e).__name__, e)
-      executable_cache.discard(path)
-      return None
-    logging.info("Split step: forward and update loaded from %s in %.1f s (no tracing).",
-                 os.path.basename(path), time.perf_counter() - start)
+      return compiled
+
+    compiled = executable_cache.load_usable(path, "split step", check)
+    if compiled is not None:
+      logging.info("Split step: forward and update loaded from %s in %.1f s (no tracing).",
+                   os.path.basename(path), time.perf_counter() - start)
     return compiled
 
   def _fall_back(self, reason, state, batch, *, error=True):
@@ -234,43 +231,41 @@ class LoweredSplitStep:
     batch_shardings = [sharding.batch_sharding(mesh)] * len(jax.tree.leaves(self._batch))
     known_shardings = state_shardings + batch_shardings
     start = time.perf_counter()
-    with executable_cache.jax_cache_hits() as hits:
+    with executable_cache.jax_cache_hits() as hits:  # fresh compiles only are kept
       forward = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["known"])(*args),
                         in_shardings=known_shardings).lower(*known_args).compile()
 
-    # The update's residual inputs: forward's outputs, or known inputs / constants passed on.
-    num_consts, num_state = len(parts["consts"]), len(state_shardings)
-    computed = iter(range(parts["num_problem_leaves"], len(forward.output_shardings)))
-    sources, donate, seen = [], [], set()
-    for i, f in enumerate(parts["fwds"]):
-      if f is None:  # not donated: no output has a residual's buffer to reuse
-        sources.append(("out", next(computed)))
-      elif f < num_consts:
-        sources.append(("const", f))
-      else:
-        sources.append(("in", f - num_consts))
-        if f - num_consts < num_state and f not in seen:  # the state is donated, the batch not
-          donate.append(i)
-        seen.add(f)
+      # The update's residual inputs: forward's outputs, or known inputs / constants passed on.
+      num_consts, num_state = len(parts["consts"]), len(state_shardings)
+      computed = iter(range(parts["num_problem_leaves"], len(forward.output_shardings)))
+      sources, donate, seen = [], [], set()
+      for i, f in enumerate(parts["fwds"]):
+        if f is None:  # not donated: no output has a residual's buffer to reuse
+          sources.append(("out", next(computed)))
+        elif f < num_consts:
+          sources.append(("const", f))
+        else:
+          sources.append(("in", f - num_consts))
+          if f - num_consts < num_state and f not in seen:  # the state is donated, the batch not
+            donate.append(i)
+          seen.add(f)
 
-    def residual_sharding(kind, index):
-      if kind == "out":
-        return forward.output_shardings[index]
-      if kind == "in":
-        return known_shardings[index]
-      return sharding.replicated(mesh)
+      def residual_sharding(kind, index):
+        if kind == "out":
+          return forward.output_shardings[index]
+        if kind == "in":
+          return known_shardings[index]
+        return sharding.replicated(mesh)
 
-    res_avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=residual_sharding(*s))
-                 for a, s in zip(parts["unknown"].in_avals, sources)]
-    replicated = sharding.replicated(mesh)
-    match_avals = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
-                   for s in parts["match_shapes"]]
-    num_metrics = parts["rest_tree"].num_leaves - num_state
-    with executable_cache.jax_cache_hits() as update_hits:
+      res_avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=residual_sharding(*s))
+                   for a, s in zip(parts["unknown"].in_avals, sources)]
+      replicated = sharding.replicated(mesh)
+      match_avals = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)
+                     for s in parts["match_shapes"]]
+      num_metrics = parts["rest_tree"].num_leaves - num_state
       update = jax.jit(lambda *args: jax_core.jaxpr_as_fun(parts["unknown"])(*args),
                        out_shardings=state_shardings + [replicated] * num_metrics,
                        donate_argnums=tuple(donate)).lower(*res_avals, *match_avals).compile()
-    hits += update_hits
     logging.info("Split step: forward and update lowered and compiled (or loaded from the "
                  "compilation cache) in %.1f s; %d residual arrays pass between them.",
                  time.perf_counter() - start, len(sources))

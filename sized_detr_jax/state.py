@@ -46,19 +46,14 @@ def ema_update(ema_params, params, step, momentum):
   return jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema_params, params)
 
 
-def init_state(method, tx, config, example_batch, mesh):
-  """Initialise the TrainState directly with replicated shardings (never on one device first).
-
-  Returns:
-    (state, state shardings pytree).
-  """
-  state, shardings, _ = _init_state(method, lambda: tx, config, example_batch, mesh, None)
-  return state, shardings
+def _optimizer(method, config, params):
+  """(tx, schedule) of the run, from the params' structure (tracers or shapes are fine)."""
+  return optim.make_optimizer(params, method.param_labels(params), config.optimizer)
 
 
-def _make_init_fn(method, make_tx, config, example_batch, built):
-  """rng -> TrainState at step 0; the optimiser is `make_tx()`, built (into `built`) on the first
-  trace only."""
+def _make_init_fn(method, config, example_batch, built):
+  """rng -> TrainState at step 0. The optimiser `(tx, schedule)` is built from the params on the
+  first trace and appended to `built`."""
 
   def init_fn(rng):
     init_rng, state_rng = jax.random.split(rng)
@@ -69,44 +64,56 @@ def _make_init_fn(method, make_tx, config, example_batch, built):
     params = variables.pop("params")
     ema = method.ema_subtree(params) if config.get("ema_momentum") else None
     if not built:
-      built.append(make_tx())
+      built.append(_optimizer(method, config, params))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                      opt_state=built[0].init(params), rng=state_rng, ema_params=ema)
+                      opt_state=built[0][0].init(params), rng=state_rng, ema_params=ema)
 
   return init_fn
 
 
-def abstract_state(method, tx, config, example_batch, mesh):
-  """`init_state` in shapes only: nothing is computed or compiled.
+def init_state(method, config, example_batch, mesh, cache_key=None):
+  """The TrainState at step 0, initialised directly with replicated shardings (never on one
+  device first), and the run's optimiser.
+
+  Args:
+    method: the built method (`methods.build(config)`).
+    config: the finalised config (seed, ema_momentum, optimizer).
+    example_batch: {"image": [1, H, W, 3] float32, "pixel_mask": [1, H, W] bool}; the params
+      do not depend on its size.
+    mesh: the device mesh.
+    cache_key: None, or what determines the init besides the example's layout (the trainer
+      gives the finalised config and the mesh): the compiled init is then kept in
+      `executable_cache` and a warm start loads it without tracing the model.
 
   Returns:
-    (state with `jax.ShapeDtypeStruct` leaves carrying their replicated sharding, shardings).
-  """
-  replicated = sharding.replicated(mesh)
-  shapes = jax.eval_shape(_make_init_fn(method, lambda: tx, config, example_batch, []),
-                          jax.random.PRNGKey(config.seed))
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                       shapes)
-  return state, jax.tree.map(lambda _: replicated, state)
-
-
-def _init_state(method, make_tx, config, example_batch, mesh, cache_key):
-  """`init_state` with the optimiser built by `make_tx()` only where the init is traced, and the
-  compiled init kept in `executable_cache` under `cache_key` (None: not kept).
-
-  Returns:
-    (state, state shardings pytree, the optimiser `make_tx()` gave, or None when the init was
-    loaded from the cache without calling it).
+    (state, state shardings pytree, tx, schedule).
   """
   built = []
-  init_fn = _make_init_fn(method, make_tx, config, example_batch, built)
+  init_fn = _make_init_fn(method, config, example_batch, built)
   rng = jax.random.PRNGKey(config.seed)
   replicated = sharding.replicated(mesh)
   # One sharding for every output: traced once.
   init = executable_cache.compiled("init_state", cache_key,
                                    jax.jit(init_fn, out_shardings=replicated), rng)
   state = init(rng)
-  return state, jax.tree.map(lambda _: replicated, state), (built[0] if built else None)
+  tx, schedule = built[0] if built else _optimizer(method, config, state.params)
+  return state, jax.tree.map(lambda _: replicated, state), tx, schedule
+
+
+def abstract_state(method, config, example_batch, mesh):
+  """`init_state` in shapes only: nothing is computed or compiled.
+
+  Returns:
+    (state with `jax.ShapeDtypeStruct` leaves carrying their replicated sharding, shardings,
+    tx, schedule).
+  """
+  replicated = sharding.replicated(mesh)
+  built = []
+  shapes = jax.eval_shape(_make_init_fn(method, config, example_batch, built),
+                          jax.random.PRNGKey(config.seed))
+  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                       shapes)
+  return state, jax.tree.map(lambda _: replicated, state), *built[0]
 
 
 def _teacher_copy(state, params, ema_subtree):
@@ -210,29 +217,12 @@ def setup(config, workdir, *, on_mismatch="error") -> RunSetup:
   height, width = data_info["buckets"][0]
   example = {"image": jnp.zeros((1, height, width, 3), jnp.float32),
              "pixel_mask": jnp.ones((1, height, width), bool)}
-  optimizer = []
-
-  def make_tx(params=None):
-    """The optimiser and schedule from the params' structure (only the structure is read)."""
-    if params is None:
-      params = jax.eval_shape(
-          lambda: method.model.init({"params": jax.random.PRNGKey(0),
-                                     "dropout": jax.random.PRNGKey(0),
-                                     "dn": jax.random.PRNGKey(0)},
-                                    example["image"], example["pixel_mask"], train=False)
-      )["params"]
-    optimizer.append(optim.make_optimizer(params, method.param_labels(params), config.optimizer))
-    return optimizer[-1][0]
-
   # The compiled init is kept in the executable cache under the config (the method, model and
   # optimiser are built from it alone): a warm start loads it without tracing the model, and
   # builds the optimiser from the initialised params.
   init_key = (config.to_json_best_effort(sort_keys=True), repr(mesh), mesh.device_ids.tolist(),
               executable_cache.arguments_layout(example))
-  state, shardings, _ = _init_state(method, make_tx, config, example, mesh, init_key)
-  if not optimizer:
-    make_tx(state.params)
-  tx, schedule = optimizer[0]
+  state, shardings, tx, schedule = init_state(method, config, example, mesh, cache_key=init_key)
   ckpt = checkpointing.Checkpointer(workdir, every=config.checkpoint_every,
                                     keep=config.get("keep_checkpoints", 3))
   restored = ckpt.restore(checkpointing.abstract_like(state), on_mismatch=on_mismatch,

@@ -30,6 +30,7 @@ def test_flops_of_a_dense_layer_is_2mnk():
   assert scale.flops_of(lowered) == pytest.approx(2 * m * n * k, rel=0.01)
 
 
+@pytest.mark.slow
 def test_train_step_flops_are_affine_in_the_batch_and_over_2x_inference(tiny_dino):
   config, stage = tiny_dino.config, tiny_dino.method.stage_at(0)
   flops = {}
@@ -49,6 +50,7 @@ def test_train_step_flops_are_affine_in_the_batch_and_over_2x_inference(tiny_din
   assert per_image > 2.0 * inference
 
 
+@pytest.mark.slow
 def test_memory_analysis_holds_the_state(tiny_dino):
   cache, lines = {}, []
   m = scale.row_memory(scale.ROWS["dino"], (64, 64), True, 1, True, cache, lines.append)
@@ -77,6 +79,7 @@ def test_semi_detr_mix_averages_to_the_samplers_labeled_count():
   assert stages == pytest.approx({1: 0.5, 2: 0.5})
 
 
+@pytest.mark.slow
 def test_dry_run_writes_tables_and_reuses_its_cache(tmp_path):
   cmd = [sys.executable, "-m", "sized_detr_jax.benchmarks.scale", "--dry_run", "--rows=dino",
          "--memory_rows=", f"--out={tmp_path}"]

@@ -25,12 +25,13 @@ peak RSS) and MFU: the compiled step's FLOPs (XLA cost analysis, which counts ga
 callback as zero) / step seconds / the device's dense bf16 peak (`PEAK_TFLOPS` by device kind,
 or `--peak_tflops`).
 
-For memory work without running a step: `--compile_only` prints the compiled step's memory
-analysis and FLOPs; `--residuals N` the N largest groups of activations kept for the backward
-pass (by shape and source line; tracing only). For compile-time work: `--compile_profile`
-times tracing, lowering and XLA compilation apart and lists the compiler's longest events
-(HLO passes, code generation). For speed work: `--profile N` traces N more
-steps and prints the step's time per HLO op category, source line and op (`op_profile`).
+For the split step (`config.split_step=True`): `--split_step` times it in alternation with the
+one-executable step. For memory work without running a step: `--compile_only` prints the
+compiled step's memory analysis and FLOPs; `--residuals N` the N largest groups of activations
+kept for the backward pass (by shape and source line; tracing only). For compile-time work:
+`--compile_profile` times tracing, lowering and XLA compilation apart and lists the compiler's
+longest events (HLO passes, code generation). For speed work: `--profile N` traces N more steps
+and prints the step's time per HLO op category, source line and op (`op_profile`).
 """
 import argparse
 import ast
@@ -48,9 +49,9 @@ import numpy as np
 from sized_detr_jax import config_lib
 from sized_detr_jax import host_runtime
 from sized_detr_jax import matching
-from sized_detr_jax import optim
 from sized_detr_jax import methods
 from sized_detr_jax import sharding
+from sized_detr_jax import split_step
 from sized_detr_jax import state as state_lib
 from sized_detr_jax import train
 from sized_detr_jax.benchmarks import op_profile
@@ -203,7 +204,6 @@ def build_state(config, mesh, abstract=False):
     is computed; enough to lower or compile a step).
   """
   method = methods.build(config)
-  model, param_labels = method.model, method.param_labels
   # Params do not depend on the image size: initialise at a small one (cheaper to compile)
   # that still has num_queries encoder tokens for the top-Q selection (strides 8 to 64).
   side = 64
@@ -211,15 +211,8 @@ def build_state(config, mesh, abstract=False):
     side += 64
   example = {"image": jnp.zeros((1, side, side, 3), jnp.float32),
              "pixel_mask": jnp.ones((1, side, side), bool)}
-  shapes = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0),
-       "dn": jax.random.PRNGKey(0)}, example["image"], example["pixel_mask"], train=False))
-  tx, schedule = optim.make_optimizer(shapes["params"], param_labels(shapes["params"]),
-                                      config.optimizer)
-  if not abstract:
-    state, shardings = state_lib.init_state(method, tx, config, example, mesh)
-    return method, tx, schedule, state, shardings
-  state, shardings = state_lib.abstract_state(method, tx, config, example, mesh)
+  build = state_lib.abstract_state if abstract else state_lib.init_state
+  state, shardings, tx, schedule = build(method, config, example, mesh)
   return method, tx, schedule, state, shardings
 
 
@@ -242,6 +235,10 @@ def main(argv=None):
                       help="also compile the step with this XLA option (repeatable; e.g. "
                       "xla_cpu_enable_concurrency_optimized_scheduler=false) and time both "
                       "executables in alternation: step seconds, compile seconds, memory")
+  parser.add_argument("--split_step", action="store_true",
+                      help="also compile the split step (config.split_step=True: forward and "
+                      "update executables, the host matching between them) and time it in "
+                      "alternation with the one-executable step: step and compile seconds")
   parser.add_argument("--residuals", type=int, default=0, metavar="N",
                       help="print the N largest groups of activations the loss keeps from "
                       "forward to backward (jax saved_residuals, by shape and source line) and "
@@ -290,9 +287,8 @@ def main(argv=None):
       print_residuals(lambda p: loss_fn(p, state, batch, jax.random.PRNGKey(1))[0],
                       state.params, args.residuals)
     return
-  step_fn = train.make_train_step(loss_fn, tx, schedule, mesh, shardings,
-                                  ema_momentum=config.get("ema_momentum"),
-                                  ema_subtree=method.ema_subtree)
+  options = dict(ema_momentum=config.get("ema_momentum"), ema_subtree=method.ema_subtree)
+  step_fn = train.make_train_step(loss_fn, tx, schedule, mesh, shardings, **options)
   rng = jax.random.PRNGKey(1)
   with jax.set_mesh(mesh):  # as the trainer: host matching per device shard
     if args.compile_profile:
@@ -309,6 +305,10 @@ def main(argv=None):
       return
     if args.compare_option:
       compare_options(step_fn, state, batch, compiled, compile_s, args)
+      return
+    if args.split_step:
+      compare_split_step(loss_fn, lambda loss: train.train_step_fn(loss, tx, schedule, **options),
+                         mesh, shardings, state, batch, compiled, compile_s, args)
       return
     forward = jax.jit(lambda p, s, x, r: loss_fn(p, s, x, r)[0]).lower(
         state.params, state, batch, rng).compile()
@@ -355,7 +355,7 @@ def _option_value(text):
 
 def compare_options(step_fn, state, batch, compiled, compile_s, args):
   """Times the default executable against one compiled with `args.compare_option` (called
-  under the step's mesh, `jax.set_mesh`; the state is donated and carried between them)."""
+  under the step's mesh, `jax.set_mesh`)."""
   options = {}
   for item in args.compare_option:
     key, sep, value = item.partition("=")
@@ -364,24 +364,50 @@ def compare_options(step_fn, state, batch, compiled, compile_s, args):
     options[key] = _option_value(value)
   start = time.perf_counter()
   other = step_fn.lower(state, batch).compile(compiler_options=options)
-  other_s = time.perf_counter() - start
-  runs = {"default": compiled, "with options": other}
+  print(f"compare: {options}, load {os.getloadavg()[0]:.1f}")
+  compare_steps({"default": (compiled, compile_s),
+                 "with options": (other, time.perf_counter() - start)}, state, batch, args.steps)
 
-  def timed(executable):
+
+def compare_split_step(loss_fn, make_step, mesh, shardings, state, batch, compiled, compile_s,
+                       args):
+  """Times the one-executable step (host callback) against the split step
+  (`split_step.SplitStep`, as `config.split_step=True` trains; no executable cache), both
+  compiled here (called under the step's mesh)."""
+  start = time.perf_counter()
+  split = split_step.SplitStep(loss_fn, make_step, mesh, shardings).lower(state, batch).compile()
+  # The same step from copies of one state: the two losses must agree.
+  first = {name: float(executable(jax.tree.map(jnp.copy, state), batch)[1]["loss"])
+           for name, executable in (("callback", compiled), ("split", split))}
+  print(f"compare: one executable with the host callback vs the split step, load "
+        f"{os.getloadavg()[0]:.1f}; one step from the same state: loss {first['callback']:.6f} "
+        f"/ {first['split']:.6f}")
+  compare_steps({"callback": (compiled, compile_s),
+                 "split": (split, time.perf_counter() - start)}, state, batch, args.steps)
+
+
+def compare_steps(runs, state, batch, steps):
+  """Times `runs` (name -> (compiled step, compile seconds); the first is the reference) in
+  alternation, the donated state carried from one to the next, and prints step seconds,
+  compile seconds, temporaries, the ratio to the reference and each one's last loss."""
+  losses = {}
+
+  def timed(name, executable):
     def run():
       nonlocal state
       state, metrics = executable(state, batch)
+      losses[name] = metrics["loss"]
       return metrics["loss"]
     return run
 
-  times = time_interleaved({k: timed(v) for k, v in runs.items()}, reps=args.steps, warmup=1)
-  print(f"compare: {options}, load {os.getloadavg()[0]:.1f}")
-  for name, executable in runs.items():
+  times = time_interleaved({k: timed(k, v[0]) for k, v in runs.items()}, reps=steps, warmup=1)
+  reference = next(iter(runs))
+  for name, (executable, seconds) in runs.items():
     memory = executable.memory_analysis()
     temp = f"{memory.temp_size_in_bytes / 2**30:.2f} GiB" if memory is not None else "-"
-    print(f"  {name:13s} step_s {times[name]:.3f} (median of {args.steps})  compile_s "
-          f"{compile_s if name == 'default' else other_s:.1f}  temporaries {temp}")
-  print(f"  ratio (with options / default): {times['with options'] / times['default']:.3f}")
+    print(f"  {name:13s} step_s {times[name]:.3f} (median of {steps})  compile_s {seconds:.1f}"
+          f"  temporaries {temp}  last loss {float(losses[name]):.4f}  ratio to {reference} "
+          f"{times[name] / times[reference]:.3f}")
 
 
 def print_compile_profile(step_fn, state, batch, top):
