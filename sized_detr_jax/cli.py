@@ -44,11 +44,12 @@ flags.DEFINE_string(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "sized_detr_jax", "xla"),
     "JAX persistent compilation cache folder ('' turns it off; $JAX_COMPILATION_CACHE_DIR, "
-    "when set, wins). Re-runs load the compiled init, evaluation and prediction functions; "
-    "the train step too with --config.split_step=True (the host Hungarian matching between "
-    "two executables; it and the init are also kept under FOLDER/sized_detr_jax_executables, "
-    "keyed by the config and the code, so a re-run loads them without tracing), else it "
-    "compiles every run, as JAX never caches an executable that calls back into Python.")
+    "when set, wins). Re-runs load the compiled init, evaluation and prediction functions, and "
+    "the train step: with the cache on, a one-process run splits the step at the host "
+    "Hungarian matching into two executables (config.split_step, default None: split where "
+    "cached), kept with the init under FOLDER/sized_detr_jax_executables, keyed by the config "
+    "and the code, so a re-run loads them without tracing. With the cache off, or "
+    "--config.split_step=False, the step calls back into Python and compiles every run.")
 flags.DEFINE_string("images", None, "--mode=predict: an image folder, glob or file to run the "
                     "trained detector of --workdir on (only its config.json, inference.json and "
                     "checkpoints are read; --config is not used).")

@@ -84,8 +84,9 @@ def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_e
   another run's newest checkpoint, e.g. a supervised burn-in), distributed
   (jax.distributed.initialize args, incl. heartbeat_timeout_seconds), split_step (the train
   step as two jitted executables with the host matching between them, `split_step.SplitStep`:
-  no host callback, so the persistent compilation cache keeps it; one process, else the
-  one-executable step runs).
+  no host callback, so the compilation cache keeps it; True / False, or None (the default):
+  split where its executables are kept, i.e. one process with the persistent compilation cache
+  on, else the one-executable step with the host callback, which compiles faster).
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
@@ -102,7 +103,7 @@ def add_trainer_fields(config, *, name, total_steps, log_every=100, checkpoint_e
   config.eval_ema = False
   config.log_grad_split = False
   config.init_from = ""
-  config.split_step = False
+  config.split_step = config_dict.placeholder(bool)
   config.distributed = ml_collections.ConfigDict(dict(
       enabled=False,
       coordinator_address=config_dict.placeholder(str),

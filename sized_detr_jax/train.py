@@ -27,6 +27,7 @@ import optax
 
 from sized_detr_jax import config_lib
 from sized_detr_jax import evaluate
+from sized_detr_jax import executable_cache
 from sized_detr_jax import fs
 from sized_detr_jax import host_runtime
 from sized_detr_jax import inference_spec
@@ -191,6 +192,14 @@ class _StopSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _use_split_step(config) -> bool:
+  """`config.split_step`, where None means: split where the executable cache keeps the step
+  (one process, persistent compilation cache on), since the split compiles ~1.4x longer cold
+  and only a warm start gains (docs/benchmarks_split_step.md)."""
+  split = config.get("split_step")
+  return executable_cache.folder() is not None if split is None else bool(split)
+
+
 class _StepCache:
   """The jitted train step per stage, compiled per batch layout (stage, image bucket, ...) when
   first met, with its compile time logged."""
@@ -208,7 +217,7 @@ class _StepCache:
       run, loss_fn = self._run, method.loss_fn(stage)
       one_executable = lambda: make_train_step(loss_fn, run.tx, run.schedule, run.mesh,
                                                run.shardings, **options)
-      if config.get("split_step"):  # matching outside jit: two executables, no host callback
+      if _use_split_step(config):  # matching outside jit: two executables, no host callback
         # The executables are also kept under a key computed without tracing (what the
         # traced step depends on besides the arguments' layout and the code): a warm start
         # loads them without tracing and lowering the step. Only for a `state.setup` run,

@@ -431,14 +431,15 @@ def _trained_losses(workdir):
 @pytest.mark.slow
 def test_a_second_training_start_loads_the_split_step_and_a_changed_config_does_not(
     tmp_path, compilation_cache):
-  """train_and_evaluate on the smoke config, twice with the same config (fresh workdirs): the
-  second start loads the step (never traces the loss) and logs the first start's losses; a
-  changed criterion weight misses the cache, compiles, and trains to other losses."""
+  """train_and_evaluate on the smoke config with the default split_step (None: split, as the
+  cache is on), twice with the same config (fresh workdirs): the second start loads the step
+  (never traces the loss) and logs the first start's losses; a changed criterion weight misses
+  the cache, compiles, and trains to other losses."""
   def config(**criterion):
     c = config_lib.load_config(os.path.join(ROOT, "experiments", "synthetic.py"), "smoke")
     c.data.root = str(tmp_path / "data")
     c.update(dict(total_steps=2, log_every=1, checkpoint_every=0, eval_at_end=False,
-                  num_devices=1, split_step=True))
+                  num_devices=1))
     c.criterion.update(criterion)
     return config_lib.finalize(c)
 
@@ -461,3 +462,21 @@ def test_a_second_training_start_loads_the_split_step_and_a_changed_config_does_
   # then not kept (XLA:CPU cannot re-serialize it whole): a further start runs all the same.
   train.train_and_evaluate(changed, str(tmp_path / "changed_again"))
   assert _trained_losses(str(tmp_path / "changed_again")) == changed_losses
+
+
+def test_split_step_default_follows_the_executable_cache(tmp_path):
+  """split_step None splits exactly where the executable cache is on; True / False force it."""
+  use = train._use_split_step  # pylint: disable=protected-access
+  config = config_lib.load_config(os.path.join(ROOT, "experiments", "synthetic.py"), "smoke")
+  assert config.split_step is None
+  previous = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert not use(config)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+    assert use(config)
+    for forced in (True, False):
+      config.split_step = forced
+      assert use(config) is forced
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
