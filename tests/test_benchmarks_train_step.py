@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sized_detr_jax import matching
 from sized_detr_jax.benchmarks import train_step
@@ -57,6 +58,7 @@ def test_compare_option_values_parse_to_xla_types():
   assert train_step._option_value("abc") == "abc"  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_split_step_comparison_runs_both_steps_to_the_same_loss(capsys):
   """--split_step on a one-layer synthetic DINO: both steps compiled and timed; from the same
   state they give the same loss."""
