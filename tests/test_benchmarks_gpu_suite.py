@@ -36,6 +36,7 @@ def _part(name, code, slice_s=30.0, skip=""):
   return gpu_suite.Part(name, [sys.executable, "-c", code], slice_s, skip=skip)
 
 
+@pytest.mark.slow
 def test_run_part_records_each_outcome():
   ok = gpu_suite.run_part(_part("ok", "print('step_s: 1.5 (median of 5)')"), 100)
   assert ok["status"] == "ok" and ok["returncode"] == 0

@@ -234,6 +234,7 @@ def _outputs(b=2, q=8, c=3, layers=2, g=3):
   return jax.tree.map(cast, out), jax.tree.map(cast, targets)
 
 
+@pytest.mark.slow
 def test_sized_l1_switch_changes_main_head_box_terms_only():
   outputs, targets = _outputs()
   # Frozen typed configs are hashable: they can be static jit arguments as they are.

@@ -201,6 +201,7 @@ def test_coco_category_ids_table():
 
 
 
+@pytest.mark.slow
 def test_tfds_tfrecord_build_is_refused_with_the_rebuild_command(tmp_path):
   """tfds.data_source reads ArrayRecord builds only; for a TFRecord build it raises
   NotImplementedError (mocked here as tfds raises it): one line with the rebuild command."""

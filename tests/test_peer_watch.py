@@ -64,6 +64,7 @@ def test_killed_process_is_named_within_the_timeout(tmp_path):
   assert TIMEOUT_S <= waited <= TIMEOUT_S + 2 * min(5, TIMEOUT_S / 4) + 1, waited
 
 
+@pytest.mark.slow
 def test_failed_process_stops_the_others_with_its_reason(tmp_path):
   jobs, outs, _ = _job(tmp_path, "fail")
   assert jobs[0].returncode == peer_watch.EXIT_LOST, outs[0][1][-2000:]

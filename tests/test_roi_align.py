@@ -112,6 +112,7 @@ def test_multi_level_picks_each_boxes_level(data):
   assert len(set(levels.ravel().tolist())) >= 3  # the case covers several levels
 
 
+@pytest.mark.slow
 def test_gradients_finite(data):
   feats, boxes = data
 

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,6 +21,7 @@ def _run(*args):
                         text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_config_typo_is_one_line_listing_valid_keys():
   out = _run("--config.optimizer.lr_typo=3")  # default config: experiments/synthetic.py
   assert out.returncode != 0
@@ -28,6 +31,7 @@ def test_config_typo_is_one_line_listing_valid_keys():
   assert out.returncode != 0 and "model" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_summary_mode_prints_param_count():
   out = _run("--config=experiments/dino_r50.py:tiny", "--mode=summary")
   assert out.returncode == 0, out.stderr[-2000:]

@@ -101,6 +101,7 @@ def test_roi_features_feed_projector_and_no_grad_to_teacher_features(projector):
   assert float(jnp.abs(gp["params"]["fc2"]["kernel"]).max()) > 0.0
 
 
+@pytest.mark.slow
 def test_consistency_queries_layout_and_attention_rules():
   from sized_detr_jax.models import denoising
   rng = np.random.default_rng(4)

@@ -78,6 +78,7 @@ def _all_losses(case, stage):
   return _RESULTS[stage]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_sup_only_changes_only_the_unsupervised_box_loss(case, stage):
   res = _all_losses(case, stage)
@@ -124,6 +125,7 @@ def test_bad_config(case):
     semi_losses.semi_losses(out_l, tgt_l, out_u, tgt_u, *_config("both"), 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_agnostic_interm_is_the_interm_loss_with_every_label_zero(case, stage):
   """Semi-DETR's encoder proposals: the interm terms equal the criterion's own interm terms on

@@ -380,6 +380,7 @@ def test_the_executable_cache_loads_a_warm_step_without_tracing_and_misses_a_cha
   assert isinstance(lowered, split_step._Loaded)  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_an_executable_that_jax_loaded_from_its_own_cache_is_not_kept(compilation_cache):
   """XLA:CPU re-serializes a deserialized executable without some kernels: only a fresh
   compile is kept; the kept one loads and computes numpy's result."""

@@ -63,6 +63,7 @@ def test_init_from_errors_name_the_path_and_the_param(tmp_path):
     state_lib.load_init_from(state, shardings, str(tmp_path / "empty"), lambda p: p)
 
 
+@pytest.mark.slow
 def test_setup_loads_the_init_from_the_executable_cache_without_tracing_the_model(tmp_path):
   """state.setup twice with JAX's cache folder set: the first compiles the init as usual (the
   reference), the second loads it (the model is never traced) and gives the first's state, an
