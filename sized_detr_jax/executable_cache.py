@@ -148,16 +148,6 @@ def _deserialize(serialized, device_ids):
       *serialized, execution_devices=[by_id[i] for i in device_ids])
 
 
-def _replace_deferred(tree, executables):
-  if isinstance(tree, _Deferred):
-    return executables[tree.index]
-  if isinstance(tree, dict):
-    return {k: _replace_deferred(v, executables) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return type(tree)(_replace_deferred(v, executables) for v in tree)
-  return tree
-
-
 def path_for(name: str, entry_key: str) -> Optional[str]:
   base = folder()
   return os.path.join(base, f"{name}-{entry_key}.bin") if base else None
@@ -204,7 +194,8 @@ def load(path: str) -> Any:
   # docs/benchmarks_split_step.md).
   with concurrent.futures.ThreadPoolExecutor(max(1, len(unpickler.pending))) as pool:
     executables = list(pool.map(lambda args: _deserialize(*args), unpickler.pending))
-  return _replace_deferred(payload, executables)
+  return jax.tree.map(lambda x: executables[x.index] if isinstance(x, _Deferred) else x,
+                      payload, is_leaf=lambda x: isinstance(x, _Deferred))
 
 
 def discard(path: str) -> None:
