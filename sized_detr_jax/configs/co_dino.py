@@ -12,8 +12,9 @@ Launch:
 the main DETR head's box losses only (matching branch, denoising, positive queries); the
 auxiliary heads keep theirs, as in the paper. `sized_l1` is the rescaled form, the paper's
 loss in the form that does not collapse, chosen before the study; on the embedded data's
-default size mix (five seeds, docs/study.md) it was -0.025 AP against L1 (95% interval [-0.098, +0.047]) and the
-plain form at a magnitude-matched coefficient +0.027 ([-0.066, +0.121]), neither beyond noise;
+default size mix (five seeds, docs/study.md) it was -0.025 AP against L1 (95% interval
+[-0.098, +0.047]) and the plain form at a magnitude-matched coefficient +0.027
+([-0.066, +0.121]), neither beyond noise;
 on its small-object variant (`synthetic,small`) `sized_l1` beat L1 in all five seeds, +0.049 AP
 ([+0.026, +0.071]) and +0.038 APs ([+0.023, +0.053]).
 
